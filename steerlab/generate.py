@@ -1,0 +1,176 @@
+"""Fast batched generation on the bridge's HF model: left padding, KV cache, per-row stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from steerlab.errors import SteerlabError
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Generated token ids per row (prompt excluded, stop token excluded) and why each stopped."""
+
+    tokens: list[list[int]]
+    stopped: list[bool]  # True: hit a stop token; False: ran out of max_new_tokens
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        """Decoded replies without special tokens."""
+        return [tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What interventions may need to know about the forward pass under way.
+
+    ``prefill`` is True for the prompt pass; ``generated`` marks rows still generating;
+    ``in_output`` marks rows whose new positions are in the output section (after
+    ``</think>``, or always when the model is not thinking).
+    """
+
+    prefill: bool
+    generated: Bool[torch.Tensor, "batch"]
+    in_output: Bool[torch.Tensor, "batch"]
+
+
+_STATE: ContextVar[StepState | None] = ContextVar("steerlab_generation_state", default=None)
+
+
+def generation_state() -> StepState | None:
+    """The state of the generation step being run, or ``None`` outside :func:`generate`."""
+    return _STATE.get()
+
+
+@contextmanager
+def _publish(state: StepState) -> Iterator[None]:
+    token = _STATE.set(state)
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+StepObserver = Callable[[int, Float[torch.Tensor, "batch d_vocab"], Bool[torch.Tensor, "batch"]], None]
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise SteerlabError("every prompt needs at least one token", field="prompts")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def stop_token_ids(tokenizer: Any, hf_model: Any = None) -> set[int]:
+    """End-of-turn ids: the tokenizer's EOS plus the generation config's EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    cfg = getattr(hf_model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    stop_ids: set[int] | None = None,
+    observer: StepObserver | None = None,
+    think_marker: Sequence[int] = (),
+    on_token: Callable[[list[int | None]], bool | None] | None = None,
+) -> Generation:
+    """Generate replies for a batch of prompt token ids with a KV cache.
+
+    Runs the bridge's HF model directly (hooks on :func:`steerlab.layers.decoder_layers`
+    still fire), greedy at ``temperature == 0`` or sampled with a seeded generator.
+
+    Args:
+        model: a bridge from :func:`steerlab.load_model`.
+        prompts: token ids per row (from :func:`steerlab.encode_chat`); rows may differ in length.
+        max_new_tokens: per-row budget.
+        temperature: 0 for greedy decoding.
+        seed: seed of the sampling generator.
+        stop_ids: token ids that end a row (default: EOS ids of tokenizer and model).
+        observer: called as ``observer(step, logits, active)`` with the raw next-token logits.
+        think_marker: ids of ``</think>``; rows are "in output" after it (or always if empty).
+        on_token: called with each step's new token per row (``None`` for finished rows);
+            returning True stops generation early (e.g. a user pressed Esc).
+
+    Example:
+        >>> ids = encode_chat(model.tokenizer, "Hello!")
+        >>> generate(model, [ids], max_new_tokens=32).texts(model.tokenizer)
+    """
+    if max_new_tokens < 1:
+        raise SteerlabError(f"max_new_tokens is {max_new_tokens}; expected >= 1")
+    hf = model.original_model
+    tokenizer = model.tokenizer
+    device = next(hf.parameters()).device
+    stops = torch.tensor(sorted(stop_ids or stop_token_ids(tokenizer, hf)), device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch = ids.shape[0]
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    hit_stop = torch.zeros(batch, dtype=torch.bool, device=device)
+    in_output = torch.full((batch,), not think_marker, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    marker = list(think_marker)
+    past, step_ids = None, ids
+    for step in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        state = StepState(prefill=step == 0, generated=active.clone(), in_output=in_output.clone())
+        with _publish(state):
+            result = hf(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+            )
+        past = result.past_key_values
+        logits = result.logits[:, -1, :].float()
+        if observer is not None:
+            observer(step, logits, active)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        is_stop = torch.isin(nxt, stops) & active
+        hit_stop |= is_stop
+        emitted = active & ~is_stop
+        reported: list[int | None] = []
+        for row in range(batch):
+            if emitted[row]:
+                out[row].append(int(nxt[row]))
+                if marker and not in_output[row] and out[row][-len(marker) :] == marker:
+                    in_output[row] = True
+                reported.append(int(nxt[row]))
+            else:
+                reported.append(None)
+        active = emitted
+        if (on_token is not None and on_token(reported)) or not bool(active.any()):
+            break
+        step_ids = torch.where(active, nxt, torch.full_like(nxt, pad_id)).unsqueeze(-1)
+        mask = torch.cat([mask, active.long().unsqueeze(-1)], dim=-1)
+    return Generation(tokens=out, stopped=hit_stop.tolist())

