@@ -36,8 +36,8 @@ class StepState:
     """
 
     prefill: bool
-    generated: Bool[torch.Tensor, "batch"]
-    in_output: Bool[torch.Tensor, "batch"]
+    generated: Bool[torch.Tensor, " batch"]
+    in_output: Bool[torch.Tensor, " batch"]
 
 
 _STATE: ContextVar[StepState | None] = ContextVar("steerlab_generation_state", default=None)
@@ -57,7 +57,9 @@ def _publish(state: StepState) -> Iterator[None]:
         _STATE.reset(token)
 
 
-StepObserver = Callable[[int, Float[torch.Tensor, "batch d_vocab"], Bool[torch.Tensor, "batch"]], None]
+StepObserver = Callable[
+    [int, Float[torch.Tensor, "batch d_vocab"], Bool[torch.Tensor, " batch"]], None
+]
 
 
 def left_pad(

@@ -123,8 +123,10 @@ def test_render_with_real_tokenizer(tokenizer):
 
 
 def test_exactly_one_bos(tokenizer):
-    ids = encode_chat(tokenizer, "Hi", persona=Persona("Hamlet", "x", ""))
-    assert ids.count(tokenizer.bos_token_id) == ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    hamlet = Persona("Hamlet", "x", "")
+    ids = encode_chat(tokenizer, "Hi", persona=hamlet)
+    text = render_chat(tokenizer, "Hi", persona=hamlet)
+    assert ids.count(tokenizer.bos_token_id) == text.count(tokenizer.bos_token)
     assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
     # a Llama-3-like tokenizer that adds BOS itself and whose template also writes it
     llama_like = copy.deepcopy(tokenizer)

@@ -28,5 +28,5 @@ def demo(
     with console.status("generating"):
         replies = generate(bridge, prompts, max_new_tokens=max_tokens).texts(bridge.tokenizer)
     console.print(f"[bold]user[/]: {prompt}")
-    for persona, reply in zip(personae, replies):
+    for persona, reply in zip(personae, replies, strict=True):
         console.print(f"[bold cyan]{persona.persona}[/]: {reply.strip()}")
