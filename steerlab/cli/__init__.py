@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 
 import typer
 
-from steerlab.cli import demo  # noqa: F401  (registers commands)
 from steerlab.cli._app import app
 from steerlab.errors import SteerlabError
+
+# Every public module in this package registers its commands on `app` when imported.
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def main() -> None:
