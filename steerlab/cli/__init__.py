@@ -18,21 +18,9 @@ for _info in pkgutil.iter_modules(__path__):
 
 
 def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit code 2."""
+    """Entry point: bad input becomes one line on stderr and exit code 2 (usage errors too)."""
     try:
-        app(standalone_mode=False)
+        app()
     except SteerlabError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as done:
-        sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(2)
-        raise

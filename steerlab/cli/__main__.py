@@ -1,0 +1,5 @@
+"""``python -m steerlab.cli``."""
+
+from steerlab.cli import main
+
+main()
