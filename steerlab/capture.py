@@ -1,0 +1,268 @@
+"""Divergence-point activation capture: residuals where a chosen and a rejected response part.
+
+Each pair is rendered twice with the target model's chat template (prompt + chosen, prompt +
+rejected, the response as the assistant turn). The first token where the two token sequences
+differ is the *divergence index*; the residual stream there is what a steering vector is fit on.
+Capture runs the HF model under the bridge with torch forward hooks on the needed decoder
+layers only, and stops the forward pass right after the last needed layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from steerlab.chat import encode_text, render_chat
+from steerlab.errors import SteerlabError
+from steerlab.generate import left_pad
+from steerlab.layers import check_layers, decoder_layers, hidden_of
+from steerlab.personas import SystemPrompt
+
+HookFn = Callable[[torch.Tensor], None]
+
+
+def _resid_post(block: torch.nn.Module, fn: HookFn) -> Any:
+    return block.register_forward_hook(lambda mod, args, out: fn(hidden_of(out)))
+
+
+def _resid_pre(block: torch.nn.Module, fn: HookFn) -> Any:
+    def pre(mod: Any, args: Any, kwargs: Any) -> None:
+        fn(args[0] if args else kwargs["hidden_states"])
+
+    return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _resid_mid(block: torch.nn.Module, fn: HookFn) -> Any:
+    point = getattr(block, "hook_resid_mid", None)
+    if point is None:
+        raise SteerlabError("this model's blocks have no hook_resid_mid", field="hook")
+    return point.register_forward_hook(lambda mod, args, out: fn(out))
+
+
+# Hook points: name -> attach(block, fn) returning a removable handle.
+HOOK_POINTS: dict[str, Callable[[torch.nn.Module, HookFn], Any]] = {
+    "resid_post": _resid_post,
+    "resid_pre": _resid_pre,
+    "resid_mid": _resid_mid,
+}
+
+
+def hook_point(name: str) -> Callable[[torch.nn.Module, HookFn], Any]:
+    """The attach function of a hook point (``resid_post``, ``resid_pre``, ``resid_mid``)."""
+    if name not in HOOK_POINTS:
+        raise SteerlabError(f"unknown hook {name!r}; expected one of {sorted(HOOK_POINTS)}",
+                            field="hook")
+    return HOOK_POINTS[name]
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Token ids of one pair: both full sequences, where the response starts and ends in each,
+    and the first index at which they differ."""
+
+    chosen: list[int]
+    rejected: list[int]
+    response_start: int
+    chosen_end: int
+    rejected_end: int
+    divergence: int
+
+
+def _response_span(tokenizer: Any, prefix: str, prompt_ids: list[int], full: list[int],
+                   response: str, full_text: str) -> tuple[int, int]:
+    n = len(prompt_ids)
+    start = n if full[:n] == prompt_ids else _common(full, prompt_ids)
+    end = len(full)
+    if full_text.startswith(prefix + response):
+        body = encode_text(tokenizer, prefix + response)
+        if full[: len(body)] == body:
+            end = len(body)
+    return start, max(end, start + 1)
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, *,
+                  system_prompt: SystemPrompt | None = None, pair_id: str = "") -> PairTokens:
+    """Render and tokenise one pair with the chat template and find its divergence index.
+
+    Args:
+        tokenizer: the target model's tokenizer (with a chat template).
+        prompt: the user turn.
+        chosen: the trait-expressing response (assistant turn).
+        rejected: the other response.
+        system_prompt: system prompt style (default ``you-are-a``, as in generation).
+        pair_id: used in error messages.
+
+    Example:
+        >>> tokenize_pair(model.tokenizer, "Hi", "Ahoy!", "Hello!").divergence
+    """
+    prefix = render_chat(tokenizer, prompt, system_prompt=system_prompt)
+    prompt_ids = encode_text(tokenizer, prefix)
+    seqs, spans = [], []
+    for response in (chosen, rejected):
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = render_chat(tokenizer, msgs, system_prompt=system_prompt,
+                           add_generation_prompt=False)
+        ids = encode_text(tokenizer, text)
+        seqs.append(ids)
+        spans.append(_response_span(tokenizer, prefix, prompt_ids, ids, response, text))
+    start = min(spans[0][0], spans[1][0])
+    div = start + _common(seqs[0][start:], seqs[1][start:])
+    if div >= min(len(seqs[0]), len(seqs[1])):
+        raise SteerlabError(
+            f"pair {pair_id!r}: chosen and rejected render to the same tokens (or one is a "
+            "prefix of the other); expected responses that differ", field="chosen")
+    return PairTokens(seqs[0], seqs[1], start, spans[0][1], spans[1][1], div)
+
+
+class _Stop(Exception):
+    """Raised by the last needed hook to end the forward pass early."""
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Activations of a batch of sequences at the chosen layers.
+
+    ``at``: residual at the requested position per row ``[batch, layer, d_model]``;
+    ``mean``: mean over the requested span per row, or ``None``.
+    """
+
+    at: Float[torch.Tensor, "batch layer d_model"]
+    mean: Float[torch.Tensor, "batch layer d_model"] | None
+
+
+@torch.inference_mode()
+def capture_positions(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    layers: Sequence[int],
+    *,
+    hook: str = "resid_post",
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> Captured:
+    """Residual activations of each sequence at one position, at the given layers.
+
+    Sequences are left-padded into one batch with an attention mask and matching position ids,
+    so every row equals an unpadded forward of that sequence. The forward pass stops after the
+    last needed layer.
+
+    Args:
+        model: a bridge (its HF model runs; hooks sit on the shared decoder layers).
+        sequences: token ids per row.
+        positions: index into each (unpadded) sequence.
+        layers: decoder layers to read.
+        hook: ``resid_post`` (= HF ``hidden_states[L + 1]``), ``resid_pre`` or ``resid_mid``.
+        spans: optional ``(start, end)`` per row to also average over (e.g. the response).
+
+    Example:
+        >>> capture_positions(model, [ids], [len(ids) - 1], [10]).at.shape
+        torch.Size([1, 1, 576])
+    """
+    layers = check_layers(model, layers)
+    attach = hook_point(hook)
+    hf = model.original_model
+    device = next(hf.parameters()).device
+    pad = model.tokenizer.pad_token_id or 0
+    ids, mask = left_pad(sequences, pad, device)
+    width = ids.shape[1]
+    offsets = torch.tensor([width - len(s) for s in sequences], device=device)
+    rows = torch.arange(len(sequences), device=device)
+    pos = offsets + torch.tensor(list(positions), device=device)
+    span_mask = None
+    if spans is not None:
+        idx = torch.arange(width, device=device)
+        lo = offsets + torch.tensor([s for s, _ in spans], device=device)
+        hi = offsets + torch.tensor([e for _, e in spans], device=device)
+        span_mask = ((idx >= lo[:, None]) & (idx < hi[:, None])).float()
+    at: dict[int, torch.Tensor] = {}
+    mean: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def reader(layer: int) -> HookFn:
+        def fn(h: torch.Tensor) -> None:
+            at[layer] = h[rows, pos].float()
+            if span_mask is not None:
+                w = span_mask.to(h.dtype)[..., None]
+                mean[layer] = ((h * w).sum(1) / w.sum(1)).float()
+            if layer == last:
+                raise _Stop
+
+        return fn
+
+    blocks = decoder_layers(model)
+    handles = [attach(blocks[layer], reader(layer)) for layer in sorted(set(layers))]
+    try:
+        positions_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hf(input_ids=ids, attention_mask=mask, position_ids=positions_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = torch.stack([at[layer].to(device) for layer in layers], dim=1)
+    avg = torch.stack([mean[layer].to(device) for layer in layers], dim=1) if mean else None
+    return Captured(out, avg)
+
+
+@dataclass(frozen=True)
+class PairActivations:
+    """Capture of a batch of pairs: ``chosen``/``rejected`` ``[batch, layer, d_model]`` at the
+    divergence index, optional response means, and the token bookkeeping."""
+
+    chosen: Float[torch.Tensor, "batch layer d_model"]
+    rejected: Float[torch.Tensor, "batch layer d_model"]
+    chosen_mean: Float[torch.Tensor, "batch layer d_model"] | None
+    rejected_mean: Float[torch.Tensor, "batch layer d_model"] | None
+    tokens: list[PairTokens]
+
+
+def capture_pairs(
+    model: Any,
+    pairs: Sequence[Any],
+    layers: Sequence[int],
+    *,
+    hook: str = "resid_post",
+    mean: bool = False,
+    system_prompt: SystemPrompt | None = None,
+) -> PairActivations:
+    """Capture chosen and rejected activations at the divergence index for a batch of pairs.
+
+    Args:
+        model: a bridge.
+        pairs: objects with ``id``, ``prompt``, ``chosen``, ``rejected`` (:class:`Pair`).
+        layers: decoder layers.
+        hook: hook point name.
+        mean: also average over each response's tokens.
+        system_prompt: system prompt style used to render (default ``you-are-a``).
+
+    Example:
+        >>> acts = capture_pairs(model, pairs[:8], [10, 15])
+        >>> (acts.chosen - acts.rejected).mean(0).shape
+        torch.Size([2, 576])
+    """
+    toks = [tokenize_pair(model.tokenizer, p.prompt, p.chosen, p.rejected,
+                          system_prompt=system_prompt, pair_id=str(p.id)) for p in pairs]
+    seqs = [t.chosen for t in toks] + [t.rejected for t in toks]
+    pos = [t.divergence for t in toks] * 2
+    spans = None
+    if mean:
+        spans = [(t.response_start, t.chosen_end) for t in toks]
+        spans += [(t.response_start, t.rejected_end) for t in toks]
+    got = capture_positions(model, seqs, pos, layers, hook=hook, spans=spans)
+    n = len(toks)
+    m = got.mean
+    return PairActivations(got.at[:n], got.at[n:], None if m is None else m[:n],
+                           None if m is None else m[n:], toks)

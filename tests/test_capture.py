@@ -1,0 +1,101 @@
+"""Divergence-point capture against HF hidden states, on the tiny and the embedded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from steerlab.capture import capture_pairs, capture_positions, tokenize_pair
+from steerlab.errors import SteerlabError
+from steerlab.layers import decoder_layers
+
+
+@dataclass(frozen=True)
+class P:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+PAIRS = [
+    P("a", "How are you?", "Arr, I be fine, matey!", "I am fine, thank you."),
+    P("b", "Name a colour.", "Blue as the briny deep, arr.", "Blue."),
+    P("c", "What is 2+2?", "Four, ye landlubber!", "Four, of course. It is a simple sum."),
+    P("d", "Say hi.", "Hello there, me hearty", "Hello there, friend"),
+]
+
+
+def _hf_hidden(model, ids):
+    with torch.inference_mode():
+        out = model.original_model(torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states
+
+
+def test_tokenize_pair_finds_first_divergent_response_token(tokenizer):
+    t = tokenize_pair(tokenizer, "Say hi.", "Hello there, me hearty", "Hello there, friend")
+    assert t.chosen[: t.divergence] == t.rejected[: t.divergence]
+    assert t.chosen[t.divergence] != t.rejected[t.divergence]
+    assert t.response_start < t.divergence
+    head = tokenizer.decode(t.chosen[t.response_start : t.divergence])
+    assert head == "Hello there,"
+    assert tokenizer.decode(t.chosen[t.response_start : t.chosen_end]) == "Hello there, me hearty"
+    with pytest.raises(SteerlabError, match="same tokens"):
+        tokenize_pair(tokenizer, "Hi", "Same.", "Same.", pair_id="x")
+
+
+def test_capture_equals_hf_hidden_states_at_divergence(tiny_model):
+    layers = [1, 0]  # hidden_states[n_layers] is after the final norm in HF
+    acts = capture_pairs(tiny_model, PAIRS, layers, mean=True)
+    assert acts.chosen.shape == (len(PAIRS), 2, 64)
+    for i, t in enumerate(acts.tokens):
+        for side, ids, end in (("chosen", t.chosen, t.chosen_end),
+                               ("rejected", t.rejected, t.rejected_end)):
+            hs = _hf_hidden(tiny_model, ids)
+            got = getattr(acts, side)[i]
+            got_mean = getattr(acts, side + "_mean")[i]
+            for j, layer in enumerate(layers):
+                want = hs[layer + 1][0, t.divergence]
+                torch.testing.assert_close(got[j], want, atol=1e-5, rtol=0)
+                span = hs[layer + 1][0, t.response_start : end].mean(0)
+                torch.testing.assert_close(got_mean[j], span, atol=1e-5, rtol=0)
+
+
+def test_resid_pre_and_mid_hooks(tiny_model):
+    ids = [1, 5, 9, 13, 17, 21]
+    hs = _hf_hidden(tiny_model, ids)
+    pre = capture_positions(tiny_model, [ids], [4], [2], hook="resid_pre").at
+    torch.testing.assert_close(pre[0, 0], hs[2][0, 4], atol=1e-5, rtol=0)
+    mid = capture_positions(tiny_model, [ids], [4], [1], hook="resid_mid").at
+    assert mid.shape == (1, 1, 64) and not torch.allclose(mid[0, 0], hs[1][0, 4])
+    with pytest.raises(SteerlabError, match="hook"):
+        capture_positions(tiny_model, [ids], [4], [1], hook="attn_out")
+    with pytest.raises(SteerlabError, match="out of range"):
+        capture_positions(tiny_model, [ids], [4], [7])
+
+
+def test_forward_stops_after_last_needed_layer(tiny_model):
+    calls = []
+    blocks = decoder_layers(tiny_model)
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, b in enumerate(blocks)]
+    try:
+        capture_positions(tiny_model, [[1, 2, 3]], [2], [0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0]
+    assert all(not b._forward_hooks for b in blocks)
+
+
+@pytest.mark.slow
+def test_embedded_capture_equals_hf_hidden_states(embedded_model):
+    layers = [3, 10, 20]
+    acts = capture_pairs(embedded_model, PAIRS[:3], layers)
+    for i, t in enumerate(acts.tokens):
+        hs = _hf_hidden(embedded_model, t.rejected)
+        for j, layer in enumerate(layers):
+            want = hs[layer + 1][0, t.divergence]
+            torch.testing.assert_close(acts.rejected[i, j], want, atol=1e-5, rtol=0)
