@@ -1,0 +1,87 @@
+"""``steerlab extract`` and ``steerlab merge``: divergence-point activations into HDF5."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steerlab.cli._app import app
+from steerlab.errors import SteerlabError
+
+log = logging.getLogger("steerlab.extract")
+
+
+def _log_to(path: Path | None) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+@app.command()
+def extract(
+    config: Annotated[Path, typer.Option("--config", "-c", help="extract.yaml of the study.")],
+    shard: str = typer.Option(None, help="Capture shard i/n only (default: SLURM array vars)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Capture divergence-point activations of a pairs file into HDF5 (resumable)."""
+    from steerlab.extract import extract as run
+    from steerlab.extract import load_config, parse_shard
+    from steerlab.layers import check_layers
+    from steerlab.models import load_model
+    from steerlab.pairs import load_pairs
+    from steerlab.personas import system_prompt_style
+
+    cfg = load_config(config)
+    part = parse_shard(shard)
+    _log_to(cfg.log_file)
+    style = system_prompt_style(cfg.system_prompt)
+    pairs = load_pairs(cfg.pairs)
+    log.info("config %s: %d pairs from %s, shard %d/%d", config, len(pairs), cfg.pairs, *part)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                       n_devices=cfg.n_devices if cfg.n_devices > 1 else None)
+    try:
+        layers = None if cfg.layers is None else check_layers(model, list(cfg.layers))
+    except SteerlabError as err:
+        raise SteerlabError(str(err), source=str(config)) from None
+    out = run(model, pairs, cfg.output, layers=layers, hook=cfg.hook,
+              mean="mean" in cfg.positions, batch_size=cfg.batch_size,
+              flush_every=cfg.flush_every, shard=part, system_prompt=style,
+              pairs_file=str(cfg.pairs), progress=progress)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def merge(
+    shards: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Shard files in order (default: from the config)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="extract.yaml whose shards to join."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Merged file (default: the config's)."),
+    ] = None,
+) -> None:
+    """Join the shard files of a sharded ``steerlab extract`` into one HDF5 file."""
+    from steerlab.extract import load_config, merge_shards
+
+    if config is not None:
+        cfg = load_config(config)
+        output = output or cfg.output
+        if not shards:
+            shards = sorted(cfg.output.parent.glob(f"{cfg.output.stem}.shard-*-of-*.h5"))
+    if output is None:
+        raise SteerlabError("give --output or --config", field="output")
+    out = merge_shards(shards or [], output)
+    typer.echo(f"wrote {out}")

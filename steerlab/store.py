@@ -1,0 +1,308 @@
+"""HDF5 store of divergence-point activations: crash-safe incremental writing, shards, reading.
+
+A run writes its rows in *parts*: every ``flush_every`` pairs a small HDF5 file is written to a
+temporary name and renamed into ``<output>.parts/``, so a crash (even SIGKILL) loses at most the
+part being written and never damages a finished one. A rerun resumes after the last part. When
+all rows are in, the parts are concatenated into ``<output>`` (again via a temporary file and
+``os.replace``) and the parts folder is removed. Shard files merge the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerlab.errors import SteerlabError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "steerlab.activations/1"
+ACTS = ("chosen", "rejected", "chosen_mean", "rejected_mean")
+INDEX = ("divergence", "chosen_length", "rejected_length", "response_start")
+
+
+def _h5() -> Any:
+    import h5py
+
+    return h5py
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a file was captured from; every part, shard and final file carries it as attrs."""
+
+    model_id: str
+    hook: str
+    layers: tuple[int, ...]
+    d_model: int
+    dtype: str
+    mean: bool
+    steerlab_version: str
+    pairs_file: str = ""
+    n_pairs: int = 0  # pairs in the whole input (all shards)
+
+    def attrs(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["format"] = FORMAT
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, source: str) -> StoreMeta:
+        try:
+            return cls(
+                model_id=str(attrs["model_id"]), hook=str(attrs["hook"]),
+                layers=tuple(int(x) for x in attrs["layers"]), d_model=int(attrs["d_model"]),
+                dtype=str(attrs["dtype"]), mean=bool(attrs["mean"]),
+                steerlab_version=str(attrs["steerlab_version"]),
+                pairs_file=str(attrs.get("pairs_file", "")), n_pairs=int(attrs.get("n_pairs", 0)),
+            )
+        except KeyError as err:
+            raise SteerlabError(f"missing attribute {err.args[0]!r}; not a steerlab activation "
+                                "file", source=source) from None
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A block of captured rows, numpy arrays with the pair axis first."""
+
+    pair_id: list[str]
+    chosen: np.ndarray
+    rejected: np.ndarray
+    divergence: np.ndarray
+    chosen_length: np.ndarray
+    rejected_length: np.ndarray
+    response_start: np.ndarray
+    chosen_mean: np.ndarray | None = None
+    rejected_mean: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.pair_id)
+
+
+def _concat_rows(blocks: Sequence[Rows]) -> Rows:
+    def cat(name: str) -> Any:
+        vals = [getattr(b, name) for b in blocks]
+        return None if vals[0] is None else np.concatenate(vals)
+
+    ids = [i for b in blocks for i in b.pair_id]
+    names = [n for n in Rows.__dataclass_fields__ if n != "pair_id"]
+    return Rows(ids, **{n: cat(n) for n in names})
+
+
+def _chunk_rows(n_layers: int, d_model: int) -> int:
+    return max(1, min(256, (1 << 20) // max(1, n_layers * d_model * 4)))
+
+
+def _create(f: Any, meta: StoreMeta, n: int) -> None:
+    h5py = _h5()
+    shape = (n, len(meta.layers), meta.d_model)
+    chunk = (min(max(n, 1), _chunk_rows(*shape[1:])), *shape[1:])
+    names = ACTS if meta.mean else ACTS[:2]
+    for name in names:
+        f.create_dataset(name, shape=shape, maxshape=(None, *shape[1:]), dtype="float32",
+                         chunks=chunk)
+    for name in INDEX:
+        f.create_dataset(name, shape=(n,), maxshape=(None,), dtype="int64", chunks=True)
+    f.create_dataset("pair_id", shape=(n,), maxshape=(None,), dtype=h5py.string_dtype(),
+                     chunks=True)
+    f.create_dataset("layers", data=np.asarray(meta.layers, dtype="int64"))
+    f.attrs.update(meta.attrs())
+
+
+def _write(f: Any, rows: Rows, at: int) -> None:
+    end = at + len(rows)
+    for name in (*ACTS, *INDEX):
+        value = getattr(rows, name)
+        if name in f and value is not None:
+            f[name][at:end] = value
+    f["pair_id"][at:end] = rows.pair_id
+
+
+def write_rows_file(path: Path, meta: StoreMeta, rows: Rows) -> None:
+    """Write rows to a complete HDF5 file atomically (temporary name, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with _h5().File(tmp, "w") as f:
+        _create(f, meta, len(rows))
+        _write(f, rows, 0)
+    os.replace(tmp, path)
+
+
+def concat_files(sources: Sequence[Path], output: Path, meta: StoreMeta) -> None:
+    """Concatenate row files (parts or shards) into ``output``, streaming one at a time."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    total = sum(ActivationFile(s).n_pairs for s in sources)
+    h5py = _h5()
+    with h5py.File(tmp, "w") as out:
+        _create(out, meta, total)
+        at = 0
+        for src in sources:
+            part = ActivationFile(src)
+            if part.meta.layers != meta.layers or part.meta.hook != meta.hook or \
+                    part.meta.model_id != meta.model_id or part.meta.mean != meta.mean:
+                raise SteerlabError("captured with different model, hook, layers or mean "
+                                    "than the other inputs", source=str(src))
+            for rows in part.iter_rows(256):
+                _write(out, rows, at)
+                at += len(rows)
+    os.replace(tmp, output)
+
+
+class PartWriter:
+    """Buffers rows and commits them as parts in ``<output>.parts/``; resumable.
+
+    Args:
+        output: the final file.
+        meta: provenance written into every part and the final file.
+        flush_every: commit a part once this many rows are buffered.
+    """
+
+    def __init__(self, output: Path, meta: StoreMeta, flush_every: int):
+        self.output = Path(output)
+        self.meta = meta
+        self.flush_every = max(1, flush_every)
+        self.dir = self.output.with_name(self.output.name + ".parts")
+        self._buffer: list[Rows] = []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._check_meta()
+        self.done = self._committed()
+
+    def _check_meta(self) -> None:
+        stamp = self.dir / "meta.json"
+        want = self.meta.attrs()
+        if stamp.is_file():
+            have = json.loads(stamp.read_text())
+            if have != want:
+                diff = sorted(k for k in want if have.get(k) != want[k])
+                raise SteerlabError(
+                    f"an unfinished run with different settings ({', '.join(diff)}) is in "
+                    f"{self.dir}; rerun with the same settings or delete that folder",
+                    source=str(self.output))
+        else:
+            tmp = self.dir / ".meta.json.tmp"
+            tmp.write_text(json.dumps(want, indent=1))
+            os.replace(tmp, stamp)
+
+    def _parts(self) -> list[tuple[int, int, Path]]:
+        out = []
+        for p in self.dir.glob("part-*.h5"):
+            start, end = (int(x) for x in p.stem.split("-")[1:3])
+            out.append((start, end, p))
+        return sorted(out)
+
+    def _committed(self) -> int:
+        at = 0
+        for start, end, p in self._parts():
+            if start != at:
+                raise SteerlabError(f"parts are not contiguous at row {at} ({p.name}); delete "
+                                    f"{self.dir} and rerun", source=str(self.output))
+            at = end
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink()
+        return at
+
+    def add(self, rows: Rows) -> None:
+        """Buffer rows; commit a part when ``flush_every`` rows are waiting."""
+        self._buffer.append(rows)
+        if sum(len(b) for b in self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered rows as one part."""
+        if not self._buffer:
+            return
+        rows = _concat_rows(self._buffer)
+        start, end = self.done, self.done + len(rows)
+        write_rows_file(self.dir / f"part-{start:09d}-{end:09d}.h5", self.meta, rows)
+        self.done = end
+        self._buffer = []
+        log.debug("committed rows %d..%d", start, end)
+
+    def finish(self) -> Path:
+        """Flush, concatenate the parts into the output file and remove the parts folder."""
+        self.flush()
+        concat_files([p for _, _, p in self._parts()], self.output, self.meta)
+        shutil.rmtree(self.dir)
+        return self.output
+
+
+class ActivationFile:
+    """Streaming reader of an activation file (or part, or shard); validates it on open.
+
+    Example:
+        >>> acts = ActivationFile("acts.h5")
+        >>> for chosen, rejected in acts.iter_batches(64):
+        ...     print(chosen.shape)  # [batch, layer, d_model]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        src = str(self.path)
+        if not self.path.is_file():
+            raise SteerlabError("no such activation file", source=src)
+        h5py = _h5()
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    raise SteerlabError(f"expected attribute format={FORMAT!r}; not a steerlab "
+                                        "activation file", source=src)
+                self.meta = StoreMeta.from_attrs(f.attrs, src)
+                need = [*(ACTS if self.meta.mean else ACTS[:2]), *INDEX, "pair_id", "layers"]
+                for name in need:
+                    if name not in f:
+                        raise SteerlabError("dataset missing", source=src, field=name)
+                self.n_pairs = int(f["chosen"].shape[0])
+                want = (self.n_pairs, len(self.meta.layers), self.meta.d_model)
+                for name in need[: 2 + 2 * self.meta.mean]:
+                    if tuple(f[name].shape) != want:
+                        raise SteerlabError(f"shape {f[name].shape}, expected {want}",
+                                            source=src, field=name)
+        except OSError as err:
+            raise SteerlabError(f"not a readable HDF5 file ({err})", source=src) from None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.meta.layers
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole dataset as a numpy array (``pair_id`` as a list of str)."""
+        with _h5().File(self.path, "r") as f:
+            if name == "pair_id":
+                return np.asarray([s.decode() if isinstance(s, bytes) else s
+                                   for s in f[name][:]], dtype=object)
+            return f[name][:]
+
+    def iter_rows(self, batch_size: int = 256) -> Iterator[Rows]:
+        """All datasets in blocks of ``batch_size`` rows."""
+        with _h5().File(self.path, "r") as f:
+            for at in range(0, self.n_pairs, batch_size):
+                sl = slice(at, min(at + batch_size, self.n_pairs))
+                ids = [s.decode() if isinstance(s, bytes) else s for s in f["pair_id"][sl]]
+                vals = {n: (f[n][sl] if n in f else None) for n in (*ACTS, *INDEX)}
+                yield Rows(ids, **vals)
+
+    def iter_batches(self, batch_size: int = 256, *, which: str = "") -> Iterator[
+            tuple[torch.Tensor, torch.Tensor]]:
+        """``(chosen, rejected)`` float tensors ``[batch, layer, d_model]``, streamed.
+
+        Args:
+            batch_size: rows per batch.
+            which: ``""`` for divergence-point activations, ``"_mean"`` for response means.
+        """
+        if which and not self.meta.mean:
+            raise SteerlabError("this file has no response means (captured with mean: false)",
+                                source=str(self.path), field="chosen_mean")
+        with _h5().File(self.path, "r") as f:
+            for at in range(0, self.n_pairs, batch_size):
+                sl = slice(at, min(at + batch_size, self.n_pairs))
+                yield (torch.from_numpy(f["chosen" + which][sl]),
+                       torch.from_numpy(f["rejected" + which][sl]))

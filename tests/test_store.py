@@ -1,0 +1,125 @@
+"""HDF5 store: sharded == single, resume after a crash == uninterrupted, reader, bad files."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from steerlab.errors import SteerlabError
+from steerlab.extract import extract, merge_shards, parse_shard, shard_path, shard_range
+from steerlab.store import ActivationFile
+
+DATASETS = ("chosen", "rejected", "chosen_mean", "rejected_mean", "divergence",
+            "chosen_length", "rejected_length", "response_start", "pair_id", "layers")
+
+
+class P:
+    def __init__(self, i, boom=False):
+        self.id = f"p{i:03d}"
+        self.prompt = f"Question number {i}?"
+        self.chosen = f"Arr, answer {i} be this, matey{'!' * (i % 3)}"
+        self.rejected = f"The answer to {i} is this{'.' * (i % 4)}"
+        self._boom = boom
+
+    def __getattribute__(self, name):
+        if name == "chosen" and object.__getattribute__(self, "_boom"):
+            raise RuntimeError("simulated crash")
+        return object.__getattribute__(self, name)
+
+
+PAIRS = [P(i) for i in range(11)]
+KW = dict(layers=[0, 2], mean=True, batch_size=2, flush_every=3, progress=False)
+
+
+def assert_same_file(a, b):
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        for name in DATASETS:
+            assert np.array_equal(fa[name][:], fb[name][:]), name
+        assert dict(fa.attrs) .keys() == dict(fb.attrs).keys()
+        for k in fa.attrs:
+            assert np.array_equal(fa.attrs[k], fb.attrs[k]), k
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, tmp_path_factory):
+    return extract(tiny_model, PAIRS, tmp_path_factory.mktemp("single") / "acts.h5", **KW)
+
+
+def test_single_file_layout(single):
+    f = ActivationFile(single)
+    assert f.n_pairs == 11 and f.layers == (0, 2) and f.meta.hook == "resid_post"
+    assert list(f.read("pair_id")) == [p.id for p in PAIRS]
+    with h5py.File(single, "r") as h:
+        assert h["chosen"].shape == (11, 2, 64) and h["chosen"].chunks is not None
+        assert h.attrs["steerlab_version"] and h.attrs["model_id"] == "tiny-llama"
+    got = np.concatenate([c.numpy() for c, _ in f.iter_batches(4)])
+    assert np.array_equal(got, f.read("chosen"))
+    assert not single.with_name("acts.h5.parts").exists()
+
+
+def test_sharded_then_merged_equals_single(tiny_model, tmp_path, single):
+    out = tmp_path / "acts.h5"
+    shards = [extract(tiny_model, PAIRS, out, shard=(i, 3), **KW) for i in range(3)]
+    assert [ActivationFile(s).n_pairs for s in shards] == [4, 4, 3]
+    with pytest.raises(SteerlabError, match="missing or unfinished"):
+        merge_shards(shards[:2], out)
+    merge_shards(shards, out)
+    assert_same_file(out, single)
+
+
+def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, single):
+    out = tmp_path / "acts.h5"
+    broken = PAIRS[:7] + [P(7, boom=True)] + PAIRS[8:]
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract(tiny_model, broken, out, **KW)
+    parts = out.with_name("acts.h5.parts")
+    assert not out.exists() and len(list(parts.glob("part-*.h5"))) == 1  # rows 0..4
+    (parts / ".part-000000004-000000008.h5.tmp").write_bytes(b"half-written")
+    with pytest.raises(SteerlabError, match="different settings"):
+        extract(tiny_model, PAIRS, out, **{**KW, "layers": [1]})
+    extract(tiny_model, PAIRS, out, **KW)
+    assert_same_file(out, single)
+    assert extract(tiny_model, PAIRS, out, **KW) == out  # complete: nothing to do
+
+
+def test_existing_output_is_never_damaged(tiny_model, single):
+    before = single.read_bytes()
+    with pytest.raises(SteerlabError, match="other settings"):
+        extract(tiny_model, PAIRS, single, **{**KW, "layers": [1]})
+    with pytest.raises(SteerlabError, match="refusing to overwrite"):
+        merge_shards([single], single)
+    assert single.read_bytes() == before
+
+
+def test_bad_activation_files(tmp_path, single):
+    text = tmp_path / "x.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(SteerlabError, match="not a readable HDF5"):
+        ActivationFile(text)
+    with pytest.raises(SteerlabError, match="no such"):
+        ActivationFile(tmp_path / "missing.h5")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = [1]
+    with pytest.raises(SteerlabError, match="not a steerlab activation file"):
+        ActivationFile(other)
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(single.read_bytes())
+    with h5py.File(broken, "a") as f:
+        del f["divergence"]
+    with pytest.raises(SteerlabError, match="divergence"):
+        ActivationFile(broken)
+
+
+def test_shard_arithmetic():
+    assert parse_shard(None, {}) == (0, 1)
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}) == (3, 8)
+    assert parse_shard("1/4", {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}) == (1, 4)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(SteerlabError, match="shard"):
+            parse_shard(bad, {})
+    spans = [shard_range(103, 8, (i, 5)) for i in range(5)]
+    assert spans[0][0] == 0 and spans[-1][1] == 103
+    assert all(a[1] == b[0] and a[1] % 8 == 0 for a, b in zip(spans, spans[1:], strict=False))
+    assert shard_path(__import__("pathlib").Path("o/a.h5"), (2, 8)).name == "a.shard-002-of-008.h5"
