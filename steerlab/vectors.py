@@ -1,0 +1,211 @@
+"""Steering vectors: per-layer directions with provenance, arithmetic, files, GGUF export."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from steerlab.errors import SteerlabError
+
+FORMAT = "steerlab.vector/1"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a vector came from."""
+
+    model_id: str = "unknown"
+    hook: str = "resid_post"
+    method: str = "mean-diff"
+    n_pairs: int = 0
+    normalisation: str = "none"
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Directions ``[layer, d_model]`` for ``layers`` (row i belongs to ``layers[i]``).
+
+    Supports ``a + b``, ``a - b`` (same layers), ``2.0 * a``, ``-a`` and :meth:`normalise`.
+
+    Example:
+        >>> v = SteeringVector.load("pirate.safetensors")
+        >>> w = (v - other).normalise()
+        >>> w.direction(10).shape
+        torch.Size([576])
+    """
+
+    directions: Float[torch.Tensor, "layer d_model"]
+    layers: tuple[int, ...]
+    provenance: Provenance = Provenance()
+
+    def __post_init__(self) -> None:
+        d = self.directions
+        if not isinstance(d, torch.Tensor) or d.ndim != 2 or d.shape[0] != len(self.layers):
+            raise SteerlabError(f"directions must be [len(layers)={len(self.layers)}, d_model]; "
+                                f"got {getattr(d, 'shape', type(d))}", field="directions")
+        if len(set(self.layers)) != len(self.layers):
+            raise SteerlabError(f"layers {self.layers} repeat", field="layers")
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.directions.shape[1])
+
+    def direction(self, layer: int) -> Float[torch.Tensor, " d_model"]:
+        """The direction at a model layer."""
+        if layer not in self.layers:
+            raise SteerlabError(f"the vector has no layer {layer}; it has {list(self.layers)}",
+                                field="layers")
+        return self.directions[self.layers.index(layer)]
+
+    def norms(self) -> Float[torch.Tensor, " layer"]:
+        """L2 norm per layer."""
+        return self.directions.norm(dim=-1)
+
+    def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
+        """Only the given layers."""
+        return replace(self, directions=torch.stack([self.direction(x) for x in layers]),
+                       layers=tuple(layers))
+
+    def normalise(self) -> SteeringVector:
+        """Unit norm at every layer."""
+        unit = self.directions / self.norms().clamp_min(1e-12)[:, None]
+        return replace(self, directions=unit,
+                       provenance=replace(self.provenance, normalisation="unit"))
+
+    def _combine(self, other: SteeringVector, sign: float, op: str) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if other.layers != self.layers or other.d_model != self.d_model:
+            raise SteerlabError(f"cannot {op} vectors with layers {list(self.layers)} and "
+                                f"{list(other.layers)} (d_model {self.d_model}/{other.d_model})")
+        p = self.provenance
+        method = f"({p.method}) {op} ({other.provenance.method})"
+        return replace(self, directions=self.directions + sign * other.directions.to(
+            self.directions), provenance=replace(p, method=method, normalisation="none"))
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0, "+")
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0, "-")
+
+    def __mul__(self, k: float | int) -> SteeringVector:
+        if not isinstance(k, (int, float)):
+            return NotImplemented
+        return replace(self, directions=self.directions * float(k))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` and the JSON sidecar ``<path>.json``; returns the former.
+
+        Example:
+            >>> v.save("vectors/pirate")  # vectors/pirate.safetensors + vectors/pirate.json
+        """
+        from safetensors.torch import save_file
+
+        st, side = _paths(path)
+        st.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"directions": self.directions.detach().float().cpu().contiguous(),
+                   "layers": torch.tensor(self.layers, dtype=torch.int64)}
+        meta = {"format": FORMAT, "layers": list(self.layers), "d_model": self.d_model,
+                **asdict(self.provenance)}
+        for target, write in ((st, lambda p: save_file(tensors, str(p))),
+                              (side, lambda p: p.write_text(json.dumps(meta, indent=1)))):
+            tmp = target.with_name(f".{target.name}.tmp")
+            write(tmp)
+            os.replace(tmp, target)
+        return st
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SteeringVector:
+        """Read a vector written by :meth:`save` (give either file or the common stem)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        st, side = _paths(path)
+        for p in (st, side):
+            if not p.is_file():
+                raise SteerlabError("vector file missing (a vector is a .safetensors file and "
+                                    "a .json sidecar)", source=str(p))
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as err:
+            raise SteerlabError(f"not valid JSON ({err})", source=str(side)) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise SteerlabError(f"expected format {FORMAT!r}", source=str(side), field="format")
+        try:
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError) as err:
+            raise SteerlabError(f"not a readable safetensors file ({err})",
+                                source=str(st)) from None
+        if "directions" not in tensors:
+            raise SteerlabError("tensor missing", source=str(st), field="directions")
+        layers = tuple(int(x) for x in meta.get("layers", []))
+        fields = {k: meta[k] for k in Provenance.__dataclass_fields__ if k in meta}
+        try:
+            return cls(tensors["directions"], layers, Provenance(**fields))
+        except SteerlabError as err:
+            raise SteerlabError(str(err), source=str(st)) from None
+
+    def to_gguf(self, path: str | os.PathLike, model_hint: str | None = None) -> Path:
+        """Export as a llama.cpp control vector (``--control-vector``): one f32 tensor
+        ``direction.{layer + 1}`` per layer, arch ``controlvector``.
+
+        Example:
+            >>> v.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
+        """
+        import gguf
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", model_hint or self.provenance.model_id)
+        writer.add_uint32("controlvector.layer_count", len(self.layers))
+        for layer, vec in zip(self.layers, self.directions, strict=True):
+            writer.add_tensor(f"direction.{layer + 1}", vec.detach().float().cpu().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+        return path
+
+
+def read_gguf(path: str | os.PathLike) -> dict[int, Any]:
+    """``{layer: direction}`` of a GGUF control vector (0-based layers), via ``GGUFReader``."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as err:
+        raise SteerlabError(f"not a readable GGUF file ({err})", source=str(path)) from None
+    return {int(t.name.split(".")[1]) - 1: torch.from_numpy(t.data.copy())
+            for t in reader.tensors if t.name.startswith("direction.")}
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
+    """A random vector with the same per-layer norms (the control in evaluations)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.directions.shape, generator=gen, dtype=torch.float32)
+    r = r / r.norm(dim=-1, keepdim=True) * vector.norms().float()[:, None].cpu()
+    return replace(vector, directions=r.to(vector.directions),
+                   provenance=replace(vector.provenance, method=f"random(seed={seed})"))

@@ -1,0 +1,85 @@
+"""SteeringVector: arithmetic, save/load, bad files, GGUF control-vector export read back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlab.errors import SteerlabError
+from steerlab.vectors import Provenance, SteeringVector, random_like, read_gguf
+
+
+def vec(seed=0, layers=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVector(torch.randn(len(layers), 16, generator=g), layers,
+                          Provenance(model_id="m", method="mean-diff", n_pairs=7))
+
+
+def test_arithmetic():
+    a, b = vec(0), vec(1)
+    torch.testing.assert_close((a + b).directions, a.directions + b.directions)
+    torch.testing.assert_close((a - b).directions, a.directions - b.directions)
+    torch.testing.assert_close((2 * a).directions, 2 * a.directions)
+    torch.testing.assert_close((-a).directions, -a.directions)
+    unit = a.normalise()
+    torch.testing.assert_close(unit.norms(), torch.ones(2))
+    assert unit.provenance.normalisation == "unit" and a.provenance.normalisation == "none"
+    assert (a - b).provenance.method == "(mean-diff) - (mean-diff)"
+    torch.testing.assert_close(a.select([5]).direction(5), a.directions[1])
+    with pytest.raises(SteerlabError, match="cannot"):
+        a + vec(2, layers=(3, 6))
+    with pytest.raises(SteerlabError, match="no layer"):
+        a.direction(4)
+    with pytest.raises(SteerlabError, match="directions"):
+        SteeringVector(torch.zeros(3, 16), (1, 2))
+    r = random_like(a, seed=3)
+    torch.testing.assert_close(r.norms(), a.norms())
+    assert abs(torch.nn.functional.cosine_similarity(r.directions, a.directions).max()) < 0.9
+
+
+def test_save_load_round_trip(tmp_path):
+    a = vec()
+    st = a.save(tmp_path / "v" / "pirate")
+    assert st.name == "pirate.safetensors" and (tmp_path / "v" / "pirate.json").is_file()
+    for p in (st, tmp_path / "v" / "pirate", tmp_path / "v" / "pirate.json"):
+        b = SteeringVector.load(p)
+        assert torch.equal(b.directions, a.directions) and b.layers == a.layers
+        assert b.provenance == a.provenance
+
+
+def test_bad_vector_files(tmp_path):
+    st = vec().save(tmp_path / "v")
+    side = tmp_path / "v.json"
+    good = side.read_text()
+    side.write_text("{")
+    with pytest.raises(SteerlabError, match="v.json.*JSON"):
+        SteeringVector.load(st)
+    side.write_text('{"format": "other"}')
+    with pytest.raises(SteerlabError, match="format"):
+        SteeringVector.load(st)
+    side.write_text(good.replace('"layers": [\n  3,\n  5\n ]', '"layers": [3]'))
+    with pytest.raises(SteerlabError, match="v.safetensors.*directions"):
+        SteeringVector.load(st)
+    side.write_text(good)
+    st.write_bytes(b"garbage")
+    with pytest.raises(SteerlabError, match="safetensors"):
+        SteeringVector.load(st)
+    with pytest.raises(SteerlabError, match="missing"):
+        SteeringVector.load(tmp_path / "nothing")
+
+
+def test_gguf_control_vector_reads_back(tmp_path):
+    import gguf
+
+    a = vec(layers=(0, 4, 9))
+    path = a.to_gguf(tmp_path / "c.gguf", model_hint="llama")
+    reader = gguf.GGUFReader(str(path))
+    names = sorted(t.name for t in reader.tensors)
+    assert names == ["direction.1", "direction.10", "direction.5"]
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    hint = reader.fields["controlvector.model_hint"]
+    assert bytes(hint.parts[hint.data[0]]).decode() == "llama"
+    back = read_gguf(path)
+    for layer in a.layers:
+        assert torch.equal(back[layer], a.direction(layer))
