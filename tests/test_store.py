@@ -123,3 +123,50 @@ def test_shard_arithmetic():
     assert spans[0][0] == 0 and spans[-1][1] == 103
     assert all(a[1] == b[0] and a[1] % 8 == 0 for a, b in zip(spans, spans[1:], strict=False))
     assert shard_path(__import__("pathlib").Path("o/a.h5"), (2, 8)).name == "a.shard-002-of-008.h5"
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(tiny_model, tokenizer, tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pairs_mod = pytest.importorskip("steerlab.pairs")
+    from conftest import make_tiny_hf
+
+    from steerlab.models import load_model
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_hf(tokenizer, seed=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = [pairs_mod.Pair(p.id, p.prompt, p.chosen, p.rejected) for p in
+             (P(i) for i in range(80))]
+    pairs_mod.save_pairs(pairs, tmp_path / "pairs.jsonl")
+    out = tmp_path / "run" / "acts.h5"
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(f"model: {model_dir}\npairs: {tmp_path / 'pairs.jsonl'}\noutput: {out}\n"
+                   f"layers: [0, 2]\npositions: [divergence, mean]\nbatch_size: 2\n"
+                   f"flush_every: 2\ndevice: cpu\nlog_file: {tmp_path / 'extract.log'}\n")
+    ref = extract(load_model(model_dir, device="cpu"), pairs, tmp_path / "ref.h5", layers=[0, 2],
+                  mean=True, batch_size=2, flush_every=2, progress=False,
+                  pairs_file=str(tmp_path / "pairs.jsonl"))
+    cmd = [sys.executable, "-m", "steerlab.cli", "extract", "--config", str(cfg),
+           "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    parts = out.with_name("acts.h5.parts")
+    stop_after = random.Random().randint(1, 30)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and len(list(parts.glob("part-*"))) < stop_after:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_file(out, ref)
+    assert "resuming" in (tmp_path / "extract.log").read_text()

@@ -1,0 +1,106 @@
+"""``steerlab vectors fit|eval|export-gguf``: fit steering vectors, evaluate them, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steerlab.cli._app import app
+from steerlab.errors import SteerlabError
+
+sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
+app.add_typer(sub, name="vectors")
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerlabError(f"got {text!r}; expected comma-separated integers",
+                            field=name) from None
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerlabError(f"got {text!r}; expected comma-separated numbers",
+                            field=name) from None
+
+
+@sub.command("fit")
+def fit(
+    activations: Annotated[Path, typer.Argument(help="HDF5 file from `steerlab extract`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Vector path (stem).")],
+    method: str = typer.Option("mean-diff", help="mean-diff, pca or probe."),
+    layers: str = typer.Option("", help="Comma-separated subset of the captured layers."),
+    mean: bool = typer.Option(False, help="Fit on response means, not the divergence point."),
+    normalise: bool = typer.Option(False, help="Unit norm per layer."),
+) -> None:
+    """Fit a steering vector from captured activations (probe: prints held-out accuracy)."""
+    from steerlab.fitters import fit_vector
+
+    vec, result = fit_vector(activations, method, layers=_ints(layers, "layers") or None,
+                             mean=mean)
+    if normalise:
+        vec = vec.normalise()
+    path = vec.save(output)
+    if result.accuracy is not None:
+        for layer, acc in zip(vec.layers, result.accuracy.tolist(), strict=True):
+            typer.echo(f"layer {layer}: held-out accuracy {acc:.3f}")
+    typer.echo(f"wrote {path} ({result.n_pairs} pairs, {len(vec.layers)} layers)")
+
+
+@sub.command("eval")
+def evaluate(
+    vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
+    trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
+    model: str = typer.Option("embedded", help="Model: 'embedded', a hub id or a local dir."),
+    layers: str = typer.Option("", help="Layers to sweep (default: the vector's)."),
+    strengths: str = typer.Option("1,2,4,6", help="Strengths (x the vector) to sweep."),
+    max_tokens: int = typer.Option(40, help="New tokens per answer."),
+    output: str = typer.Option("steering-eval", help="Writes <output>.json and .html."),
+) -> None:
+    """Sweep layers x strengths on the trait's held-out questions and pick the best setting."""
+    from steerlab.evaluate import evaluate_steering
+    from steerlab.models import load_model
+    from steerlab.traits import load_trait
+    from steerlab.vectors import SteeringVector
+
+    vec = SteeringVector.load(vector)
+    t = load_trait(trait)
+    questions = list(getattr(t, "held_out_questions", None) or [])
+    if not questions:
+        raise SteerlabError("the trait has no held-out questions", source=trait,
+                            field="held_out_questions")
+    bridge = load_model(model)
+    ev = evaluate_steering(bridge, vec, questions, t.build_scorer(),
+                           trait_instruction=t.trait_instruction,
+                           layers=_ints(layers, "layers") or list(vec.layers),
+                           strengths=_floats(strengths, "strengths"),
+                           max_new_tokens=max_tokens)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ev.save(out.with_name(out.name + ".json"))
+    ev.figure().write_html(out.with_name(out.name + ".html"))
+    for s in ev.sweep:
+        typer.echo(f"layer {s.layer:3d} alpha {s.alpha:6.2f}  trait {s.trait:5.1f}  "
+                   f"coherence {s.coherence:.2f}")
+    b = ev.best
+    typer.echo(f"best: layer {b.layer}, alpha {b.alpha} (closes {ev.gap_closed(b):.0%} of the "
+               f"gap; random vector {ev.gap_closed(ev.random):.0%})")
+
+
+@sub.command("export-gguf")
+def export_gguf(
+    vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file.")],
+    model_hint: str = typer.Option("", help="controlvector.model_hint (default: model id)."),
+) -> None:
+    """Export a vector as a llama.cpp control vector (use with --control-vector)."""
+    from steerlab.vectors import SteeringVector, read_gguf
+
+    path = SteeringVector.load(vector).to_gguf(output, model_hint or None)
+    typer.echo(f"wrote {path} ({len(read_gguf(path))} layers)")
