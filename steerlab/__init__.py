@@ -7,28 +7,47 @@ Example:
     >>> sl.generate(model, [ids], max_new_tokens=40).texts(model.tokenizer)
 """
 
+from steerlab.capture import capture_pairs
 from steerlab.chat import encode_chat, encode_text, patch_chat_template, render_chat
 from steerlab.errors import SteerlabError
+from steerlab.evaluate import evaluate_steering
+from steerlab.extract import extract, merge_shards
+from steerlab.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
 from steerlab.generate import Generation, generate
 from steerlab.layers import decoder_layers
 from steerlab.models import load_model
 from steerlab.personas import ASSISTANT, Persona, load_personae, system_prompt_style
+from steerlab.steer import monitor, steer
+from steerlab.store import ActivationFile
+from steerlab.vectors import SteeringVector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASSISTANT",
+    "ActivationFile",
+    "LogisticProbe",
+    "MeanDifference",
+    "PCADifference",
+    "SteeringVector",
     "Generation",
     "Persona",
     "SteerlabError",
     "__version__",
+    "capture_pairs",
     "decoder_layers",
     "encode_chat",
     "encode_text",
+    "evaluate_steering",
+    "extract",
+    "fit_vector",
     "generate",
     "load_model",
     "load_personae",
+    "merge_shards",
+    "monitor",
     "patch_chat_template",
     "render_chat",
+    "steer",
     "system_prompt_style",
 ]
