@@ -1,0 +1,181 @@
+"""Interactive chat: the session state on the tiny model, and `steerlab chat` through a real
+pseudo-terminal on the embedded model (structure only: labels, prompts, lengths, differences)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from steerlab.chat_session import ChatSession, Command, StreamDecoder, parse_command
+from steerlab.errors import SteerlabError
+from steerlab.personas import ASSISTANT
+from steerlab.vectors import SteeringVector
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _vector(d_model: int, layers: tuple[int, ...], norm: float, seed: int = 0) -> SteeringVector:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(len(layers), d_model, generator=g)
+    return SteeringVector(d / d.norm(dim=-1, keepdim=True) * norm, layers)
+
+
+def test_parse_command():
+    assert parse_command("hello /there") is None
+    assert parse_command("//not a command") is None
+    assert parse_command("  /tokens 50 ") == Command("tokens", "50")
+    assert parse_command("/system You are   terse.") == Command("system", "You are   terse.")
+    assert parse_command("/CLEAR") == Command("clear")
+    with pytest.raises(SteerlabError, match="/help"):
+        parse_command("/frobnicate")
+
+
+def test_commands_change_state(tiny_model, tmp_path):
+    s = ChatSession(tiny_model)
+    s.history.append({"role": "user", "content": "x"})
+    assert "cleared" in s.apply(Command("clear")) and s.history == []
+    s.apply(Command("persona", "Captain Flint"))
+    assert s.persona.persona == "Captain Flint"
+    s.apply(Command("persona", "assistant"))
+    assert s.persona == ASSISTANT
+    s.apply(Command("system", "Be brief."))
+    assert s.system_prompt()(ASSISTANT) == "Be brief."
+    s.apply(Command("system"))
+    assert s.system is None
+    s.apply(Command("thinking"))
+    assert s.thinking
+    s.apply(Command("nothinking"))
+    assert not s.thinking
+    s.apply(Command("tokens", "7"))
+    assert s.max_tokens == 7
+    for bad in ("0", "x", ""):
+        with pytest.raises(SteerlabError, match="usage: /tokens"):
+            s.apply(Command("tokens", bad))
+    assert "/steer" in s.apply(Command("help"))
+    path = _vector(64, (1, 2), 5.0).save(tmp_path / "v")
+    assert "steering with" in s.apply(Command("steer", f"{path} 3 2"))
+    assert s.alpha == 3.0 and s.steered_layers() == [2]
+    s.apply(Command("steer", "-1.5"))
+    assert s.alpha == -1.5 and s.vector is not None
+    with pytest.raises(SteerlabError, match="no layer 0"):
+        s.apply(Command("steer", f"{path} 3 0"))
+    with pytest.raises(SteerlabError, match="missing"):
+        s.apply(Command("steer", f"{tmp_path / 'nope'} 3"))
+    with pytest.raises(SteerlabError, match="d_model"):
+        s.set_steering(_vector(32, (1,), 1.0), 1.0)
+    s.apply(Command("unsteer"))
+    assert s.vector is None and s.alpha == 0.0
+
+
+def test_stream_decoder_never_splits_characters(tokenizer):
+    text = "Ahoy! Ça va? 海賊の船 🏴‍☠️ naïve — über 🦜🦜 end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    dec = StreamDecoder(tokenizer)
+    chunks = [dec.push(i) for i in ids]
+    chunks.append(dec.flush())
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in c for c in chunks)
+    assert sum(1 for c in chunks if c) > 5
+
+
+def test_reply_streams_and_keeps_history(tiny_model):
+    s = ChatSession(tiny_model, max_tokens=12)
+    chunks: list[str] = []
+    r = s.reply("Hello", on_text=chunks.append)
+    assert "".join(chunks) == r.text and r.n_tokens <= 12 and not r.interrupted
+    assert [m["role"] for m in s.history] == ["user", "assistant"]
+    r2 = s.reply("Again", should_stop=lambda: True)
+    assert r2.interrupted and r2.n_tokens == 1 and len(s.history) == 4
+
+
+def test_steering_changes_reply_and_projection(tiny_model):
+    s = ChatSession(tiny_model, max_tokens=10)
+    plain = s.reply("Hello").text
+    s.history.clear()
+    s.set_steering(_vector(64, (1,), 50.0), 1.0)
+    steered = s.reply("Hello", projection_layer=1)
+    assert steered.text != plain
+    assert steered.projection is not None and len(steered.projection) == steered.n_tokens
+    s.history.clear()
+    s.alpha = 0.0
+    assert s.reply("Hello").text == plain
+
+
+# --- the terminal program -----------------------------------------------------------------
+
+
+class _Term:
+    """`steerlab chat` in a pseudo-terminal."""
+
+    def __init__(self, *args: str):
+        import pexpect
+
+        env = {**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.child = pexpect.spawn(sys.executable, ["-m", "steerlab.cli", "chat", *args],
+                                   env=env, encoding="utf-8", timeout=120,
+                                   dimensions=(40, 300))
+        self.child.expect("Ctrl-D quits")
+        self.prompt()
+
+    def prompt(self) -> str:
+        self.child.expect_exact("you> ")
+        return ANSI.sub("", self.child.before)
+
+    def command(self, line: str) -> str:
+        self.child.sendline(line)
+        return self.prompt().replace(line, "", 1).strip()
+
+    def say(self, line: str, label: str) -> str:
+        self.child.sendline(line)
+        self.child.expect_exact(f"{label}> ")
+        return self.prompt().strip()
+
+
+@pytest.mark.slow
+def test_terminal_chat(tmp_path):
+    import pexpect
+
+    vec = _vector(576, (8,), 60.0).save(tmp_path / "random")
+    t = _Term("--max-tokens", "12")
+    assert "/persona NAME" in t.command("/help")
+    assert "max tokens per reply: 12" in t.command("/tokens 12")
+    first = t.say("Hi there", "assistant")
+    assert first
+    assert "cleared" in t.command("/clear")
+    assert t.say("Hi there", "assistant") == first  # greedy: same history, same reply
+    assert "steering with" in t.command(f"/steer {vec} 1")
+    t.command("/clear")
+    steered = t.say("Hi there", "assistant")
+    assert steered and steered != first
+    assert "steering off" in t.command("/unsteer")
+    t.command("/clear")
+    assert t.say("Hi there", "assistant") == first
+    assert "persona: Hamlet" in t.command("/persona Hamlet")
+    assert t.say("Who are you?", "Hamlet")
+    assert "system prompt: Be terse." in t.command("/system Be terse.")
+    assert "thinking on" in t.command("/thinking")
+    assert "thinking off" in t.command("/nothinking")
+    for bad, hint in (("/foo", "unknown command /foo"), ("/tokens many", "usage: /tokens"),
+                      (f"/steer {tmp_path / 'none'} 2", "vector file missing")):
+        out = t.command(bad)
+        assert out.startswith("! ") and hint in out and len(out.splitlines()) == 1
+
+    # Esc stops a long reply mid-stream; the session goes on.
+    t.command("/tokens 2000")
+    t.child.sendline("Tell me a very long story about the sea, with many chapters.")
+    t.child.expect_exact("Hamlet> ")
+    t.child.expect(r"\S+\s+\S+\s+\S+\s+\S+")  # a few words have streamed
+    t.child.send("\x1b")
+    t.child.expect(r"\[stopped after (\d+) tokens\]")
+    assert 1 <= int(t.child.match.group(1)) < 2000
+    t.prompt()
+    t.command("/tokens 6")
+    assert t.say("Thanks!", "Hamlet")
+    t.child.sendeof()
+    t.child.expect(pexpect.EOF)
+    t.child.close()
+    assert t.child.exitstatus == 0
