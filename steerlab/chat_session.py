@@ -69,9 +69,13 @@ class Reply:
     per-token projections on the monitored vector (when a projection layer was given)."""
 
     text: str
-    n_tokens: int
+    tokens: tuple[int, ...]
     interrupted: bool
     projection: list[float] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
 
 
 class StreamDecoder:
@@ -295,7 +299,7 @@ class ChatSession:
         if mon is not None:
             # entry i is the residual at the position that produced generated token i
             proj = mon.trace(projection_layer)[0, : len(gen.tokens[0])].tolist()
-        return Reply(answer, len(gen.tokens[0]), stopped[0], proj)
+        return Reply(answer, tuple(gen.tokens[0]), stopped[0], proj)
 
 
 def _number(text: str, usage: str) -> float:

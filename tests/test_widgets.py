@@ -1,0 +1,78 @@
+"""The notebook chat widget, driven from code on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlab.errors import SteerlabError
+from steerlab.vectors import SteeringVector
+
+pytest.importorskip("ipywidgets")
+
+from steerlab.widgets import SteeringChat, find_vectors  # noqa: E402
+
+
+def _vector(layers: tuple[int, ...], norm: float, seed: int = 0) -> SteeringVector:
+    d = torch.randn(len(layers), 64, generator=torch.Generator().manual_seed(seed))
+    return SteeringVector(d / d.norm(dim=-1, keepdim=True) * norm, layers)
+
+
+def _stream_texts(chat: SteeringChat) -> list[str]:
+    return [o["text"] for o in chat.output.outputs if o.get("output_type") == "stream"]
+
+
+def test_find_vectors(tmp_path):
+    _vector((1,), 1.0).save(tmp_path / "b")
+    _vector((2,), 1.0).save(tmp_path / "a")
+    assert list(find_vectors(tmp_path)) == ["a", "b"]
+    assert list(find_vectors([_vector((1,), 1.0)])) == ["vector 0"]
+    with pytest.raises(SteerlabError, match="folder"):
+        find_vectors(tmp_path / "nope")
+    with pytest.raises(TypeError):  # SteerlabError, or the runtime type checker's error
+        find_vectors({"x": torch.zeros(3)})
+
+
+def test_slider_and_message_stream_a_reply(tiny_model, tmp_path):
+    _vector((1, 2), 50.0).save(tmp_path / "random")
+    chat = SteeringChat(tiny_model, vectors=tmp_path, max_tokens=10)
+    assert chat.vector_picker.options == ("(none)", "random")
+
+    plain = chat.send("Hello")
+    streamed = _stream_texts(chat)
+    assert streamed[0].startswith("you: Hello\nassistant: ")
+    assert len(chat.last_chunks) > 1 and "".join(chat.last_chunks) == plain.text
+    assert len(streamed) == len(chat.last_chunks) + 2  # label, chunks, newline
+
+    chat.clear()
+    assert chat.output.outputs == ()
+    chat.vector_picker.value = "random"
+    assert [v for _, v in chat.layer_picker.options] == [None, 1, 2]
+    chat.layer_picker.value = 2
+    chat.strength.value = 1.0  # takes effect on the next reply
+    chat.show_projection.value = True
+    chat.persona_box.value = "Hamlet"
+    steered = chat.send("Hello")
+    assert steered.text != plain.text
+    assert _stream_texts(chat)[0].startswith("you: Hello\nHamlet: ")
+    assert chat.session.steered_layers() == [2]
+    assert steered.projection is not None and len(steered.projection) == steered.n_tokens
+    assert chat.projection_view.value.count("<span title=") == steered.n_tokens
+    assert "steering random × 1" in chat.status.value
+
+    chat.clear()
+    chat.strength.value = 0.0
+    chat.persona_box.value = "assistant"
+    assert chat.send("Hello").text == plain.text
+
+
+def test_vector_objects_and_bad_input_in_status(tiny_model):
+    chat = SteeringChat(tiny_model, {"planted": _vector((1,), 5.0)}, max_tokens=4)
+    chat.vector_picker.value = "planted"
+    chat.message.value = "Hi"
+    chat.send_button.click()
+    assert chat.last_reply is not None and chat.message.value == ""
+    chat.persona_box.value = "two\nlines"
+    chat.message.value = "Hi"
+    chat.send_button.click()
+    assert "persona" in chat.status.value
