@@ -1,0 +1,300 @@
+"""Batch persona inference: prompts x personae x reps, generated in batches with metrics.
+
+Each generated token gets the entropy and top-k mass of the raw next-token distribution it
+was drawn from (and, with ``lens=True``, the same at every layer through the logit lens).
+:func:`run_inference` writes a resumable run folder (see :mod:`steerlab.results`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerlab.chat import encode_chat, think_end_marker
+from steerlab.errors import SteerlabError
+from steerlab.generate import generate
+from steerlab.lens import LastPositionRecorder, lens_metrics
+from steerlab.metrics import section_averages, split_sections, token_metrics
+from steerlab.personas import Persona, system_prompt_style
+from steerlab.results import CONFIG, LOG, PER_TOKEN, RESULTS, RunStore, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Settings of a run (``config.json``); defaults are those of ``steerlab infer``."""
+
+    model: str = "embedded"
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    batch_size: int = 256
+    n_reps: int = 1
+    top_k_mass_k: int = 5
+    thinking_mode: bool = True
+    system_prompt_style: str = "you-are-a"
+    seed: int = 0
+    lens: bool = False
+
+    def validate(self) -> InferConfig:
+        """Reject impossible values with the name of the option."""
+        for name in ("max_tokens", "batch_size", "n_reps", "top_k_mass_k"):
+            if getattr(self, name) < 1:
+                raise SteerlabError(f"{getattr(self, name)} is not >= 1", field=name)
+        if self.temperature < 0:
+            raise SteerlabError(f"{self.temperature} is negative", field="temperature")
+        system_prompt_style(self.system_prompt_style)
+        return self
+
+
+@dataclass(frozen=True)
+class Task:
+    """One generation: a persona answering one prompt, repetition ``rep``."""
+
+    id: int
+    persona: Persona
+    prompt_index: int
+    prompt: str
+    rep: int
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Read a prompts file: a non-empty JSON list of strings or of ``{"prompt": str}``."""
+    from steerlab.personas import _read_json_list
+
+    out = []
+    for i, item in enumerate(_read_json_list(path)):
+        text = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(text, str) or not text.strip():
+            raise SteerlabError(
+                f"item {i} is {item!r}; expected a non-empty string or {{\"prompt\": str}}",
+                source=str(path), field="prompt",
+            )
+        out.append(text)
+    return out
+
+
+def make_tasks(prompts: Sequence[str], personae: Sequence[Persona], n_reps: int) -> list[Task]:
+    """All (persona, prompt, rep) tasks, grouped by persona, with stable ids."""
+    combos = [(p, i, r) for p in personae for i in range(len(prompts)) for r in range(n_reps)]
+    return [Task(k, p, i, prompts[i], r) for k, (p, i, r) in enumerate(combos)]
+
+
+@dataclass(frozen=True)
+class RowMetrics:
+    """One generated reply with its per-token metrics (arrays align with ``tokens``)."""
+
+    tokens: list[int]
+    stopped: bool
+    entropy: np.ndarray
+    top_k_mass: np.ndarray
+    lens_entropy: np.ndarray | None = None  # [n_tokens, n_layers]
+    lens_top_k_mass: np.ndarray | None = None
+
+
+def generate_with_metrics(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    k: int = 5,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    lens: bool = False,
+    think_marker: Sequence[int] = (),
+    on_token: Callable[[list[int | None]], bool | None] | None = None,
+) -> list[RowMetrics]:
+    """:func:`steerlab.generate` that records entropy and top-k mass of every generated token.
+
+    Example:
+        >>> rows = generate_with_metrics(model, [ids], max_new_tokens=64, lens=True)
+        >>> rows[0].entropy.mean(), rows[0].lens_entropy.shape
+    """
+    steps: list[tuple[torch.Tensor, ...]] = []
+    recorder = LastPositionRecorder(model) if lens else None
+
+    def observe(step: int, logits: torch.Tensor, active: torch.Tensor) -> None:
+        metrics = token_metrics(logits, k)
+        if recorder is not None:
+            ent, mass = lens_metrics(model, recorder.residuals(), k)
+            metrics = (*metrics, ent.T, mass.T)
+        steps.append(metrics)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                  observer=observe, think_marker=think_marker, on_token=on_token)
+    if recorder is None:
+        gen = generate(model, prompts, **kwargs)
+    else:
+        with recorder.recording():
+            gen = generate(model, prompts, **kwargs)
+    stacked = [torch.stack(parts, 1).float().cpu().numpy() for parts in zip(*steps, strict=True)]
+    rows = []
+    for row, tokens in enumerate(gen.tokens):
+        cut = [a[row, : len(tokens)] for a in stacked]
+        rows.append(RowMetrics(tokens, gen.stopped[row], *cut))
+    return rows
+
+
+def make_record(task: Task, row: RowMetrics, tokenizer: Any, marker: Sequence[int]) -> dict:
+    """The ``results.json`` record of one task (SPEC capability 2)."""
+    sec = split_sections(row.tokens, marker)
+    text = lambda s: tokenizer.decode(row.tokens[s], skip_special_tokens=True)  # noqa: E731
+    rec: dict[str, Any] = {
+        "id": task.id, **task.persona.to_dict(), "prompt": task.prompt,
+        "prompt_index": task.prompt_index, "rep": task.rep,
+        "response": text(sec.output),
+        "thinking": None if sec.think_end_position is None else text(sec.thinking),
+        **section_averages(row.entropy.tolist(), sec, "entropy"),
+        **section_averages(row.top_k_mass.tolist(), sec, "top_k_mass"),
+        "think_end_position": sec.think_end_position,
+        "n_tokens": sec.n_tokens, "n_thinking_tokens": sec.n_thinking,
+        "n_output_tokens": sec.n_output, "stopped": row.stopped,
+    }
+    if row.lens_entropy is not None:
+        rec["avg_lens_entropy"] = [float(x) for x in row.lens_entropy.mean(0)] if len(
+            row.tokens) else None
+    return rec
+
+
+def default_output_dir() -> Path:
+    """``logs/personae-inference-{SLURM_JOB_ID or timestamp}``."""
+    tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return Path("logs") / f"personae-inference-{tag}"
+
+
+def run_identity(config: InferConfig, prompts: Sequence[str], personae: Sequence[Persona]) -> dict:
+    """What ``config.json`` records; a rerun resumes only into a folder with the same one."""
+    blob = json.dumps([list(prompts), [p.to_dict() for p in personae]], sort_keys=True)
+    return {**asdict(config), "n_prompts": len(prompts), "n_personae": len(personae),
+            "inputs_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+def prepare_output_dir(path: Path, identity: dict, extra: dict | None = None) -> RunStore:
+    """Create the run folder, or check that an existing one holds the same run."""
+    cfg = path / CONFIG
+    if cfg.is_file():
+        old = json.loads(cfg.read_text(encoding="utf-8"))
+        diff = sorted(k for k in identity if old.get(k) != identity[k])
+        if diff:
+            raise SteerlabError(f"the folder holds a different run ({', '.join(diff)} differ); "
+                                "use a new --output-dir", source=str(cfg))
+    elif path.exists() and any(path.iterdir()):
+        raise SteerlabError("exists and is not a steerlab run folder; use a new --output-dir",
+                            source=str(path))
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg, {**identity, **(extra or {})})
+    return RunStore(path)
+
+
+def run_inference(
+    model: Any,
+    prompts: Sequence[str],
+    personae: Sequence[Persona],
+    output_dir: str | os.PathLike,
+    config: InferConfig = InferConfig(),
+    *,
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> Path:
+    """Run every (persona, prompt, rep) task in batches and write a resumable run folder.
+
+    Tasks are grouped by persona and cut into fixed batches; each finished batch is committed
+    at once, so rerunning with the same inputs and folder skips finished batches (no
+    duplicates; sampled batches use seed ``seed + batch index`` and so repeat exactly).
+
+    Args:
+        model: a bridge from :func:`steerlab.load_model`.
+        prompts: user prompts (see :func:`load_prompts`).
+        personae: persona records (see :func:`steerlab.load_personae`).
+        output_dir: the run folder; created, or resumed if it holds the same run.
+        config: generation and metric settings.
+        progress: show a rich progress bar with tokens/s.
+        extra_config: more provenance for ``config.json`` (e.g. input file names).
+
+    Example:
+        >>> run_inference(model, ["Hi!"], [ASSISTANT], "logs/run", InferConfig(max_tokens=64))
+    """
+    config.validate()
+    if not prompts or not personae:
+        raise SteerlabError("need at least one prompt and one persona")
+    style = system_prompt_style(config.system_prompt_style)
+    marker = think_end_marker(model.tokenizer)
+    tasks = make_tasks(prompts, personae, config.n_reps)
+    batches = [tasks[i : i + config.batch_size] for i in range(0, len(tasks), config.batch_size)]
+    store = prepare_output_dir(Path(output_dir), run_identity(config, prompts, personae),
+                               extra_config)
+    handler = logging.FileHandler(store.root / LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lib_log = logging.getLogger("steerlab")
+    old_level = lib_log.level
+    lib_log.addHandler(handler)
+    lib_log.setLevel(min(old_level or logging.INFO, logging.INFO))
+    try:
+        if (store.root / PER_TOKEN).is_file() and not store.parts.is_dir():
+            log.info("%s is complete; nothing to do", store.root)
+            return store.root
+        return _run(model, store, config, tasks, batches, style, marker, progress)
+    finally:
+        lib_log.removeHandler(handler)
+        lib_log.setLevel(old_level)
+        handler.close()
+
+
+def _run(model: Any, store: RunStore, config: InferConfig, tasks: list[Task],
+         batches: list[list[Task]], style: Any, marker: list[int], progress: bool) -> Path:
+    tok = model.tokenizer
+    done = store.done_batches()
+    records = store.records()
+    log.info("%d tasks in %d batches; %d batches already done", len(tasks), len(batches), len(done))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[tok_s]:.1f} tok/s"))
+    n_new, t0 = 0, time.perf_counter()
+    with Progress(*columns, disable=not progress) as bar:
+        job = bar.add_task("inference", total=len(tasks), tok_s=0.0,
+                           completed=sum(len(batches[b]) for b in done))
+
+        def on_token(new: list[int | None]) -> None:
+            nonlocal n_new
+            n_new += sum(t is not None for t in new)
+            bar.update(job, tok_s=n_new / max(time.perf_counter() - t0, 1e-9))
+
+        for b, batch in enumerate(batches):
+            if b in done:
+                continue
+            ids = [encode_chat(tok, t.prompt, persona=t.persona, system_prompt=style,
+                               enable_thinking=config.thinking_mode) for t in batch]
+            rows = generate_with_metrics(
+                model, ids, max_new_tokens=config.max_tokens, k=config.top_k_mass_k,
+                temperature=config.temperature, seed=config.seed + b, lens=config.lens,
+                think_marker=marker if config.thinking_mode else (), on_token=on_token)
+            recs = [make_record(t, r, tok, marker) for t, r in zip(batch, rows, strict=True)]
+            store.commit(b, recs, [_arrays(r) for r in rows])
+            records = sorted(records + recs, key=lambda r: r["id"])
+            write_json_atomic(store.root / RESULTS, records)
+            bar.advance(job, len(batch))
+            log.info("batch %d/%d committed (%d tokens so far, %.1f tok/s)", b + 1,
+                     len(batches), n_new, n_new / max(time.perf_counter() - t0, 1e-9))
+    write_json_atomic(store.root / RESULTS, records)
+    store.finalize({"model": config.model, "n_layers": model.cfg.n_layers,
+                    "top_k_mass_k": config.top_k_mass_k, "lens": config.lens})
+    log.info("finished: %d results in %s", len(records), store.root)
+    return store.root
+
+
+def _arrays(row: RowMetrics) -> dict[str, Any]:
+    return {"tokens": np.asarray(row.tokens, dtype=np.int32), "entropy": row.entropy,
+            "top_k_mass": row.top_k_mass, "lens_entropy": row.lens_entropy,
+            "lens_top_k_mass": row.lens_top_k_mass}

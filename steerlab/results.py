@@ -1,0 +1,156 @@
+"""Files of a persona inference run: crash-safe batch parts, ``results.json``, ``per_token.h5``.
+
+Every finished batch is committed as one small HDF5 part (written to a temporary name, then
+renamed) holding its records and per-token arrays, so a crash, even SIGKILL, loses at most the
+batch under way and a rerun skips committed batches. After each batch ``results.json`` is
+rewritten atomically; at the end the parts are concatenated into ``per_token.h5``.
+
+``per_token.h5`` layout (rows are results in ``results.json`` order)::
+
+    attrs: format, model, n_layers, top_k_mass_k, lens
+    record_id [n]  offset [n]  length [n]          (int64; a row's tokens are offset:offset+length)
+    tokens [N] int32   entropy [N] float32   top_k_mass [N] float32
+    lens_entropy [N, n_layers] float32   lens_top_k_mass [N, n_layers]   (only with --lens)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steerlab.errors import SteerlabError
+
+FORMAT = "steerlab.per_token/1"
+RESULTS, CONFIG, PER_TOKEN, PARTS, LOG = (
+    "results.json", "config.json", "per_token.h5", "parts", "infer.log",
+)
+ARRAYS = ("tokens", "entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass")
+
+
+def _h5() -> Any:
+    import h5py
+
+    return h5py
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file and rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """The output folder of one run: committed parts, results and the final per-token file."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.parts = self.root / PARTS
+
+    def _part(self, batch: int) -> Path:
+        return self.parts / f"batch-{batch:06d}.h5"
+
+    def done_batches(self) -> set[int]:
+        """Indices of committed batches (stale temporary parts are deleted)."""
+        if not self.parts.is_dir():
+            return set()
+        for tmp in self.parts.glob("*.tmp"):
+            tmp.unlink()
+        return {int(p.stem.split("-")[1]) for p in self.parts.glob("batch-*.h5")}
+
+    def commit(self, batch: int, records: Sequence[dict], arrays: Sequence[dict]) -> None:
+        """Commit one batch: its records and, per record, the per-token arrays."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        final = self._part(batch)
+        tmp = final.with_name(final.name + ".tmp")
+        with _h5().File(tmp, "w") as f:
+            f.attrs["records"] = json.dumps(list(records), ensure_ascii=False)
+            lengths = [len(a["tokens"]) for a in arrays]
+            f["length"] = np.asarray(lengths, dtype=np.int64)
+            for name in ARRAYS:
+                if arrays and arrays[0].get(name) is not None:
+                    f[name] = np.concatenate([np.asarray(a[name]) for a in arrays])
+        os.replace(tmp, final)
+
+    def records(self) -> list[dict]:
+        """All committed records, in batch order."""
+        out: list[dict] = []
+        for batch in sorted(self.done_batches()):
+            with _h5().File(self._part(batch), "r") as f:
+                out.extend(json.loads(f.attrs["records"]))
+        return out
+
+    def finalize(self, attrs: dict[str, Any]) -> Path:
+        """Concatenate the parts into ``per_token.h5`` (atomically) and remove the parts."""
+        h5py = _h5()
+        parts = [self._part(b) for b in sorted(self.done_batches())]
+        target = self.root / PER_TOKEN
+        tmp = target.with_name(f".{target.name}.tmp")
+        with h5py.File(tmp, "w") as out:
+            out.attrs.update({"format": FORMAT, **attrs})
+            ids, lengths, data = [], [], {name: [] for name in ARRAYS}
+            for part in parts:
+                with h5py.File(part, "r") as f:
+                    ids += [r["id"] for r in json.loads(f.attrs["records"])]
+                    lengths.append(f["length"][:])
+                    for name in ARRAYS:
+                        if name in f:
+                            data[name].append(f[name][:])
+            length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+            out["record_id"] = np.asarray(ids, dtype=np.int64)
+            out["length"] = length
+            out["offset"] = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+            for name, blocks in data.items():
+                if blocks:
+                    out.create_dataset(name, data=np.concatenate(blocks), chunks=True)
+        os.replace(tmp, target)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return target
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Records of a run: ``path`` is its folder or its ``results.json``.
+
+    Example:
+        >>> rows = load_results("logs/personae-inference-123")
+        >>> rows[0]["avg_entropy"]
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SteerlabError("no results file here", source=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise SteerlabError(f"not valid JSON ({err})", source=str(path)) from None
+    if not isinstance(data, list):
+        raise SteerlabError("expected a JSON list of result records", source=str(path))
+    return data
+
+
+def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndarray]:
+    """Per-token arrays of one result (by its ``id``) from ``per_token.h5`` or a run folder.
+
+    Example:
+        >>> arrays = read_per_token("logs/run", rows[0]["id"])
+        >>> arrays["lens_entropy"].shape  # [n_tokens, n_layers]
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / PER_TOKEN
+    if not path.is_file():
+        raise SteerlabError("no per-token file (is the run finished?)", source=str(path))
+    with _h5().File(path, "r") as f:
+        where = np.flatnonzero(f["record_id"][:] == record_id)
+        if not len(where):
+            raise SteerlabError(f"no record with id {record_id}", source=str(path), field="id")
+        row = int(where[0])
+        start, n = int(f["offset"][row]), int(f["length"][row])
+        return {name: f[name][start : start + n] for name in ARRAYS if name in f}

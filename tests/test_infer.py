@@ -1,0 +1,206 @@
+"""Batch persona inference: batched == single, lens consistency, CLI bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from steerlab.chat import encode_chat, think_end_marker
+from steerlab.infer import InferConfig, generate_with_metrics, load_prompts, run_inference
+from steerlab.personas import Persona
+from steerlab.results import load_results, read_per_token
+
+PERSONAE = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character")]
+PROMPTS = ["Who are you?", "Name a colour.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """The tiny random Llama saved as a local model directory (for the CLI)."""
+    from conftest import make_tiny_hf
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_hf(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _ids(tokenizer, persona=PERSONAE[1]):
+    return [encode_chat(tokenizer, p, persona=persona) for p in PROMPTS]
+
+
+def test_batched_equals_one_at_a_time_with_lens(tiny_model, tokenizer):
+    ids = _ids(tokenizer)
+    batched = generate_with_metrics(tiny_model, ids, max_new_tokens=6, lens=True)
+    for prompt, row in zip(ids, batched, strict=True):
+        (single,) = generate_with_metrics(tiny_model, [prompt], max_new_tokens=6, lens=True)
+        assert single.tokens == row.tokens
+        for name in ("entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass"):
+            np.testing.assert_allclose(getattr(row, name), getattr(single, name), atol=1e-4)
+    for row in batched:  # the lens at the last layer is the model's own distribution
+        assert row.lens_entropy.shape == (len(row.tokens), tiny_model.cfg.n_layers)
+        np.testing.assert_allclose(row.lens_entropy[:, -1], row.entropy, atol=1e-5)
+        np.testing.assert_allclose(row.lens_top_k_mass[:, -1], row.top_k_mass, atol=1e-5)
+
+
+def test_metrics_are_those_of_the_model_logits(tiny_model, tokenizer):
+    prompt = _ids(tokenizer)[0]
+    (row,) = generate_with_metrics(tiny_model, [prompt], max_new_tokens=4, k=3)
+    with torch.inference_mode():
+        logits = tiny_model.original_model(input_ids=torch.tensor([prompt + row.tokens])).logits
+    ref = torch.distributions.Categorical(logits=logits[0, len(prompt) - 1 : -1].float())
+    np.testing.assert_allclose(row.entropy, ref.entropy().numpy(), atol=1e-5)
+    top3 = ref.probs.topk(3, -1).values.sum(-1).numpy()
+    np.testing.assert_allclose(row.top_k_mass, top3, atol=1e-5)
+
+
+def test_attention_implementation_switch_changes_nothing(tiny_model, tokenizer):
+    """The bridge computes attention itself, so HF's sdpa setting is not a faster path."""
+    hf = tiny_model.original_model
+    ids = _ids(tokenizer)
+    ref = generate_with_metrics(tiny_model, ids, max_new_tokens=4)
+    old = hf.config._attn_implementation
+    try:
+        hf.config._attn_implementation = "sdpa"
+        got = generate_with_metrics(tiny_model, ids, max_new_tokens=4)
+    finally:
+        hf.config._attn_implementation = old
+    for a, b in zip(ref, got, strict=True):
+        assert a.tokens == b.tokens and np.array_equal(a.entropy, b.entropy)
+
+
+def test_run_writes_records_and_per_token_file(tiny_model, tokenizer, tmp_path):
+    cfg = InferConfig(max_tokens=5, batch_size=4, n_reps=2, lens=True)
+    out = run_inference(tiny_model, PROMPTS, PERSONAE, tmp_path / "run", cfg, progress=False)
+    rows = load_results(out)
+    assert [r["id"] for r in rows] == list(range(12))
+    assert [r["persona"] for r in rows] == ["assistant"] * 6 + ["Hamlet"] * 6  # grouped
+    r = rows[0]
+    for key in ("persona", "category", "prompt", "rep", "response", "thinking",
+                "avg_entropy_thinking", "avg_entropy_output", "avg_entropy",
+                "avg_top_k_mass_thinking", "avg_top_k_mass_output", "avg_top_k_mass",
+                "think_end_position", "n_tokens", "n_thinking_tokens", "n_output_tokens"):
+        assert key in r
+    arrays = read_per_token(out, r["id"])
+    assert len(arrays["tokens"]) == r["n_tokens"]
+    assert r["avg_entropy"] == pytest.approx(float(arrays["entropy"].mean()), abs=1e-6)
+    assert arrays["lens_entropy"].shape == (r["n_tokens"], tiny_model.cfg.n_layers)
+    assert json.loads((out / "config.json").read_text())["n_reps"] == 2
+    assert (out / "infer.log").stat().st_size > 0 and not (out / "parts").exists()
+    with h5py.File(out / "per_token.h5") as f:
+        assert list(f["record_id"][:]) == list(range(12))
+    marker = think_end_marker(tokenizer)
+    assert all(r["think_end_position"] is None or r["n_thinking_tokens"] > 0 for r in rows)
+    assert marker  # the split itself is tested in test_metrics
+
+
+def _cli(*args):
+    """Run the real CLI entry point in-process; (exit code, stderr)."""
+    from steerlab.cli import main
+
+    old = sys.argv
+    sys.argv = ["steerlab", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = old
+    return 0
+
+
+BAD = {
+    "not-json.json": ("{oops", None, "not valid JSON"),
+    "dict.json": ('{"prompt": "hi"}', None, "non-empty JSON list"),
+    "empty.json": ("[]", None, "non-empty JSON list"),
+    "int-item.json": ("[\"ok\", 3]", "prompt", "item 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_prompts_file_is_exit_2_and_writes_nothing(name, tmp_path, capsys):
+    text, field, expect = BAD[name]
+    bad = tmp_path / name
+    bad.write_text(text)
+    out = tmp_path / "out"
+    code = _cli("infer", "--prompts-json", str(bad), "--personae-json", "data/personae.json",
+                "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and expect in err
+    assert field is None or f"field '{field}'" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("records, field", [
+    ([{"category": "x"}], "persona"),
+    ([{"persona": "A", "category": 3}], "category"),
+    (["Hamlet"], None),
+    ([], None),
+])
+def test_bad_personae_file_is_exit_2_and_writes_nothing(records, field, tmp_path, capsys):
+    bad = tmp_path / "personae.json"
+    bad.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    code = _cli("infer", "--prompts-json", "data/prompts.json", "--personae-json", str(bad),
+                "--output-dir", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and (field is None or f"field '{field}'" in err)
+    assert not out.exists()
+
+
+def test_bad_option_value_is_exit_2(tmp_path, capsys):
+    code = _cli("infer", "--prompts-json", "data/prompts.json", "--personae-json",
+                "data/personae.json", "--batch-size", "0", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_shipped_data_files_are_valid():
+    from steerlab.personas import load_personae
+
+    assert len(load_prompts("data/prompts.json")) >= 20
+    personae = load_personae("data/personae.json")
+    assert len(personae) >= 12 and len({p.category for p in personae}) >= 4
+
+
+def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, capsys):
+    prompts, personae = tmp_path / "p.json", tmp_path / "q.json"
+    prompts.write_text(json.dumps([{"prompt": p} for p in PROMPTS]))
+    personae.write_text(json.dumps([p.to_dict() for p in PERSONAE]))
+    args = ["infer", "--prompts-json", str(prompts), "--personae-json", str(personae),
+            "--model", str(tiny_dir), "--max-tokens", "12", "--batch-size", "1",
+            "--temperature", "1.0", "--seed", "7", "--no-progress", "--lens"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "steerlab.cli", *args, "--output-dir",
+                             str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it once some (not all) batches are committed
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((run / "parts").glob("*.h5"))) < 1:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    committed = len(list((run / "parts").glob("*.h5")))
+    assert 1 <= committed < 6, committed
+    assert _cli(*args, "--output-dir", str(run)) == 0
+    assert _cli(*args, "--output-dir", str(tmp_path / "whole")) == 0
+    resumed, whole = load_results(run), load_results(tmp_path / "whole")
+    assert [r["id"] for r in resumed] == list(range(6))  # no duplicates, nothing missing
+    assert resumed == whole  # sampled, yet identical: batch b uses seed + b
+    for r in resumed:
+        a, b = read_per_token(run, r["id"]), read_per_token(tmp_path / "whole", r["id"])
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _cli(*args, "--output-dir", str(run)) == 0  # finished: nothing to do
+    assert load_results(run) == whole
+    capsys.readouterr()
+    assert _cli(*args[:-1], "--output-dir", str(run)) == 2  # different settings: refused
+    assert "different run" in capsys.readouterr().err
