@@ -9,6 +9,7 @@ Example:
 
 from steerlab.capture import capture_pairs
 from steerlab.chat import encode_chat, encode_text, patch_chat_template, render_chat
+from steerlab.chat_session import ChatSession
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import evaluate_steering
 from steerlab.extract import extract, merge_shards
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ASSISTANT",
     "ActivationFile",
+    "ChatSession",
     "LogisticProbe",
     "MeanDifference",
     "PCADifference",
