@@ -77,7 +77,7 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
     seed: int = typer.Option(None, help="Sampling seed."),
     vector: str = typer.Option(None, help="Steering vector file to start with."),
-    alpha: float = typer.Option(4.0, help="Steering strength for --vector."),
+    alpha: float = typer.Option(1.0, help="Steering strength for --vector (x the vector)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
     dtype: str = typer.Option("float32", help="Weights dtype, e.g. bfloat16 on GPUs."),
     device: str = typer.Option(None, help="Device (default: cuda, mps or cpu)."),
