@@ -81,6 +81,7 @@ def chat(
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
     dtype: str = typer.Option("float32", help="Weights dtype, e.g. bfloat16 on GPUs."),
     device: str = typer.Option(None, help="Device (default: cuda, mps or cpu)."),
+    n_devices: int = typer.Option(1, help="Shard the model over this many GPUs."),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
     from steerlab.chat_session import ChatSession, parse_command
@@ -88,7 +89,8 @@ def chat(
 
     if max_tokens < 1:
         raise SteerlabError(f"got {max_tokens}; expected >= 1", field="max-tokens")
-    bridge = load_model(model, dtype=dtype, device=device)
+    bridge = load_model(model, dtype=dtype, device=device,
+                        n_devices=n_devices if n_devices > 1 else None)
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed)
     session.set_persona(persona)
