@@ -166,7 +166,7 @@ def test_terminal_chat(tmp_path):
 
     # Esc stops a long reply mid-stream; the session goes on.
     t.command("/tokens 2000")
-    t.child.sendline("Tell me a very long story about the sea, with many chapters.")
+    t.child.sendline("Count from 1 to 500, one number per line.")
     t.child.expect_exact("Hamlet> ")
     t.child.expect(r"\S+\s+\S+\s+\S+\s+\S+")  # a few words have streamed
     t.child.send("\x1b")
