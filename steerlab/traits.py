@@ -1,0 +1,150 @@
+"""Trait files: ``traits/<name>.json`` with the original ``name``/``trait_instruction`` and the
+optional generated artefacts (elicitation instructions, questions, rubric, built-in scorer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import SteerlabError
+from steerlab.scorers import Scorer, scorer_from_spec
+
+__all__ = ["Trait", "load_trait", "trait_dirs"]
+
+_LISTS = ("positive_instructions", "negative_instructions", "questions", "held_out_questions")
+
+
+@dataclass(frozen=True)
+class Trait:
+    """A behavioural trait and the artefacts to elicit and judge it.
+
+    Args:
+        name: short identifier ("pirate").
+        trait_instruction: the original one-paragraph description of the trait.
+        positive_instructions: system prompts that elicit the trait.
+        negative_instructions: system prompts that elicit its absence (neutral behaviour).
+        questions: user questions answered to build contrastive pairs.
+        held_out_questions: questions kept out of the pairs, to evaluate steering.
+        evaluation_prompt: LLM-judge rubric with ``{question}`` and ``{answer}`` placeholders,
+            asking for a 0..100 score.
+        scorer: a built-in scorer spec (see :func:`steerlab.scorers.scorer_from_spec`).
+    """
+
+    name: str
+    trait_instruction: str
+    positive_instructions: tuple[str, ...] = ()
+    negative_instructions: tuple[str, ...] = ()
+    questions: tuple[str, ...] = ()
+    held_out_questions: tuple[str, ...] = ()
+    evaluation_prompt: str | None = None
+    scorer: dict | None = None
+
+    def build_scorer(self) -> Scorer:
+        """The built-in scorer of this trait.
+
+        Example:
+            >>> load_trait("pirate").build_scorer()("Arr matey!")
+            100.0
+        """
+        if self.scorer is None:
+            raise SteerlabError("the trait has no built-in scorer; judge with an LLM rubric",
+                                source=self.name, field="scorer")
+        return scorer_from_spec(self.scorer, source=self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; empty optional artefacts are left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None or v == ():
+                continue
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **changes: Any) -> Trait:
+        """A copy with some fields changed (lists become tuples), validated again."""
+        return trait_from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trait as JSON atomically.
+
+        Example:
+            >>> load_trait("pirate").save("traits/pirate-copy.json")
+        """
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+                f.write("\n")
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return p
+
+
+def trait_from_dict(d: Any, *, source: str | None = None) -> Trait:
+    """Validate a trait object (as read from JSON) and build a :class:`Trait`."""
+    if not isinstance(d, dict):
+        raise SteerlabError(f"expected a JSON object, got {type(d).__name__}", source=source)
+    known = {f.name for f in fields(Trait)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise SteerlabError(f"unknown field(s) {unknown}; expected some of {sorted(known)}",
+                            source=source)
+    for key in ("name", "trait_instruction"):
+        if not isinstance(d.get(key), str) or not d[key].strip():
+            raise SteerlabError(f"expected a non-empty string, got {d.get(key)!r:.60}",
+                                source=source, field=key)
+    kwargs: dict[str, Any] = {"name": d["name"], "trait_instruction": d["trait_instruction"]}
+    for key in _LISTS:
+        v = d.get(key, [])
+        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
+            raise SteerlabError(f"expected a list of non-empty strings, got {v!r:.60}",
+                                source=source, field=key)
+        kwargs[key] = tuple(v)
+    ep = d.get("evaluation_prompt")
+    if ep is not None and (not isinstance(ep, str) or "{answer}" not in ep):
+        raise SteerlabError("expected a string with an {answer} placeholder", source=source,
+                            field="evaluation_prompt")
+    kwargs["evaluation_prompt"] = ep
+    if d.get("scorer") is not None:
+        scorer_from_spec(d["scorer"], source=source)  # validate now, not at judge time
+        kwargs["scorer"] = dict(d["scorer"])
+    return Trait(**kwargs)
+
+
+def trait_dirs() -> list[Path]:
+    """Where trait names are looked up: ``./traits`` then the repository's ``traits/``."""
+    dirs = [Path.cwd() / "traits", Path(__file__).resolve().parents[1] / "traits"]
+    return list(dict.fromkeys(dirs))
+
+
+def load_trait(name_or_path: str | os.PathLike) -> Trait:
+    """Load and validate a trait file, by path or by name (``traits/<name>.json``).
+
+    Example:
+        >>> t = load_trait("pirate")
+        >>> t.positive_instructions[0]
+    """
+    p = Path(name_or_path)
+    if not p.is_file():
+        if p.suffix or os.sep in str(name_or_path):
+            raise SteerlabError("no such trait file", source=str(p))
+        found = [d / f"{p.name}.json" for d in trait_dirs() if (d / f"{p.name}.json").is_file()]
+        if not found:
+            known = sorted({f.stem for d in trait_dirs() if d.is_dir() for f in d.glob("*.json")})
+            raise SteerlabError(f"no trait named {p.name!r}; known traits: {known}",
+                                source=str(name_or_path))
+        p = found[0]
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SteerlabError(f"invalid JSON at line {e.lineno}: {e.msg}", source=str(p)) from None
+    return trait_from_dict(data, source=str(p))
