@@ -11,12 +11,12 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from steerlab.errors import SteerlabError
 
-__all__ = ["Pair", "load_pairs", "save_pairs", "prompt_id"]
+__all__ = ["Pair", "load_pairs", "save_pairs", "merge_pairs", "prompt_id"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,23 @@ def save_pairs(pairs: Iterable[Pair], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def merge_pairs(paths: Iterable[str | os.PathLike]) -> list[Pair]:
+    """Pairs from several files (JSONL or the original filtered JSON), first occurrence of each
+    prompt kept; an id already taken by another prompt gets the prompt's hash appended.
+
+    Example:
+        >>> save_pairs(merge_pairs(["a.jsonl", "filtered_b.json"]), "all.jsonl")
+    """
+    seen: dict[str, Pair] = {}
+    ids: set[str] = set()
+    for path in paths:
+        for pair in load_pairs(path):
+            if pair.prompt in seen:
+                continue
+            if pair.id in ids:
+                pair = replace(pair, id=f"{pair.id}-{prompt_id(pair.prompt)[:8]}")
+            ids.add(pair.id)
+            seen[pair.prompt] = pair
+    return list(seen.values())

@@ -1,0 +1,194 @@
+"""``steerlab traits generate|collect|judge|filter|merge``: the trait data pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from steerlab.cli._app import app
+from steerlab.errors import SteerlabError
+
+sub = typer.Typer(help="Trait data pipeline: generate, collect, judge, filter, merge.",
+                  no_args_is_help=True)
+app.add_typer(sub, name="traits")
+
+RunDir = Annotated[Path | None, typer.Option(help="Stage files [default: runs/traits/<name>].")]
+KEY_HELP = "Environment variable holding the API key ('' for none)."
+
+
+def _run_dir(run_dir: Path | None, trait: Any) -> Path:
+    return run_dir or Path("runs") / "traits" / trait.name
+
+
+def _client(url: str, model: str, key_env: str, concurrency: int, retries: int, timeout: float):
+    from steerlab.client import Endpoint, EndpointClient
+
+    return EndpointClient(Endpoint(url, model, key_env or None, timeout=timeout,
+                                   max_retries=retries, concurrency=concurrency))
+
+
+def _system(flag: str | None, default: tuple[str, ...], field: str) -> str | None:
+    if flag is not None:
+        return None if flag == "none" else flag
+    if not default:
+        raise SteerlabError("the trait has none; pass the system prompt explicitly", field=field)
+    return default[0]
+
+
+@sub.command()
+def generate(
+    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    base_url: str = typer.Option(..., help="OpenAI-compatible base URL of a capable model."),
+    model: str = typer.Option(..., help="Model name at that endpoint."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help=KEY_HELP),
+    output: Annotated[Path | None, typer.Option(help="Trait file to write [default: "
+                                                "traits/<name>.json].")] = None,
+    n_questions: int = typer.Option(40, help="Questions for pairs."),
+    n_held_out: int = typer.Option(10, help="Held-out questions for evaluation."),
+    force: bool = typer.Option(False, help="Regenerate artefacts the trait already has."),
+) -> None:
+    """Have an LLM write instructions, questions and a 0-100 rubric for a trait."""
+    from steerlab.elicit import generate_trait
+    from steerlab.traits import load_trait
+
+    t = load_trait(trait)
+    out = output or Path("traits") / f"{t.name}.json"
+    if t.questions and t.positive_instructions and not force:
+        typer.echo(f"{t.name} already has artefacts; pass --force to regenerate")
+        return
+    new = generate_trait(_client(base_url, model, api_key_env, 1, 4, 300.0), t,
+                         n_questions=n_questions, n_held_out=n_held_out)
+    typer.echo(f"wrote {new.save(out)}: {len(new.questions)} questions, "
+               f"{len(new.held_out_questions)} held out")
+
+
+def _responder(side: str, t: Any, url: str | None, model_name: str, key_env: str,
+               system: str | None, persona: str | None, local: Any, opts: dict) -> Any:
+    from steerlab.personas import ASSISTANT, Persona
+    from steerlab.responders import EndpointResponder, LocalResponder
+
+    defaults = t.positive_instructions if side == "chosen" else t.negative_instructions
+    sys_prompt = _system(system, defaults, f"{side}_system")
+    if url:
+        client = _client(url, model_name, key_env, opts["concurrency"], opts["retries"],
+                         opts["timeout"])
+        extra = {"persona": persona} if persona else None
+        return EndpointResponder(client, sys_prompt, opts["max_tokens"], extra_body=extra,
+                                 name=f"{model_name}@{url}")
+    return LocalResponder(local(), sys_prompt, Persona(persona, "custom") if persona else ASSISTANT,
+                          opts["max_tokens"], opts["batch_size"], name="local")
+
+
+@sub.command()
+def collect(
+    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    run_dir: RunDir = None,
+    model: str = typer.Option("embedded", help="Local model for responders without a URL."),
+    chosen_url: Annotated[str | None, typer.Option(help="Endpoint of the chosen responder "
+                                                   "[default: the local model].")] = None,
+    chosen_model: str = typer.Option("embedded", help="Model name at --chosen-url."),
+    chosen_key_env: str = typer.Option("", help=KEY_HELP),
+    chosen_system: Annotated[str | None, typer.Option(help="System prompt ('none': no system "
+                             "message) [default: the first positive instruction].")] = None,
+    chosen_persona: Annotated[str | None, typer.Option(help="Persona of the chosen side.")] = None,
+    rejected_url: Annotated[str | None, typer.Option(help="Endpoint of the rejected "
+                                                     "responder.")] = None,
+    rejected_model: str = typer.Option("embedded", help="Model name at --rejected-url."),
+    rejected_key_env: str = typer.Option("", help=KEY_HELP),
+    rejected_system: Annotated[str | None, typer.Option(help="System prompt [default: the "
+                               "first negative instruction].")] = None,
+    rejected_persona: Annotated[str | None, typer.Option(help="Persona, rejected side.")] = None,
+    held_out: bool = typer.Option(False, help="Answer the held-out questions instead."),
+    max_tokens: int = typer.Option(64, help="Most new tokens per answer."),
+    batch_size: int = typer.Option(64, help="Questions per local generation batch."),
+    concurrency: int = typer.Option(8, help="Requests in flight per endpoint."),
+    retries: int = typer.Option(4, help="Retries per request on 429/5xx/timeouts."),
+    timeout: float = typer.Option(120.0, help="Seconds per request."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Answer the trait's questions with a chosen and a rejected responder (resumable)."""
+    from functools import cache
+
+    from steerlab.collect import collect as run_collect
+    from steerlab.models import load_model
+    from steerlab.traits import load_trait
+
+    t = load_trait(trait)
+    local = cache(lambda: load_model(model))
+    opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
+                retries=retries, timeout=timeout)
+    a = _responder("chosen", t, chosen_url, chosen_model, chosen_key_env, chosen_system,
+                   chosen_persona, local, opts)
+    b = _responder("rejected", t, rejected_url, rejected_model, rejected_key_env,
+                   rejected_system, rejected_persona, local, opts)
+    questions = t.held_out_questions if held_out else t.questions
+    if not questions:
+        raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
+                            source=trait, field="questions")
+    out = _run_dir(run_dir, t) / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
+    r = run_collect(questions, a, b, out, progress=progress)
+    typer.echo(f"{out}: {r.written} answers written, {r.failed} failed, {r.skipped} present")
+
+
+@sub.command()
+def judge(
+    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    run_dir: RunDir = None,
+    rubric_url: Annotated[str | None, typer.Option(help="Judge with the trait's LLM rubric at "
+                          "this endpoint [default: the trait's built-in scorer].")] = None,
+    rubric_model: str = typer.Option("gpt-4o-mini", help="Judge model at --rubric-url."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help=KEY_HELP),
+    concurrency: int = typer.Option(8, help="Judge requests in flight."),
+    retries: int = typer.Option(4, help="Retries per request."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Score every collected answer 0-100 (resumable; failures are recorded)."""
+    from steerlab.judge import judge as run_judge
+    from steerlab.judge import rubric_judge, scorer_judge
+    from steerlab.traits import load_trait
+
+    t = load_trait(trait)
+    if rubric_url:
+        if not t.evaluation_prompt:
+            raise SteerlabError("the trait has no rubric", source=trait,
+                                field="evaluation_prompt")
+        fn = rubric_judge(_client(rubric_url, rubric_model, api_key_env, concurrency, retries,
+                                  120.0), t.evaluation_prompt)
+    else:
+        fn = scorer_judge(t.build_scorer())
+    d = _run_dir(run_dir, t)
+    r = run_judge(d / "collected.jsonl", d / "judged.jsonl", fn, progress=progress)
+    typer.echo(f"{r.path}: {r.written} scored, {r.failed} failed, {r.skipped} already scored")
+
+
+@sub.command("filter")
+def filter_(
+    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    run_dir: RunDir = None,
+    threshold: float = typer.Option(40.0, help="Minimum chosen - rejected score difference."),
+    output: Annotated[Path | None, typer.Option(help="Pairs JSONL [default: "
+                                                "<run-dir>/pairs.jsonl].")] = None,
+) -> None:
+    """Keep the pairs whose score difference is at least the threshold."""
+    from steerlab.judge import filter_pairs
+    from steerlab.traits import load_trait
+
+    d = _run_dir(run_dir, load_trait(trait))
+    out = output or d / "pairs.jsonl"
+    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold)
+    typer.echo(f"{out}: {len(pairs)} pairs")
+
+
+@sub.command()
+def merge(
+    output: Annotated[Path, typer.Argument(help="Merged pairs JSONL.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Pairs files: JSONL or the original "
+                                                 "filtered JSON.")],
+) -> None:
+    """Merge pairs files (first occurrence of each prompt wins)."""
+    from steerlab.pairs import merge_pairs, save_pairs
+
+    pairs = merge_pairs(inputs)
+    typer.echo(f"{save_pairs(pairs, output)}: {len(pairs)} pairs")

@@ -1,0 +1,127 @@
+"""Responders: something that answers a list of questions. One small interface
+(:class:`Responder`), two kinds: an OpenAI-compatible endpoint, or a local steerlab model with a
+system prompt, a persona and optionally a steering intervention."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from steerlab.client import EndpointClient, bounded_map
+from steerlab.personas import ASSISTANT, Persona, no_system_prompt, you_are_a
+
+__all__ = ["Responder", "EndpointResponder", "LocalResponder", "encode_messages"]
+
+Reply = str | BaseException
+
+
+@runtime_checkable
+class Responder(Protocol):
+    """Answers questions; yields ``(index, text or exception)`` as answers arrive, in any order.
+
+    A failed answer is an exception value, never raised: callers record it and go on.
+    """
+
+    name: str
+
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]: ...
+
+
+def _messages(system_prompt: str | None, question: str) -> list[dict[str, str]]:
+    sys_msg = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*sys_msg, {"role": "user", "content": question}]
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[dict], persona: Persona = ASSISTANT
+                    ) -> list[int]:
+    """Prompt ids for a conversation as given; a persona without a system message gets
+    "You are <persona>." (shared by :class:`LocalResponder` and ``steerlab serve``)."""
+    from steerlab.chat import encode_chat
+
+    style = no_system_prompt() if persona.is_assistant else you_are_a()
+    return encode_chat(tokenizer, messages, persona=persona, system_prompt=style)
+
+
+@dataclass
+class EndpointResponder:
+    """Answers through an OpenAI-compatible endpoint, ``client.endpoint.concurrency`` at a time.
+
+    Args:
+        client: an :class:`~steerlab.client.EndpointClient`.
+        system_prompt: system message sent before each question (``None``: none).
+        max_tokens: completion budget per answer.
+        temperature: 0 for greedy.
+        extra_body: extra request fields, e.g. ``{"persona": "Hamlet"}`` for ``steerlab serve``.
+
+    Example:
+        >>> r = EndpointResponder(client, "Talk like a pirate.", max_tokens=64)
+        >>> dict(r.respond(["Who are you?"]))
+    """
+
+    client: EndpointClient
+    system_prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    extra_body: dict | None = None
+    name: str = "endpoint"
+
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]:
+        def one(q: str) -> str:
+            return self.client.chat(_messages(self.system_prompt, q), max_tokens=self.max_tokens,
+                                    temperature=self.temperature, extra_body=self.extra_body)
+
+        yield from bounded_map(one, questions, self.client.endpoint.concurrency)
+
+
+@dataclass
+class LocalResponder:
+    """Answers with a local steerlab model, in batches, greedy by default.
+
+    Args:
+        model: a bridge from :func:`steerlab.load_model`.
+        system_prompt: system message; with a persona and no system prompt, "You are <persona>."
+        persona: relabels the assistant turn (see :func:`steerlab.chat.render_chat`).
+        max_tokens: new tokens per answer.
+        batch_size: questions per :func:`steerlab.generate.generate` call.
+        temperature: 0 for greedy decoding.
+        seed: sampling seed when ``temperature > 0``.
+        steering: ``model -> context manager`` applied around generation, e.g.
+            ``lambda m: steer(m, vector, 4.0)``.
+
+    Example:
+        >>> r = LocalResponder(model, "Talk like a pirate.", max_tokens=48)
+        >>> texts = dict(r.respond(["Who are you?", "Describe the sea."]))
+    """
+
+    model: Any
+    system_prompt: str | None = None
+    persona: Persona = ASSISTANT
+    max_tokens: int = 64
+    batch_size: int = 64
+    temperature: float = 0.0
+    seed: int | None = None
+    steering: Callable[[Any], contextlib.AbstractContextManager] | None = None
+    name: str = field(default="local")
+
+    def encode(self, question: str) -> list[int]:
+        """Prompt token ids of one question (what the server builds for the same request)."""
+        return encode_messages(self.model.tokenizer, _messages(self.system_prompt, question),
+                               self.persona)
+
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]:
+        from steerlab.generate import generate
+
+        tok = self.model.tokenizer
+        for start in range(0, len(questions), self.batch_size):
+            chunk = questions[start : start + self.batch_size]
+            try:
+                prompts = [self.encode(q) for q in chunk]
+                ctx = self.steering(self.model) if self.steering else contextlib.nullcontext()
+                with ctx:
+                    texts = generate(self.model, prompts, max_new_tokens=self.max_tokens,
+                                     temperature=self.temperature, seed=self.seed).texts(tok)
+            except Exception as err:  # noqa: BLE001 - recorded by the caller, never fatal
+                texts = [err] * len(chunk)
+            yield from enumerate(texts, start)

@@ -1,0 +1,263 @@
+"""An OpenAI-compatible HTTP server over a local steerlab model (stdlib ThreadingHTTPServer).
+
+``GET /v1/models`` and ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` SSE).
+Extra request fields: ``persona`` (a name, or ``{"persona", "category", "article"}``) and
+``steering`` (``{"vector": path, "alpha": float, "layers": [int] | null}``). One request
+generates at a time (a lock around the model); ``temperature`` defaults to 1 as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from steerlab.errors import SteerlabError
+from steerlab.personas import ASSISTANT, Persona
+from steerlab.responders import encode_messages
+
+__all__ = ["make_server", "steering_context", "RequestError"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A bad request: answered with HTTP 400 and this message."""
+
+
+def _number(v: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise RequestError(f"'{name}' must be a number in [{lo}, {hi}], got {v!r:.60}")
+    return float(v)
+
+
+def steering_context(model: Any, spec: Any) -> contextlib.AbstractContextManager:
+    """The steering intervention a request asks for (a no-op context when ``spec`` is None).
+
+    Args:
+        model: the served bridge.
+        spec: ``{"vector": path, "alpha": float, "layers": [int] | null}``.
+
+    Raises:
+        RequestError: the field is malformed or the vector cannot be loaded.
+    """
+    if spec is None:
+        return contextlib.nullcontext()
+    if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers"}:
+        raise RequestError("'steering' must be an object with 'vector' (path), 'alpha' "
+                           "(number) and optional 'layers' (list of ints or null)")
+    if not isinstance(spec.get("vector"), str) or not spec["vector"]:
+        raise RequestError("'steering.vector' must be the path of a vector file")
+    alpha = _number(spec.get("alpha"), "steering.alpha", -1e6, 1e6)
+    layers = spec.get("layers")
+    if layers is not None and (not isinstance(layers, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+        raise RequestError("'steering.layers' must be a list of integers or null")
+    from steerlab.steer import steer
+    from steerlab.vectors import SteeringVector
+
+    try:
+        vector = SteeringVector.load(spec["vector"])
+    except (SteerlabError, OSError) as err:
+        raise RequestError(f"'steering.vector': {err}") from None
+    return steer(model, vector, alpha, layers=layers)
+
+
+def _persona(v: Any) -> Persona:
+    if v is None:
+        return ASSISTANT
+    if isinstance(v, str) and v.strip():
+        return Persona(v.strip(), "custom", "")
+    if isinstance(v, dict) and isinstance(v.get("persona"), str) and v["persona"].strip():
+        return Persona(v["persona"], str(v.get("category", "custom")), str(v.get("article", "")))
+    raise RequestError("'persona' must be a name or {'persona': str, 'category', 'article'}")
+
+
+def _messages(v: Any) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise RequestError("'messages' must be a non-empty list of {'role', 'content'}")
+    out = []
+    for i, m in enumerate(v):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] must be {{'role': system|user|assistant, "
+                               f"'content': str}}")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def parse_request(body: dict) -> dict[str, Any]:
+    """Validated generation settings of a chat-completions request body."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError("only 'n': 1 is supported")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r:.60}")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("'seed' must be an integer")
+    temperature = body.get("temperature")
+    return {
+        "messages": _messages(body.get("messages")),
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if temperature is None else _number(temperature, "temperature", 0, 2),
+        "seed": seed,
+        "stream": bool(body.get("stream", False)),
+        "persona": _persona(body.get("persona")),
+        "steering": body.get("steering"),
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self._json(200, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "created": 0,
+                 "owned_by": "steerlab"}]})
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            return self._error(404, f"no route {self.path}", "not_found")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+            if not isinstance(body, dict):
+                raise RequestError("the body must be a JSON object")
+            req = parse_request(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._error(400, "the body is not valid JSON")
+        except RequestError as err:
+            return self._error(400, str(err))
+        try:
+            self.server.complete(self, req)
+        except RequestError as err:
+            self._error(400, str(err))
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away")
+        except Exception as err:  # noqa: BLE001 - report, keep serving
+            log.exception("generation failed")
+            self._error(500, f"{type(err).__name__}: {err}", "server_error")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], model: Any, model_name: str):
+        super().__init__(addr, _Handler)
+        self.model, self.model_name, self.lock = model, model_name, threading.Lock()
+
+    def complete(self, h: _Handler, req: dict) -> None:
+        from steerlab.generate import generate
+
+        tok = self.model.tokenizer
+        try:
+            ids = encode_messages(tok, req["messages"], req["persona"])
+        except SteerlabError as err:
+            raise RequestError(str(err)) from None
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "created": created, "model": self.model_name}
+        stream = _Stream(h, tok, head) if req["stream"] else None
+        with self.lock:
+            ctx = steering_context(self.model, req["steering"])
+            try:
+                ctx.__enter__()
+            except SteerlabError as err:
+                raise RequestError(f"'steering': {err}") from None
+            try:
+                gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
+                               temperature=req["temperature"], seed=req["seed"],
+                               on_token=stream.on_token if stream else None)
+            finally:
+                ctx.__exit__(None, None, None)
+        text = gen.texts(tok)[0]
+        finish = "stop" if gen.stopped[0] else "length"
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(gen.tokens[0]),
+                 "total_tokens": len(ids) + len(gen.tokens[0])}
+        if stream:
+            stream.finish(text, finish, usage)
+        else:
+            h._json(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text},
+                 "finish_reason": finish}]})
+
+
+class _Stream:
+    """Server-sent events: one chunk per decoded piece of text as tokens are generated."""
+
+    def __init__(self, h: _Handler, tok: Any, head: dict):
+        self.h, self.tok, self.head, self.tokens, self.sent, self.gone = h, tok, head, [], "", False
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Cache-Control", "no-cache")
+        h.end_headers()
+        self._chunk({"role": "assistant", "content": ""}, None)
+
+    def _chunk(self, delta: dict, finish: str | None, **extra: Any) -> None:
+        obj = {**self.head, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        self.h.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+        self.h.wfile.flush()
+
+    def on_token(self, new: list[int | None]) -> bool:
+        if new[0] is None:
+            return False
+        self.tokens.append(new[0])
+        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.sent) or text == self.sent:
+            return False  # wait for the rest of a multi-byte character
+        try:
+            self._chunk({"content": text[len(self.sent):]}, None)
+        except OSError:
+            self.gone = True
+            return True  # the client disconnected: stop generating
+        self.sent = text
+        return False
+
+    def finish(self, text: str, finish: str, usage: dict) -> None:
+        if self.gone:
+            return
+        if text.startswith(self.sent) and text != self.sent:
+            self._chunk({"content": text[len(self.sent):]}, None)
+        self._chunk({}, finish, usage=usage)
+        self.h.wfile.write(b"data: [DONE]\n\n")
+        self.h.wfile.flush()
+
+
+def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                model_name: str | None = None) -> ThreadingHTTPServer:
+    """A ready server (call ``serve_forever()``); ``port=0`` picks a free port
+    (``server.server_address[1]``).
+
+    Example:
+        >>> srv = make_server(load_model("embedded"), port=0)
+        >>> threading.Thread(target=srv.serve_forever, daemon=True).start()
+    """
+    from steerlab.models import model_id
+
+    return _Server((host, port), model, model_name or model_id(model))
