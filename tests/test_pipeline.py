@@ -1,0 +1,108 @@
+"""The pirate trait end to end on the embedded model: collect with local responders (positive
+vs negative instruction), lexicon judge, score-difference filter; resume; the traits CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from steerlab.cli import app
+from steerlab.collect import collect, collected_pairs, read_records
+from steerlab.judge import filter_pairs, judge, scorer_judge
+from steerlab.pairs import load_pairs
+from steerlab.responders import LocalResponder
+from steerlab.traits import load_trait
+
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="session")
+def pirate_run(tmp_path_factory, embedded_model):
+    """One collect + judge + filter of the shipped pirate questions, shared by the session."""
+    t = load_trait("pirate")
+    d = tmp_path_factory.mktemp("pirate")
+    pos = LocalResponder(embedded_model, t.positive_instructions[0], max_tokens=MAX_TOKENS)
+    neg = LocalResponder(embedded_model, t.negative_instructions[0], max_tokens=MAX_TOKENS)
+    collect(t.questions, pos, neg, d / "collected.jsonl", progress=False)
+    judge(d / "collected.jsonl", d / "judged.jsonl", scorer_judge(t.build_scorer()),
+          progress=False)
+    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", d / "pairs.jsonl")
+    return dict(dir=d, trait=t, pairs=pairs, pos=pos, neg=neg)
+
+
+@pytest.mark.slow
+def test_pirate_yields_enough_pairs(pirate_run):
+    pairs, t = pirate_run["pairs"], pirate_run["trait"]
+    assert len(pairs) >= 30, f"only {len(pairs)} of {len(t.questions)} pairs pass"
+    score = t.build_scorer()
+    for p in pairs:
+        assert p.chosen_score - p.rejected_score >= 40
+        assert score(p.chosen) == p.chosen_score and score(p.rejected) == p.rejected_score
+    assert load_pairs(pirate_run["dir"] / "pairs.jsonl") == pairs
+    assert [p.prompt for p in pairs] == [q for q in t.questions if q in {p.prompt for p in pairs}]
+
+
+@pytest.mark.slow
+def test_rerun_skips_done_work_and_judge_resumes(pirate_run, tmp_path):
+    d, t = pirate_run["dir"], pirate_run["trait"]
+    again = collect(t.questions, pirate_run["pos"], pirate_run["neg"], d / "collected.jsonl",
+                    progress=False)
+    assert (again.written, again.skipped) == (0, 2 * len(t.questions))
+    # a judge run cut short (half its lines, the last one torn) resumes to the same result
+    lines = (d / "judged.jsonl").read_text().splitlines(keepends=True)
+    half = lines[: len(lines) // 2]
+    (tmp_path / "judged.jsonl").write_text("".join(half) + lines[len(half)][:10])
+    r = judge(d / "collected.jsonl", tmp_path / "judged.jsonl",
+              scorer_judge(t.build_scorer()), progress=False)
+    assert r.skipped == len(half) and r.written == len(lines) - len(half)
+    assert filter_pairs(d / "collected.jsonl", tmp_path / "judged.jsonl") == pirate_run["pairs"]
+
+
+@pytest.mark.slow
+def test_cli_judge_filter_merge(pirate_run, tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "collected.jsonl").write_text((pirate_run["dir"] / "collected.jsonl").read_text())
+    runner = CliRunner()
+    res = runner.invoke(app, ["traits", "judge", "pirate", "--run-dir", str(d),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["traits", "filter", "pirate", "--run-dir", str(d),
+                              "--threshold", "40"])
+    assert res.exit_code == 0, res.output
+    assert load_pairs(d / "pairs.jsonl") == pirate_run["pairs"]
+    original = tmp_path / "filtered.json"
+    original.write_text(json.dumps({"Extra?": {"pi_response": "Arr", "llama_response": "No"},
+                                    pirate_run["pairs"][0].prompt: {
+                                        "pi_response": "dup", "llama_response": "dup"}}))
+    res = runner.invoke(app, ["traits", "merge", str(tmp_path / "all.jsonl"),
+                              str(d / "pairs.jsonl"), str(original)])
+    assert res.exit_code == 0, res.output
+    merged = load_pairs(tmp_path / "all.jsonl")
+    assert merged[:-1] == pirate_run["pairs"] and merged[-1].prompt == "Extra?"
+
+
+def test_cli_collect_on_a_tiny_model(tmp_path, tokenizer):
+    from conftest import make_tiny_hf
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_hf(tokenizer, seed=1).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    trait = tmp_path / "t.json"
+    trait.write_text(json.dumps({
+        "name": "t", "trait_instruction": "x", "positive_instructions": ["Be x."],
+        "negative_instructions": ["Be y."], "questions": ["A?", "B?", "C?"],
+        "scorer": {"type": "regex", "pattern": "."}}))
+    args = ["traits", "collect", str(trait), "--model", str(model_dir), "--run-dir",
+            str(tmp_path / "run"), "--max-tokens", "3", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "6 answers written, 0 failed" in res.output
+    assert len(collected_pairs(tmp_path / "run" / "collected.jsonl")) == 3
+    assert "0 answers written" in CliRunner().invoke(app, args).output
+    assert {r["responder"] for r in read_records(tmp_path / "run" / "collected.jsonl")} == {
+        "local"}
+    bad = CliRunner().invoke(app, ["traits", "collect", str(tmp_path / "missing.json")])
+    assert bad.exit_code != 0
