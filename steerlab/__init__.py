@@ -10,16 +10,23 @@ Example:
 from steerlab.capture import capture_pairs
 from steerlab.chat import encode_chat, encode_text, patch_chat_template, render_chat
 from steerlab.chat_session import ChatSession
+from steerlab.client import Endpoint, EndpointClient
+from steerlab.collect import collect
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import evaluate_steering
 from steerlab.extract import extract, merge_shards
 from steerlab.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
 from steerlab.generate import Generation, generate
+from steerlab.judge import filter_pairs, judge, rubric_judge, scorer_judge
 from steerlab.layers import decoder_layers
 from steerlab.models import load_model
+from steerlab.pairs import Pair, load_pairs, merge_pairs, save_pairs
 from steerlab.personas import ASSISTANT, Persona, load_personae, system_prompt_style
+from steerlab.responders import EndpointResponder, LocalResponder
+from steerlab.scorers import scorer_from_spec
 from steerlab.steer import monitor, steer
 from steerlab.store import ActivationFile
+from steerlab.traits import Trait, load_trait
 from steerlab.vectors import SteeringVector
 
 __version__ = "0.1.0"
@@ -28,6 +35,12 @@ __all__ = [
     "ASSISTANT",
     "ActivationFile",
     "ChatSession",
+    "Endpoint",
+    "EndpointClient",
+    "EndpointResponder",
+    "LocalResponder",
+    "Pair",
+    "Trait",
     "LogisticProbe",
     "MeanDifference",
     "PCADifference",
@@ -37,6 +50,16 @@ __all__ = [
     "SteerlabError",
     "__version__",
     "capture_pairs",
+    "collect",
+    "filter_pairs",
+    "judge",
+    "load_pairs",
+    "load_trait",
+    "merge_pairs",
+    "rubric_judge",
+    "save_pairs",
+    "scorer_from_spec",
+    "scorer_judge",
     "decoder_layers",
     "encode_chat",
     "encode_text",
