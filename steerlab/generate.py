@@ -137,6 +137,7 @@ def generate(
     in_output = torch.full((batch,), not think_marker, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
     marker = list(think_marker)
+    in_output_rows = in_output.tolist()
     past, step_ids = None, ids
     for step in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
@@ -161,13 +162,15 @@ def generate(
         is_stop = torch.isin(nxt, stops) & active
         hit_stop |= is_stop
         emitted = active & ~is_stop
+        # One device-to-host copy per step (not one per row): matters on GPUs at batch 256.
+        new_ids, emitted_rows = nxt.tolist(), emitted.tolist()
         reported: list[int | None] = []
         for row in range(batch):
-            if emitted[row]:
-                out[row].append(int(nxt[row]))
-                if marker and not in_output[row] and out[row][-len(marker) :] == marker:
-                    in_output[row] = True
-                reported.append(int(nxt[row]))
+            if emitted_rows[row]:
+                out[row].append(new_ids[row])
+                if marker and not in_output_rows[row] and out[row][-len(marker) :] == marker:
+                    in_output[row] = in_output_rows[row] = True
+                reported.append(new_ids[row])
             else:
                 reported.append(None)
         active = emitted

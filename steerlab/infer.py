@@ -113,6 +113,7 @@ def generate_with_metrics(
     lens: bool = False,
     think_marker: Sequence[int] = (),
     on_token: Callable[[list[int | None]], bool | None] | None = None,
+    stop_ids: set[int] | None = None,
 ) -> list[RowMetrics]:
     """:func:`steerlab.generate` that records entropy and top-k mass of every generated token.
 
@@ -131,7 +132,8 @@ def generate_with_metrics(
         steps.append(metrics)
 
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                  observer=observe, think_marker=think_marker, on_token=on_token)
+                  observer=observe, think_marker=think_marker, on_token=on_token,
+                  stop_ids=stop_ids)
     if recorder is None:
         gen = generate(model, prompts, **kwargs)
     else:

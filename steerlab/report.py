@@ -1,0 +1,64 @@
+"""A standalone HTML report of an inference run (plotly JS inlined: no kernel, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token
+from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
+
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
+table.steerlab{border-collapse:collapse;font-size:12px}
+table.steerlab td,table.steerlab th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"""
+TABLE_COLUMNS = ("persona", "category", "prompt", "rep", "avg_entropy", "avg_top_k_mass",
+                 "think_end_position", "n_tokens", "response")
+
+
+def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | None = None,
+                 tokenizer: Any = None) -> Path:
+    """Write ``report.html``: run config, summary statistics, the three box figures, a lens
+    heatmap of the first result (when the run used ``--lens``) and the raw table.
+
+    Args:
+        results_dir: the run folder of :func:`steerlab.infer.run_inference`.
+        output: the HTML file (default ``results_dir/report.html``).
+        tokenizer: labels heatmap tokens with text when given (ids otherwise).
+
+    Example:
+        >>> write_report("logs/personae-inference-123")
+    """
+    import plotly.io as pio
+
+    root = Path(results_dir)
+    records = load_results(root)
+    output = Path(output) if output else root / "report.html"
+    config = root / CONFIG
+    parts = [f"<h1>steerlab inference report: {html.escape(root.name)}</h1>"]
+    if config.is_file():
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        parts.append("<h2>Run</h2>" + html_table([{"setting": k, "value": v}
+                                                  for k, v in cfg.items()]))
+    parts.append(f"<h2>Summary ({len(records)} results)</h2>" + html_table(summary_stats(records)))
+    first = True
+    for fig in summary_figures(records).values():
+        parts.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
+        first = False
+    if records and (root / PER_TOKEN).is_file():
+        arrays = read_per_token(root, records[0]["id"])
+        if "lens_entropy" in arrays and len(arrays["tokens"]):
+            ids = [int(t) for t in arrays["tokens"]]
+            labels = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else ids
+            fig = lens_heatmap(arrays["lens_entropy"], [str(x) for x in labels],
+                               f"Logit-lens entropy: {records[0]['persona']}, result 0")
+            parts.append(pio.to_html(fig, include_plotlyjs=False, full_html=False))
+    parts.append("<h2>Results</h2>" + html_table(records, TABLE_COLUMNS))
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlab report</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, output)
+    return output

@@ -1,0 +1,116 @@
+"""Plotly figures of inference results: per-category boxes, summary statistics, lens heatmap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+ENTROPY_FIELDS = ("avg_entropy_thinking", "avg_entropy_output", "avg_entropy")
+TOP_K_FIELDS = ("avg_top_k_mass_thinking", "avg_top_k_mass_output", "avg_top_k_mass")
+THINK_FIELDS = ("think_end_position",)
+METRIC_FIELDS = ENTROPY_FIELDS + TOP_K_FIELDS + THINK_FIELDS
+
+
+def categories(records: Iterable[dict]) -> list[str]:
+    """The categories present, in first-seen order."""
+    return list(dict.fromkeys(r["category"] for r in records))
+
+
+def filter_records(records: Iterable[dict], keep: Iterable[str] | None = None) -> list[dict]:
+    """Records whose category is in ``keep`` (all records when ``keep`` is None)."""
+    keep = None if keep is None else set(keep)
+    return [r for r in records if keep is None or r["category"] in keep]
+
+
+def _values(records: Iterable[dict], field: str) -> list[float]:
+    return [float(r[field]) for r in records if r.get(field) is not None]
+
+
+def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str = "") -> Any:
+    """Box-and-whisker per category, one panel per field (missing values are left out).
+
+    Example:
+        >>> box_by_category(load_results("logs/run"), ENTROPY_FIELDS).show()
+    """
+    import plotly.colors
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(fields), subplot_titles=list(fields))
+    palette = plotly.colors.qualitative.Plotly
+    for i, cat in enumerate(categories(records)):
+        rows = [r for r in records if r["category"] == cat]
+        for col, field in enumerate(fields, start=1):
+            fig.add_box(y=_values(rows, field), name=cat, legendgroup=cat, showlegend=col == 1,
+                        marker_color=palette[i % len(palette)], boxmean=True, row=1, col=col)
+    fig.update_layout(title=title, boxmode="group", height=420)
+    return fig
+
+
+def summary_figures(records: Sequence[dict]) -> dict[str, Any]:
+    """The viewer's three figures: entropy, top-k mass and ``think_end_position`` by category.
+
+    Example:
+        >>> for name, fig in summary_figures(rows).items(): fig.show()
+    """
+    return {
+        "entropy": box_by_category(records, ENTROPY_FIELDS, "Entropy (nats) by category"),
+        "top_k_mass": box_by_category(records, TOP_K_FIELDS, "Top-k probability mass"),
+        "think_end_position": box_by_category(records, THINK_FIELDS, "Thinking tokens"),
+    }
+
+
+def summary_stats(records: Sequence[dict], fields: Sequence[str] = METRIC_FIELDS) -> list[dict]:
+    """Count, mean, std, median, min and max of each field per category.
+
+    Example:
+        >>> summary_stats(rows, ["avg_entropy"])[0]
+        {'category': 'assistant', 'field': 'avg_entropy', 'n': 20, 'mean': 1.3, ...}
+    """
+    out = []
+    for cat in categories(records):
+        rows = [r for r in records if r["category"] == cat]
+        for field in fields:
+            v = np.asarray(_values(rows, field))
+            stats = (dict(mean=v.mean(), std=v.std(), median=np.median(v), min=v.min(),
+                          max=v.max()) if len(v) else dict.fromkeys(
+                              ("mean", "std", "median", "min", "max")))
+            out.append({"category": cat, "field": field, "n": int(len(v)),
+                        **{k: None if x is None else float(x) for k, x in stats.items()}})
+    return out
+
+
+def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """A plain HTML table of records (selected columns), for notebooks and reports."""
+    import html
+
+    columns = list(columns or (rows[0].keys() if rows else []))
+
+    def cell(x: Any) -> str:
+        text = f"{x:.{digits}f}" if isinstance(x, float) else ("" if x is None else str(x))
+        return html.escape(text if len(text) < 200 else text[:200] + "…")
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table class='steerlab'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
+                 title: str = "Logit-lens entropy (nats)") -> Any:
+    """Layer x token heatmap of a per-token lens metric ``[n_tokens, n_layers]``.
+
+    Example:
+        >>> a = read_per_token("logs/run", 0)
+        >>> lens_heatmap(a["lens_entropy"], tokenizer.convert_ids_to_tokens(a["tokens"]))
+    """
+    import plotly.graph_objects as go
+
+    z = np.asarray(values, dtype=float).T  # [layer, token]
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)] if tokens is not None else None
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=list(range(z.shape[0])), colorscale="Viridis",
+                               colorbar=dict(title="nats")))
+    fig.update_layout(title=title, xaxis_title="generated token", yaxis_title="layer",
+                      height=max(300, 14 * z.shape[0] + 120))
+    return fig

@@ -1,0 +1,73 @@
+"""Figures, the static HTML report and the viewer notebook (on a fresh embedded-model run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from steerlab import viz
+from steerlab.personas import Persona
+
+RECORDS = [
+    {"id": 0, "category": "a", "avg_entropy": 1.0, "avg_entropy_thinking": None,
+     "think_end_position": None},
+    {"id": 1, "category": "a", "avg_entropy": 3.0, "avg_entropy_thinking": 2.0,
+     "think_end_position": 4},
+    {"id": 2, "category": "b", "avg_entropy": 2.0, "avg_entropy_thinking": None,
+     "think_end_position": None},
+]
+
+
+def test_box_by_category_has_one_box_per_category_and_field():
+    fig = viz.box_by_category(RECORDS, ["avg_entropy", "avg_entropy_thinking"])
+    assert [t.name for t in fig.data] == ["a", "a", "b", "b"]
+    assert list(fig.data[0].y) == [1.0, 3.0] and list(fig.data[1].y) == [2.0]
+    assert list(fig.data[3].y) == []  # missing values are left out
+    assert set(viz.summary_figures(RECORDS)) == {"entropy", "top_k_mass", "think_end_position"}
+
+
+def test_summary_stats_and_filter():
+    stats = viz.summary_stats(RECORDS, ["avg_entropy"])
+    a = next(s for s in stats if s["category"] == "a")
+    assert a["n"] == 2 and a["mean"] == 2.0 and a["std"] == pytest.approx(np.std([1.0, 3.0]))
+    assert [r["id"] for r in viz.filter_records(RECORDS, ["b"])] == [2]
+    html = viz.html_table(RECORDS, ["id", "avg_entropy"])
+    assert html.count("<tr>") == 4 and "avg_entropy" in html
+
+
+def test_lens_heatmap_is_layer_by_token():
+    fig = viz.lens_heatmap(np.zeros((5, 3)), ["a", "b", "c", "d", "e"])
+    assert np.asarray(fig.data[0].z).shape == (3, 5)
+
+
+@pytest.fixture(scope="module")
+def embedded_run(embedded_model, tmp_path_factory):
+    from steerlab.infer import InferConfig, run_inference
+
+    personae = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character"),
+                Persona("doctor", "profession", "a"), Persona("toaster", "object", "a")]
+    cfg = InferConfig(max_tokens=6, batch_size=8, lens=True)
+    out = tmp_path_factory.mktemp("viz") / "run"
+    return run_inference(embedded_model, ["Who are you?", "Name a fruit."], personae, out, cfg,
+                         progress=False)
+
+
+@pytest.mark.slow
+def test_report_is_standalone_html(embedded_run, embedded_model):
+    from steerlab.cli import main  # noqa: F401  (the report command is tested via the library)
+    from steerlab.report import write_report
+
+    path = write_report(embedded_run, tokenizer=embedded_model.tokenizer)
+    page = path.read_text()
+    assert "<script src=" not in page  # plotly.js is inlined: no network needed
+    assert page.count("Plotly.newPlot") == 4  # three box figures and the lens heatmap
+    assert "Logit-lens entropy" in page and "Hamlet" in page
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(embedded_run):
+    from notebook_runner import run_notebook
+
+    nb = run_notebook("01_persona_entropy.ipynb", {"STEERLAB_RESULTS": str(embedded_run)})
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
