@@ -134,17 +134,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_model, tokenizer, tmp_path
     import sys
     import time
 
-    pairs_mod = pytest.importorskip("steerlab.pairs")
     from conftest import make_tiny_hf
 
     from steerlab.models import load_model
+    from steerlab.pairs import Pair, save_pairs
 
     model_dir = tmp_path / "tiny"
     make_tiny_hf(tokenizer, seed=3).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    pairs = [pairs_mod.Pair(p.id, p.prompt, p.chosen, p.rejected) for p in
-             (P(i) for i in range(80))]
-    pairs_mod.save_pairs(pairs, tmp_path / "pairs.jsonl")
+    pairs = [Pair(p.id, p.prompt, p.chosen, p.rejected) for p in (P(i) for i in range(80))]
+    save_pairs(pairs, tmp_path / "pairs.jsonl")
     out = tmp_path / "run" / "acts.h5"
     cfg = tmp_path / "extract.yaml"
     cfg.write_text(f"model: {model_dir}\npairs: {tmp_path / 'pairs.jsonl'}\noutput: {out}\n"
@@ -157,11 +156,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_model, tokenizer, tmp_path
            "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     parts = out.with_name("acts.h5.parts")
-    stop_after = random.Random().randint(1, 30)
+    rng = random.Random()
+    stop_after, jitter = rng.randint(1, 30), rng.uniform(0.0, 0.05)  # parts take ~20-40 ms
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while proc.poll() is None and len(list(parts.glob("part-*"))) < stop_after:
             time.sleep(0.002)
+        time.sleep(jitter)  # land anywhere inside a batch, a part write or between them
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
