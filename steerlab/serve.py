@@ -182,14 +182,15 @@ class _Server(ThreadingHTTPServer):
             raise RequestError(str(err)) from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": self.model_name}
-        stream = _Stream(h, tok, head) if req["stream"] else None
+        ctx = steering_context(self.model, req["steering"])  # reads the vector file
         with self.lock:
-            ctx = steering_context(self.model, req["steering"])
             try:
-                ctx.__enter__()
+                ctx.__enter__()  # checks layers and width against the model
             except SteerlabError as err:
                 raise RequestError(f"'steering': {err}") from None
             try:
+                # a stream answers 200 at once: open it only after every check has passed
+                stream = _Stream(h, tok, head) if req["stream"] else None
                 gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
                                temperature=req["temperature"], seed=req["seed"],
                                on_token=stream.on_token if stream else None)

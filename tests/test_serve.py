@@ -116,3 +116,90 @@ def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
                                       extra_body={"persona": "Captain Hook"}).respond(["Hi!"]))
     via_local = dict(LocalResponder(embedded_model, None, persona, max_tokens=12).respond(["Hi!"]))
     assert via_http == via_local
+
+
+@pytest.fixture(scope="module")
+def pirate_vector(embedded_model, tmp_path_factory):
+    """A small pirate vector (response means of four hand-written pairs) saved to disk."""
+    from types import SimpleNamespace
+
+    from steerlab.capture import capture_pairs
+    from steerlab.vectors import SteeringVector
+
+    rows = [("How is the weather?", "Arr, the seas be calm, matey!", "It is sunny and mild."),
+            ("What do you eat?", "Arr, salted pork and grog, matey!", "Mostly pasta."),
+            ("Where did you go?", "Arr, to Tortuga, ye landlubber!", "To the mountains."),
+            ("Do you like music?", "Aye, a fine sea shanty, me hearty!", "Yes, jazz and folk.")]
+    pairs = [SimpleNamespace(id=str(i), prompt=p, chosen=c, rejected=r)
+             for i, (p, c, r) in enumerate(rows)]
+    acts = capture_pairs(embedded_model, pairs, [6, 8], mean=True)
+    vector = SteeringVector((acts.chosen_mean - acts.rejected_mean).mean(0), (6, 8))
+    return vector, vector.save(tmp_path_factory.mktemp("vec") / "pirate")
+
+
+def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector):
+    from steerlab.generate import generate
+    from steerlab.responders import encode_messages
+    from steerlab.steer import steer
+
+    vector, path = pirate_vector
+    tok = embedded_model.tokenizer
+    msgs = [{"role": "user", "content": "Tell me about your weekend."}]
+    ids = encode_messages(tok, msgs)
+    body = {"model": "embedded", "messages": msgs, "max_tokens": 24, "temperature": 0}
+
+    def local(alpha=None, layers=None):
+        if alpha is None:
+            return generate(embedded_model, [ids], max_new_tokens=24).tokens[0]
+        with steer(embedded_model, vector, alpha, layers=layers):
+            return generate(embedded_model, [ids], max_new_tokens=24).tokens[0]
+
+    def http(steering=None, stream=False):
+        req = {**body, **({"steering": steering} if steering else {})}
+        if not stream:
+            status, out = _post(server, req)
+            assert status == 200, out
+            return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
+        import openai
+
+        sdk = openai.OpenAI(base_url=server, api_key="none")
+        chunks = sdk.chat.completions.create(**body, extra_body={"steering": steering},
+                                             stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
+
+    plain = local()
+    assert http() == (tok.decode(plain, skip_special_tokens=True), len(plain))
+    assert http({"vector": str(path), "alpha": 0.0}) == http()  # strength 0: unsteered
+    for alpha, layers in ((1.0, [8]), (-1.5, None), (0.75, [6, 8])):
+        want = local(alpha, layers)
+        assert want != plain  # the vector moves the greedy reply, so equality below means much
+        spec = {"vector": str(path), "alpha": alpha, "layers": layers}
+        assert http(spec) == (tok.decode(want, skip_special_tokens=True), len(want))
+        assert http(spec, stream=True)[0] == tok.decode(want, skip_special_tokens=True)
+    # the steering is per request: the next plain request is unsteered again
+    assert http()[0] == tok.decode(plain, skip_special_tokens=True)
+
+
+def test_bad_steering_gets_a_4xx_naming_the_field(server, pirate_vector, tmp_path):
+    import torch
+
+    from steerlab.vectors import SteeringVector
+
+    _, path = pirate_vector
+    wrong_width = SteeringVector(torch.ones(1, 64), (8,)).save(tmp_path / "narrow")
+    ok = {"model": "embedded", "messages": [{"role": "user", "content": "Hi"}],
+          "max_tokens": 2}
+    cases = (({"vector": str(tmp_path / "missing"), "alpha": 1.0}, "steering.vector"),
+             ({"vector": str(path), "alpha": "strong"}, "steering.alpha"),
+             ({"vector": str(path), "alpha": True}, "steering.alpha"),
+             ({"vector": str(path), "alpha": 1e9}, "steering.alpha"),
+             ({"vector": str(path), "alpha": 1.0, "layers": [99]}, "layers"),
+             ({"vector": str(path), "alpha": 1.0, "layers": [3]}, "layers"),
+             ({"vector": str(wrong_width), "alpha": 1.0}, "vector"),
+             ("pirate", "steering"))
+    for stream in (False, True):
+        for spec, field in cases:
+            status, body = _post(server, {**ok, "steering": spec, "stream": stream})
+            assert 400 <= status < 500, (spec, stream, status)
+            assert field in body["error"]["message"], (spec, stream, body)
+    assert _post(server, {**ok, "steering": {"vector": str(path), "alpha": 1.0}})[0] == 200
