@@ -1,0 +1,84 @@
+"""Notebooks 02 (trait data and vectors) and 04 (logit lens) run top to bottom on the embedded
+model, at small sizes set through environment variables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+def _outputs(nb) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _figures(nb) -> list[dict]:
+    return [o["data"][PLOTLY] for o in _outputs(nb) if PLOTLY in o.get("data", {})]
+
+
+def _run(name: str, env: dict[str, str]):
+    pytest.importorskip("nbclient")
+    from notebook_runner import run_notebook
+
+    nb = run_notebook(name, env)
+    errors = [o for o in _outputs(nb) if o.get("output_type") == "error"]
+    assert not errors, errors
+    return nb
+
+
+def _config(embedded_dir) -> dict:
+    return json.loads((embedded_dir / "config.json").read_text())
+
+
+def test_trait_vectors_notebook(tmp_path, embedded_dir):
+    from steerlab.pairs import load_pairs
+    from steerlab.store import ActivationFile
+    from steerlab.vectors import SteeringVector
+
+    nb = _run("02_trait_vectors.ipynb", {
+        "STEERLAB_NB_QUESTIONS": "12", "STEERLAB_NB_TOKENS": "24", "STEERLAB_NB_HELD_OUT": "4",
+        "STEERLAB_NB_LAYERS": "8", "STEERLAB_NB_STRENGTHS": "2,4",
+        "STEERLAB_NB_DIR": str(tmp_path)})
+    cfg = _config(embedded_dir)
+    pairs = load_pairs(tmp_path / "pairs.jsonl")
+    assert len(pairs) >= 4
+    vector = SteeringVector.load(tmp_path / "pirate")
+    assert vector.d_model == cfg["hidden_size"]
+    assert vector.layers == tuple(range(cfg["num_hidden_layers"]))
+    assert vector.provenance.n_pairs == len(pairs) == ActivationFile(tmp_path / "acts.h5").n_pairs
+    figs = _figures(nb)
+    assert len(figs) == 2  # probe accuracy per layer, then the steering sweep
+    accuracy = figs[0]["data"]
+    assert [len(t["y"]) for t in accuracy] == [cfg["num_hidden_layers"]] * 2
+    assert all(0.0 <= y <= 1.0 for t in accuracy for y in t["y"])
+
+
+def _shape(z) -> tuple[int, ...]:
+    """Shape of a plotly JSON array: a nested list or a typed array ``{dtype, bdata, shape}``."""
+    if isinstance(z, dict):
+        return tuple(int(x) for x in str(z["shape"]).split(","))
+    return np.asarray(z).shape
+
+
+def test_logit_lens_notebook(embedded_dir):
+    import re
+
+    nb = _run("04_logit_lens.ipynb", {"STEERLAB_NB_TOKENS": "12"})
+    n_layers = _config(embedded_dir)["num_hidden_layers"]
+    figs = _figures(nb)
+    heatmaps = [t for f in figs for t in f["data"] if t["type"] == "heatmap"]
+    assert len(heatmaps) == 3  # two personas, then the steered reply
+    for h in heatmaps:
+        rows, cols = _shape(h["z"])
+        assert rows == n_layers and 1 <= cols <= 12
+    lines = [t for f in figs for t in f["data"] if t["type"] == "scatter"]
+    assert len(lines) == 8  # (top-k mass, entropy) x 2 personas, then x (unsteered, steered)
+    assert all(len(t["y"]) == n_layers for t in lines)
+    text = "".join(o.get("text", "") for o in _outputs(nb))
+    gap = re.search(r"max \|lens - model\| entropy at the last layer: (\S+)", text)
+    assert gap and float(gap.group(1)) < 1e-3  # the last layer's lens is the model itself
