@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,38 @@ from typing import Any
 from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token
 from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
 
+log = logging.getLogger(__name__)
+
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 table.steerlab{border-collapse:collapse;font-size:12px}
 table.steerlab td,table.steerlab th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"""
 TABLE_COLUMNS = ("persona", "category", "prompt", "rep", "avg_entropy", "avg_top_k_mass",
                  "think_end_position", "n_tokens", "response")
+
+
+def run_tokenizer(results_dir: str | os.PathLike) -> Any:
+    """The tokenizer of the model a run used (from its ``config.json``), or None if unavailable.
+
+    Used to label logit-lens heatmaps with token text; loads only local files (no network).
+
+    Example:
+        >>> tok = run_tokenizer("logs/personae-inference-123")
+    """
+    config = Path(results_dir) / CONFIG
+    if not config.is_file():
+        return None
+    try:
+        model = json.loads(config.read_text(encoding="utf-8"))["model"]
+        from transformers import AutoTokenizer
+
+        if model == "embedded":
+            from steerlab.models import embedded_model_dir
+
+            model = embedded_model_dir()
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception as err:  # labels are a nicety: fall back to token ids
+        log.warning("no tokenizer for %s (%s); heatmaps show token ids", results_dir, err)
+        return None
 
 
 def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | None = None,

@@ -38,8 +38,16 @@ def _ids(tokenizer, persona=PERSONAE[1]):
     return [encode_chat(tokenizer, p, persona=persona) for p in PROMPTS]
 
 
+def _varied_ids(tokenizer):
+    """Prompts of different lengths (so rows are left-padded) under different personae."""
+    texts = ["Hi", "Name a colour.", "Tell me, in a few careful words, what you think of the sea."]
+    ids = [encode_chat(tokenizer, t, persona=p) for t, p in zip(texts, PERSONAE * 2, strict=False)]
+    assert len({len(i) for i in ids}) == len(ids)
+    return ids
+
+
 def test_batched_equals_one_at_a_time_with_lens(tiny_model, tokenizer):
-    ids = _ids(tokenizer)
+    ids = _varied_ids(tokenizer)
     batched = generate_with_metrics(tiny_model, ids, max_new_tokens=6, lens=True)
     for prompt, row in zip(ids, batched, strict=True):
         (single,) = generate_with_metrics(tiny_model, [prompt], max_new_tokens=6, lens=True)
@@ -50,6 +58,28 @@ def test_batched_equals_one_at_a_time_with_lens(tiny_model, tokenizer):
         assert row.lens_entropy.shape == (len(row.tokens), tiny_model.cfg.n_layers)
         np.testing.assert_allclose(row.lens_entropy[:, -1], row.entropy, atol=1e-5)
         np.testing.assert_allclose(row.lens_top_k_mass[:, -1], row.top_k_mass, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batched_equals_one_at_a_time_greedy_on_the_embedded_model(embedded_model):
+    """Greedy, left-padded batch with a row that stops early == each prompt alone."""
+    from steerlab.generate import stop_token_ids
+
+    tok = embedded_model.tokenizer
+    ids = _varied_ids(tok)
+    alone = generate_with_metrics(embedded_model, ids[:1], max_new_tokens=8)[0].tokens
+    stop = next(t for i, t in enumerate(alone) if i >= 2 and t not in alone[:i])
+    stops = stop_token_ids(tok, embedded_model.original_model) | {stop}
+    run = lambda p: generate_with_metrics(embedded_model, p, max_new_tokens=8,  # noqa: E731
+                                          stop_ids=stops)
+    batched = run(ids)
+    assert batched[0].stopped and batched[0].tokens == alone[: alone.index(stop)]
+    assert max(len(r.tokens) for r in batched) > len(batched[0].tokens)  # others go on
+    for prompt, row in zip(ids, batched, strict=True):
+        (single,) = run([prompt])
+        assert single.tokens == row.tokens and single.stopped == row.stopped
+        np.testing.assert_allclose(row.entropy, single.entropy, atol=1e-4)
+        np.testing.assert_allclose(row.top_k_mass, single.top_k_mass, atol=1e-4)
 
 
 def test_metrics_are_those_of_the_model_logits(tiny_model, tokenizer):
@@ -137,24 +167,49 @@ def test_bad_prompts_file_is_exit_2_and_writes_nothing(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and expect in err
     assert field is None or f"field '{field}'" in err
+    assert len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-@pytest.mark.parametrize("records, field", [
-    ([{"category": "x"}], "persona"),
-    ([{"persona": "A", "category": 3}], "category"),
-    (["Hamlet"], None),
-    ([], None),
+@pytest.mark.parametrize("text, field, expect", [
+    ('[{"persona": "A"', None, "not valid JSON"),
+    ('[{"category": "x"}]', "persona", "item 0"),
+    ('[{"persona": "", "category": "x"}]', "persona", "non-empty"),
+    ('[{"persona": "A", "category": 3}]', "category", "item 0"),
+    ('["Hamlet"]', None, "expected an object"),
+    ('{"persona": "Hamlet"}', None, "non-empty JSON list"),
+    ("[]", None, "non-empty JSON list"),
 ])
-def test_bad_personae_file_is_exit_2_and_writes_nothing(records, field, tmp_path, capsys):
+def test_bad_personae_file_is_exit_2_and_writes_nothing(text, field, expect, tmp_path, capsys):
     bad = tmp_path / "personae.json"
-    bad.write_text(json.dumps(records))
+    bad.write_text(text)
     out = tmp_path / "out"
     code = _cli("infer", "--prompts-json", "data/prompts.json", "--personae-json", str(bad),
-                "--output-dir", str(out))
+                "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
     err = capsys.readouterr().err
-    assert code == 2 and str(bad) in err and (field is None or f"field '{field}'" in err)
+    assert code == 2 and str(bad) in err and expect in err
+    assert field is None or f"field '{field}'" in err
+    assert len(err.strip().splitlines()) == 1  # one clear line, no traceback
     assert not out.exists()
+
+
+def test_infer_options_and_defaults_are_those_of_the_spec():
+    import typer
+
+    from steerlab.cli import app
+
+    cmd = typer.main.get_command(app).commands["infer"]
+    params = {p.name: p for p in cmd.params}
+    spec = {"model": "embedded", "temperature": 0.0, "max_tokens": 1024, "batch_size": 256,
+            "n_reps": 1, "top_k_mass_k": 5, "thinking_mode": True,
+            "system_prompt_style": "you-are-a", "output_dir": None, "lens": False}
+    assert {name: params[name].default for name in spec} == spec
+    assert params["prompts_json"].required and params["personae_json"].required
+    assert "seed" in params
+    assert params["thinking_mode"].secondary_opts == ["--no-thinking-mode"]
+    assert params["lens"].secondary_opts == ["--no-lens"]
+    defaults = InferConfig()  # the library defaults are the CLI's
+    assert all(getattr(defaults, k) == v for k, v in spec.items() if hasattr(defaults, k))
 
 
 def test_bad_option_value_is_exit_2(tmp_path, capsys):

@@ -54,7 +54,6 @@ def embedded_run(embedded_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_is_standalone_html(embedded_run, embedded_model):
-    from steerlab.cli import main  # noqa: F401  (the report command is tested via the library)
     from steerlab.report import write_report
 
     path = write_report(embedded_run, tokenizer=embedded_model.tokenizer)
@@ -65,9 +64,44 @@ def test_report_is_standalone_html(embedded_run, embedded_model):
 
 
 @pytest.mark.slow
+def test_report_command_writes_the_html(embedded_run, tmp_path, capsys):
+    from test_infer import _cli
+
+    target = tmp_path / "page.html"
+    (embedded_run / "report.html").unlink(missing_ok=True)  # another test may have written it
+    assert _cli("report", str(embedded_run), "--output", str(target)) == 0
+    assert str(target) in capsys.readouterr().out
+    page = target.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot") == 4
+    assert not (embedded_run / "report.html").exists()  # --output was honoured
+    assert _cli("report", str(embedded_run)) == 0  # default: inside the run folder
+    assert (embedded_run / "report.html").read_text().count("Plotly.newPlot") == 4
+
+
+def test_report_command_on_a_folder_without_results_is_exit_2(tmp_path, capsys):
+    from test_infer import _cli
+
+    assert _cli("report", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "no results file" in err
+    assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(embedded_run):
     from notebook_runner import run_notebook
 
     nb = run_notebook("01_persona_entropy.ipynb", {"STEERLAB_RESULTS": str(embedded_run)})
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    figs = [o["data"]["application/vnd.plotly.v1+json"] for o in outputs
+            if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert [f["data"][0]["type"] for f in figs] == ["box"] * 3 + ["heatmap"]
+    assert {t["name"] for t in figs[0]["data"]} == {"assistant", "fictional-character",
+                                                    "profession", "object"}
+    heat = figs[-1]["data"][0]
+    shape = [int(n) for n in str(heat["z"]["shape"]).split(",")]  # plotly's typed array
+    assert shape == [30, len(heat["x"])] and len(heat["y"]) == 30  # layers x tokens
+    assert not all(x.split(":", 1)[1].isdigit() for x in heat["x"])  # token text, not ids
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "8 of 8 results" in html and "Hamlet" in html  # summary and raw table

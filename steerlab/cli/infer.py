@@ -26,12 +26,12 @@ def infer(
     system_prompt_style: str = typer.Option(
         "you-are-a", help="'you-are-a', 'none', or a format string with {persona}."),
     output_dir: Annotated[Path | None, typer.Option(
-        help="Run folder [default: logs/personae-inference-{SLURM_JOB_ID or timestamp}]; "
+        help="Run folder (default: logs/personae-inference-{SLURM_JOB_ID or timestamp}); "
         "rerun with the same folder to resume.")] = None,
     seed: int = typer.Option(0, help="Sampling seed (batch b uses seed + b)."),
     lens: bool = typer.Option(False, help="Also record logit-lens metrics at every layer."),
     dtype: str = typer.Option("float32", help="Weights dtype, e.g. bfloat16 on GPUs."),
-    device: Annotated[str | None, typer.Option(help="Device [default: cuda, mps or cpu].")] = None,
+    device: Annotated[str | None, typer.Option(help="Device (default: cuda, mps or cpu).")] = None,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Generate every persona x prompt x rep and record entropy / top-k mass (resumable)."""
@@ -58,9 +58,9 @@ def infer(
 def report(
     results_dir: Annotated[Path, typer.Argument(help="A run folder of `steerlab infer`.")],
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="HTML file [default: RESULTS_DIR/report.html].")] = None,
+        "--output", "-o", help="HTML file (default: RESULTS_DIR/report.html).")] = None,
 ) -> None:
     """Write a standalone HTML report (no kernel, no network) of an inference run."""
-    from steerlab.report import write_report
+    from steerlab.report import run_tokenizer, write_report
 
-    typer.echo(f"wrote {write_report(results_dir, output)}")
+    typer.echo(f"wrote {write_report(results_dir, output, tokenizer=run_tokenizer(results_dir))}")
