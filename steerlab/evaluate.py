@@ -1,9 +1,20 @@
 """Steering evaluation: sweep layers x strengths on held-out questions, score trait and coherence.
 
-Coherence catches what steering breaks. Repetition loops lower *distinct-n* (the share of
-distinct token n-grams in an answer); gibberish raises the *negative log-likelihood* of the answer
-under the unsteered model. Each is taken relative to the unsteered answers and capped at 1, and
-coherence is their product: 1.0 is "as coherent as unsteered", 0.5 is half.
+Coherence catches what steering breaks, answer by answer. An answer is *coherent* when
+
+* it is not a repetition loop: its *distinct-2* (share of distinct token bigrams) is at least
+  ``min_distinct`` (unsteered answers of the embedded model sit near 0.94, "aye, aye, aye" loops
+  below 0.3), and
+* it is not gibberish: its mean negative log-likelihood per token under the unsteered model is at
+  most ``nll_margin`` nats above the unsteered answers' mean. The likelihood is the better of two
+  contexts, the plain question and the question under the trait instruction, so that an answer is
+  not called gibberish merely for speaking in the trait's register.
+
+A setting's *coherence* is the share of coherent answers; its *coherent trait* is the mean trait
+score with incoherent answers counted as 0. The best setting maximises the coherent trait among
+settings whose coherence is at least ``min_coherence`` times the unsteered coherence, and the gap
+closed is measured on the coherent trait, from unsteered answers to answers prompted with the
+trait instruction.
 """
 
 from __future__ import annotations
@@ -12,24 +23,22 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate, left_pad
+from steerlab.scorers import distinct_n
 from steerlab.steer import steer
 from steerlab.vectors import SteeringVector, random_like
 
 Scorer = Callable[[str], float]
-
-
-def distinct_n(tokens: Sequence[int], n: int = 2) -> float:
-    """Share of distinct n-grams among an answer's n-grams (1.0 for answers shorter than n+1)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if len(grams) > 1 else 1.0
+__all__ = ["AnswerJudge", "Setting", "SteeringEval", "answer_nll", "distinct_n",
+           "evaluate_steering"]
 
 
 @torch.inference_mode()
@@ -64,7 +73,12 @@ def answer_nll(model: Any, prompts: Sequence[Sequence[int]],
 
 @dataclass(frozen=True)
 class Setting:
-    """Means over the questions for one condition (``layer`` -1 and ``alpha`` 0: no steering)."""
+    """Means over the questions for one condition (``layer`` -1 and ``alpha`` 0: no steering).
+
+    ``trait`` is the mean trait score of all answers, ``coherence`` the share of coherent
+    answers, ``coherent_trait`` the mean score with incoherent answers counted as 0, ``distinct``
+    and ``nll`` the mean distinct-2 and negative log-likelihood.
+    """
 
     layer: int
     alpha: float
@@ -72,7 +86,9 @@ class Setting:
     coherence: float
     distinct: float
     nll: float
+    coherent_trait: float = float("nan")
     answers: tuple[str, ...] = field(default=(), repr=False)
+    coherent: tuple[bool, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -87,57 +103,106 @@ class SteeringEval:
     min_coherence: float
 
     def gap_closed(self, s: Setting) -> float:
-        """Share of the trait gap (unsteered -> prompted with the trait instruction) closed."""
-        gap = self.prompted.trait - self.unsteered.trait
-        return (s.trait - self.unsteered.trait) / gap if gap else float("nan")
+        """Share of the coherent-trait gap (unsteered -> prompted with the trait instruction)
+        that ``s`` closes."""
+        gap = self.prompted.coherent_trait - self.unsteered.coherent_trait
+        return (s.coherent_trait - self.unsteered.coherent_trait) / gap if gap else float("nan")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole evaluation as JSON."""
+        """Write the whole evaluation as JSON (atomically)."""
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=1)
         os.replace(tmp, path)
 
     def figure(self) -> Any:
-        """Plotly figure: trait score and coherence against strength, one line per layer."""
+        """Plotly figure: coherent trait, raw trait and coherence against strength, one line
+        per layer, with the unsteered and prompted references and the random control."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("trait score", "coherence"))
+        keys = (("coherent_trait", "coherent trait score"), ("trait", "trait score (all)"),
+                ("coherence", "coherence"))
+        fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
         for layer in sorted({s.layer for s in self.sweep}):
             pts = [s for s in self.sweep if s.layer == layer]
-            for col, key in ((1, "trait"), (2, "coherence")):
+            for col, (key, _) in enumerate(keys, 1):
                 fig.add_trace(go.Scatter(x=[s.alpha for s in pts], y=[getattr(s, key)
                                          for s in pts], mode="lines+markers",
                                          name=f"layer {layer}", legendgroup=str(layer),
                                          showlegend=col == 1), row=1, col=col)
-        for s, name, dash in ((self.unsteered, "unsteered", "dot"),
-                              (self.prompted, "prompted", "dash")):
-            fig.add_hline(y=s.trait, line_dash=dash, annotation_text=name, row=1, col=1)
+        for col, (key, _) in enumerate(keys, 1):
+            for s, name, dash in ((self.unsteered, "unsteered", "dot"),
+                                  (self.prompted, "prompted", "dash")):
+                fig.add_hline(y=getattr(s, key), line_dash=dash, annotation_text=name,
+                              row=1, col=col)
         fig.add_hline(y=self.min_coherence * self.unsteered.coherence, line_dash="dot",
-                      annotation_text="min coherence", row=1, col=2)
-        fig.add_trace(go.Scatter(x=[self.random.alpha], y=[self.random.trait], mode="markers",
-                                 marker_symbol="x", name="random vector"), row=1, col=1)
+                      line_color="red", annotation_text="min coherence", row=1, col=3)
+        fig.add_trace(go.Scatter(x=[self.random.alpha], y=[self.random.coherent_trait],
+                                 mode="markers", marker_symbol="x", marker_size=10,
+                                 name="random vector"), row=1, col=1)
         fig.update_xaxes(title_text="alpha (x vector)")
         return fig
 
 
-def _settle(model: Any, prompts: list[list[int]], tokens: list[list[int]], texts: list[str],
-            scorer: Scorer, ref: tuple[float, float] | None, layer: int, alpha: float
-            ) -> tuple[Setting, tuple[float, float]]:
-    d = [distinct_n(t) for t in tokens]
-    nll = answer_nll(model, prompts, tokens)
-    d_ref, nll_ref = ref or (sum(d) / len(d), _nanmean(nll))
-    coh = [min(1.0, di / d_ref) * min(1.0, math.exp(nll_ref - ni)) if not math.isnan(ni)
-           else 0.0 for di, ni in zip(d, nll, strict=True)]
-    scores = [float(scorer(t)) for t in texts]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    s = Setting(layer, alpha, mean(scores), mean(coh), mean(d), _nanmean(nll), tuple(texts))
-    return s, (d_ref, nll_ref)
+@dataclass(frozen=True)
+class AnswerJudge:
+    """Scores a batch of answers to ``questions``: trait by the scorer, coherence per answer.
+
+    ``contexts`` are the token ids the likelihood is taken under (the best one counts);
+    ``nll_ref`` is the unsteered answers' mean NLL (see :meth:`calibrate`).
+
+    Example:
+        >>> judge = AnswerJudge.for_questions(model, questions, scorer, trait_instruction)
+        >>> judge = judge.calibrate(unsteered_tokens)
+        >>> judge(tokens, texts).coherence
+    """
+
+    model: Any
+    scorer: Scorer
+    contexts: tuple[list[list[int]], ...]
+    min_distinct: float = 0.5
+    nll_margin: float = 1.0
+    nll_ref: float = float("nan")
+
+    @classmethod
+    def for_questions(cls, model: Any, questions: Sequence[str], scorer: Scorer,
+                      trait_instruction: str, **kwargs: float) -> AnswerJudge:
+        """A judge whose contexts are the plain questions and the trait-prompted questions."""
+        tok = model.tokenizer
+        plain = [encode_chat(tok, q) for q in questions]
+        prompted = [encode_chat(tok, [{"role": "system", "content": trait_instruction},
+                                      {"role": "user", "content": q}]) for q in questions]
+        return cls(model, scorer, (plain, prompted), **kwargs)
+
+    def calibrate(self, tokens: list[list[int]]) -> AnswerJudge:
+        """This judge with ``nll_ref`` set from reference (unsteered) answers, plain context."""
+        nll = answer_nll(self.model, self.contexts[0], tokens)
+        return replace(self, nll_ref=_mean(nll))
+
+    def nll(self, tokens: list[list[int]]) -> list[float]:
+        """Per answer, the lowest mean NLL over the contexts (answers repeat the questions)."""
+        per_context = [answer_nll(self.model, c * (len(tokens) // len(c)), tokens)
+                       for c in self.contexts]
+        return [min(xs) if not any(math.isnan(x) for x in xs) else float("nan")
+                for xs in zip(*per_context, strict=True)]
+
+    def __call__(self, tokens: list[list[int]], texts: list[str], layer: int = -1,
+                 alpha: float = 0.0) -> Setting:
+        if math.isnan(self.nll_ref):
+            raise SteerlabError("the judge is not calibrated; call calibrate() first")
+        d = [distinct_n(t) for t in tokens]
+        nll = self.nll(tokens)
+        ok = tuple(not math.isnan(x) and di >= self.min_distinct
+                   and x <= self.nll_ref + self.nll_margin for di, x in zip(d, nll, strict=True))
+        scores = [float(self.scorer(t)) for t in texts]
+        share = _mean([float(k) for k in ok])
+        return Setting(layer, alpha, _mean(scores), share, _mean(d), _mean(nll),
+                       _mean([s * k for s, k in zip(scores, ok, strict=True)]), tuple(texts), ok)
 
 
-def _nanmean(xs: Sequence[float]) -> float:
-    good = [x for x in xs if not math.isnan(x)]
+def _mean(xs: Sequence[float]) -> float:
+    good = [float(x) for x in xs if not math.isnan(x)]
     return sum(good) / len(good) if good else float("nan")
 
 
@@ -152,65 +217,78 @@ def evaluate_steering(
     strengths: Sequence[float],
     max_new_tokens: int = 40,
     min_coherence: float = 0.8,
+    min_distinct: float = 0.5,
+    nll_margin: float = 1.0,
     positions: str = "all",
     seed: int = 0,
+    progress: bool = True,
 ) -> SteeringEval:
     """Sweep layers x strengths, choose the best setting, and run a random-vector control.
 
-    All strengths of one layer run as one batch with per-row strengths. The best setting has
-    the highest trait score among those whose coherence is at least ``min_coherence`` times the
-    unsteered coherence (the most coherent one if none is). The control is a random vector
-    with the same norm at the best setting.
+    All strengths of one layer run as one batch with per-row strengths (greedy decoding). See
+    the module docstring for how coherence and the coherent trait score are defined.
 
     Args:
         model: a bridge.
-        vector: the steering vector (alpha is in units of its per-layer norm).
+        vector: the steering vector (alpha is in units of its per-layer vector).
         questions: held-out questions.
         scorer: trait score 0..100 of an answer.
         trait_instruction: system prompt of the "prompted" reference answers.
         layers: layers to try (one at a time).
         strengths: alphas to try.
-        max_new_tokens: answer length (greedy).
-        min_coherence: coherence floor relative to unsteered.
+        max_new_tokens: answer length.
+        min_coherence: coherence floor of the best setting, relative to unsteered.
+        min_distinct: distinct-2 below which an answer counts as a repetition loop.
+        nll_margin: nats above the unsteered mean NLL beyond which an answer is gibberish.
         positions: see :func:`steerlab.steer.steer`.
-        seed: seed of the random control vector.
+        seed: seed of the random control vector (same norm per layer as ``vector``).
+        progress: show a progress bar over the conditions.
 
     Example:
         >>> ev = evaluate_steering(model, v, trait.held_out_questions, trait.build_scorer(),
-        ...                        trait_instruction=trait.trait_instruction, layers=[8, 10],
-        ...                        strengths=[2, 4, 6])
+        ...                        trait_instruction=trait.trait_instruction, layers=[12, 16],
+        ...                        strengths=[0.5, 1.0, 1.5])
         >>> ev.best.layer, ev.best.alpha, ev.gap_closed(ev.best)
     """
     if not questions or not layers or not strengths:
         raise SteerlabError("questions, layers and strengths must all be non-empty")
+    missing = sorted(set(layers) - set(vector.layers))
+    if missing:
+        raise SteerlabError(f"the vector has no direction for layers {missing}; it has "
+                            f"{list(vector.layers)}", field="layers")
     tok = model.tokenizer
-    prompts = [encode_chat(tok, q) for q in questions]
-    sys_prompts = [encode_chat(tok, [{"role": "system", "content": trait_instruction},
-                                     {"role": "user", "content": q}]) for q in questions]
+    judge = AnswerJudge.for_questions(model, questions, scorer, trait_instruction,
+                                      min_distinct=min_distinct, nll_margin=nll_margin)
+    prompts, prompted_in = judge.contexts
 
     def run(rows: list[list[int]]) -> tuple[list[list[int]], list[str]]:
         g = generate(model, rows, max_new_tokens=max_new_tokens)
         return g.tokens, g.texts(tok)
 
-    toks, texts = run(prompts)
-    unsteered, ref = _settle(model, prompts, toks, texts, scorer, None, -1, 0.0)
-    toks, texts = run(sys_prompts)
-    prompted, _ = _settle(model, prompts, toks, texts, scorer, ref, -1, 0.0)
-    sweep = []
-    n = len(prompts)
-    for layer in layers:
-        alphas = torch.tensor([float(a) for a in strengths for _ in range(n)])
-        with steer(model, vector, alphas, layers=[layer], positions=positions):
-            toks, texts = run(prompts * len(strengths))
-        for i, a in enumerate(strengths):
-            part = slice(i * n, (i + 1) * n)
-            s, _ = _settle(model, prompts, toks[part], texts[part], scorer, ref, layer, float(a))
-            sweep.append(s)
-    floor = min_coherence * unsteered.coherence
-    ok = [s for s in sweep if s.coherence >= floor]
-    best = max(ok, key=lambda s: s.trait) if ok else max(sweep, key=lambda s: s.coherence)
-    with steer(model, random_like(vector, seed), best.alpha, layers=[best.layer],
-               positions=positions):
+    with tqdm(total=len(layers) + 3, desc="steering eval", unit="condition",
+              disable=not progress) as bar:
         toks, texts = run(prompts)
-    rand, _ = _settle(model, prompts, toks, texts, scorer, ref, best.layer, best.alpha)
+        judge = judge.calibrate(toks)
+        unsteered = judge(toks, texts)
+        prompted = judge(*run(prompted_in))
+        bar.update(2)
+        sweep = []
+        n = len(prompts)
+        for layer in layers:
+            alphas = torch.tensor([float(a) for a in strengths for _ in range(n)])
+            with steer(model, vector, alphas, layers=[layer], positions=positions):
+                toks, texts = run(prompts * len(strengths))
+            for i, a in enumerate(strengths):
+                part = slice(i * n, (i + 1) * n)
+                sweep.append(judge(toks[part], texts[part], layer, float(a)))
+            bar.update()
+        floor = min_coherence * unsteered.coherence
+        ok = [s for s in sweep if s.coherence >= floor]
+        best = (max(ok, key=lambda s: (s.coherent_trait, -abs(s.alpha))) if ok
+                else max(sweep, key=lambda s: s.coherence))
+        with steer(model, random_like(vector, seed), best.alpha, layers=[best.layer],
+                   positions=positions):
+            toks, texts = run(prompts)
+        rand = judge(toks, texts, best.layer, best.alpha)
+        bar.update()
     return SteeringEval(unsteered, prompted, tuple(sweep), best, rand, min_coherence)

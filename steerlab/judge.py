@@ -22,7 +22,7 @@ from steerlab.client import EndpointClient, bounded_map
 from steerlab.collect import append_records, latest, question_order, read_records
 from steerlab.errors import SteerlabError
 from steerlab.pairs import Pair, save_pairs
-from steerlab.scorers import Scorer
+from steerlab.scorers import Scorer, text_distinct
 
 __all__ = ["Judge", "scorer_judge", "rubric_judge", "judge", "JudgeResult", "filter_pairs",
            "SCORE_SCHEMA"]
@@ -133,14 +133,20 @@ def filter_pairs(
     path: str | os.PathLike | None = None,
     *,
     threshold: float = 40.0,
+    min_distinct: float = 0.0,
 ) -> list[Pair]:
     """Pairs whose chosen score exceeds the rejected score by at least ``threshold``.
+
+    Small models told to play a trait often loop ("Arr, aye, aye, aye..."); such answers make
+    steering vectors that teach looping. ``min_distinct`` drops pairs whose chosen or rejected
+    answer has a :func:`steerlab.scorers.text_distinct` (distinct word bigrams) below it.
 
     Args:
         collected: the collect stage's JSONL.
         judged: the judge stage's JSONL.
         path: where to save the kept pairs (JSONL, atomically); ``None`` to only return them.
         threshold: minimum score difference (the original used 40).
+        min_distinct: minimum distinct-2 of both answers (0: keep loops; the demo uses 0.5).
 
     Example:
         >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
@@ -155,9 +161,10 @@ def filter_pairs(
             continue
         (c, r), (cs, rs) = ([texts[k]["text"] for k in keys],
                             [scores[k]["score"] for k in keys])
-        if cs - rs >= threshold:
+        if cs - rs >= threshold and min(text_distinct(c), text_distinct(r)) >= min_distinct:
             keep.append(Pair(qid, texts[keys[0]]["prompt"], c, r, cs, rs))
     if path is not None:
         save_pairs(keep, path)
-    log.info("filter: kept %d pairs (difference >= %g)", len(keep), threshold)
+    log.info("filter: kept %d pairs (difference >= %g, distinct-2 >= %g)", len(keep), threshold,
+             min_distinct)
     return keep

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from steerlab.errors import SteerlabError
 
 __all__ = ["Scorer", "SCORERS", "lexicon_scorer", "regex_scorer", "emoji_rate_scorer",
-           "scorer_from_spec"]
+           "scorer_from_spec", "distinct_n", "text_distinct"]
 
 Scorer = Callable[[str], float]
 
@@ -24,6 +24,28 @@ _EMOJI = re.compile(
     "[\U0001F300-\U0001F5FF\U0001F600-\U0001F64F\U0001F680-\U0001F6FF\U0001F900-\U0001F9FF"
     "\U0001FA70-\U0001FAFF\U0001F1E6-\U0001F1FF\u2600-\u26FF\u2700-\u27BF\u2B50\u2B55]"
 )
+
+
+def distinct_n(items: Sequence, n: int = 2) -> float:
+    """Share of distinct n-grams among a sequence's n-grams (tokens or words); 1.0 when it has
+    fewer than two n-grams. Repetition loops ("aye, aye, aye") score low.
+
+    Example:
+        >>> distinct_n([1, 2, 1, 2, 1, 2])
+        0.4
+    """
+    grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
+    return len(set(grams)) / len(grams) if len(grams) > 1 else 1.0
+
+
+def text_distinct(text: str, n: int = 2) -> float:
+    """:func:`distinct_n` over a text's lower-cased words and punctuation marks (no tokenizer).
+
+    Example:
+        >>> text_distinct("Aye, aye, aye, aye!")
+        0.5
+    """
+    return distinct_n(re.findall(r"\w+|[^\w\s]", text.lower()), n)
 
 
 def _clip(x: float) -> float:

@@ -106,3 +106,16 @@ def test_cli_collect_on_a_tiny_model(tmp_path, tokenizer):
         "local"}
     bad = CliRunner().invoke(app, ["traits", "collect", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0
+
+
+@pytest.mark.slow
+def test_filter_drops_repetition_loops(pirate_run):
+    from steerlab.scorers import text_distinct
+
+    d = pirate_run["dir"]
+    clean = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", min_distinct=0.5)
+    want = [p for p in pirate_run["pairs"]
+            if min(text_distinct(p.chosen), text_distinct(p.rejected)) >= 0.5]
+    assert clean == want
+    # the embedded model loops on the strong pirate instruction: the filter has work to do
+    assert 0 < len(clean) < len(pirate_run["pairs"])

@@ -103,3 +103,13 @@ def test_scorer_from_spec_uses_the_factory_table():
     assert s("ahoy") == 100.0
     with pytest.raises(SteerlabError, match="cfg.yaml.*expected one of"):
         scorer_from_spec({"type": 3}, source="cfg.yaml")
+
+
+def test_text_distinct_flags_loops():
+    from steerlab.scorers import distinct_n, text_distinct
+
+    assert text_distinct("Boil the water, then add the egg for nine minutes.") == 1.0
+    loop = "Aye, me hearty, me hearty, me hearty, me hearty, me hearty, me hearty!"
+    words = ["aye", ","] + ["me", "hearty", ","] * 5 + ["me", "hearty", "!"]
+    assert text_distinct(loop) == distinct_n(words) == pytest.approx(5 / 19)
+    assert text_distinct("Hi") == 1.0  # too short to repeat

@@ -1,32 +1,35 @@
-"""``steerlab demo``: the main job on the embedded model."""
+"""``steerlab demo``: the whole pipeline on the embedded model in one command."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
-from rich.console import Console
 
 from steerlab.cli._app import app
 
 
 @app.command()
 def demo(
+    output_dir: Annotated[Path, typer.Option(
+        help="Run folder; rerun with the same folder to resume.")] = Path("logs/steerlab-demo"),
     model: str = typer.Option("embedded", help="Model: 'embedded', a hub id or a local dir."),
-    prompt: str = typer.Option("What do you do on a Sunday morning?", help="The prompt."),
-    max_tokens: int = typer.Option(60, help="Tokens per reply."),
+    trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
+    quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Chat one prompt as two personas on the embedded model and print both replies."""
-    from steerlab.chat import encode_chat
-    from steerlab.generate import generate
-    from steerlab.models import load_model
-    from steerlab.personas import ASSISTANT, Persona
+    """Trait pairs (collect, judge, filter), capture to HDF5, fit vectors, sweep layers x
+    strengths with a random control, a small persona-entropy run; HTML report and summary."""
+    from dataclasses import replace
 
+    from rich.console import Console
+
+    from steerlab.demo import DemoConfig, run_demo
+
+    config = replace(DemoConfig.quick() if quick else DemoConfig(), model=model, trait=trait)
+    summary = run_demo(output_dir, config, progress=progress)
     console = Console()
-    with console.status("loading model"):
-        bridge = load_model(model)
-    personae = [ASSISTANT, Persona("a pirate captain", "fictional-character", "")]
-    prompts = [encode_chat(bridge.tokenizer, prompt, persona=p) for p in personae]
-    with console.status("generating"):
-        replies = generate(bridge, prompts, max_new_tokens=max_tokens).texts(bridge.tokenizer)
-    console.print(f"[bold]user[/]: {prompt}")
-    for persona, reply in zip(personae, replies, strict=True):
-        console.print(f"[bold cyan]{persona.persona}[/]: {reply.strip()}")
+    console.rule(f"steerlab demo ({summary.seconds:.0f} s)")
+    for line in summary.lines():
+        console.print(line, markup=False, highlight=False)

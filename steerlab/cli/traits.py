@@ -168,16 +168,20 @@ def filter_(
     trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
     run_dir: RunDir = None,
     threshold: float = typer.Option(40.0, help="Minimum chosen - rejected score difference."),
+    min_distinct: float = typer.Option(
+        0.0, help="Drop pairs with a repetition loop: minimum distinct word-bigram share of "
+        "both answers (0 keeps all; 0.5 drops 'aye, aye, aye' loops)."),
     output: Annotated[Path | None, typer.Option(help="Pairs JSONL [default: "
                                                 "<run-dir>/pairs.jsonl].")] = None,
 ) -> None:
-    """Keep the pairs whose score difference is at least the threshold."""
+    """Keep the pairs whose score difference is at least the threshold (optionally loop-free)."""
     from steerlab.judge import filter_pairs
     from steerlab.traits import load_trait
 
     d = _run_dir(run_dir, load_trait(trait))
     out = output or d / "pairs.jsonl"
-    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold)
+    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold,
+                         min_distinct=min_distinct)
     typer.echo(f"{out}: {len(pairs)} pairs")
 
 

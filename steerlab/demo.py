@@ -1,0 +1,249 @@
+"""The end-to-end demo: trait pairs -> HDF5 capture -> vectors -> steering sweep -> report.
+
+:func:`run_demo` runs the whole pipeline on one model (the embedded one by default) into a
+folder, stage by stage, each stage resuming from what an interrupted run left:
+
+1. ``pairs/``: collect answers with the trait's positive vs negative instruction, judge them with
+   the trait's scorer, keep pairs with a score difference >= ``threshold`` and no repetition loop;
+2. ``activations.h5``: capture both answers at the divergence token and their response means;
+3. ``vector.safetensors``: difference of the response means; ``probe``: held-out accuracy of a
+   logistic probe per layer;
+4. ``steering-eval.json``: layers x strengths on the held-out questions with a random control;
+5. ``personae/``: a small persona-entropy run (prompts x personae of every category);
+6. ``report.html`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import SteerlabError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs; the defaults take about 10 minutes on 2 CPU cores."""
+
+    model: str = "embedded"
+    trait: str = "pirate"
+    n_questions: int | None = None  # None: all of the trait's questions
+    n_held_out: int | None = None  # None: all held-out questions
+    max_tokens: int = 48  # answers collected for the pairs
+    threshold: float = 40.0
+    min_distinct: float = 0.5
+    layers: tuple[int, ...] = (10, 12, 14, 16)
+    strengths: tuple[float, ...] = (0.75, 1.0, 1.25)
+    eval_tokens: int = 40
+    n_prompts: int = 4  # persona-entropy run: prompts from data/prompts.json ...
+    personae_per_category: int = 2  # ... times this many personae of each category
+    persona_tokens: int = 48
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A small run (about 2 minutes on 2 cores) that exercises every stage."""
+        return cls(n_questions=24, n_held_out=8, layers=(10, 14), strengths=(1.0,),
+                   eval_tokens=24, n_prompts=2, personae_per_category=1, persona_tokens=24)
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """The demo's numbers, all read from the run (also written to ``summary.json``)."""
+
+    model: str
+    trait: str
+    pairs_collected: int
+    pairs_kept: int
+    best_layer: int
+    best_alpha: float
+    trait_unsteered: float
+    trait_prompted: float
+    trait_steered: float
+    coherence_unsteered: float
+    coherence_steered: float
+    gap_closed: float
+    random_gap_closed: float
+    probe_accuracy: float
+    persona_results: int
+    report: str
+    seconds: float
+
+    def lines(self) -> list[str]:
+        """The printed summary, one line per fact."""
+        return [
+            f"pairs kept: {self.pairs_kept} of {self.pairs_collected} questions",
+            f"best setting: layer {self.best_layer}, strength {self.best_alpha:g}",
+            f"trait score (coherent answers): unsteered {self.trait_unsteered:.1f}, steered "
+            f"{self.trait_steered:.1f}, prompted with the trait instruction "
+            f"{self.trait_prompted:.1f}",
+            f"gap closed: {self.gap_closed:.0%} (random vector of equal norm: "
+            f"{self.random_gap_closed:.0%})",
+            f"coherence: unsteered {self.coherence_unsteered:.2f}, steered "
+            f"{self.coherence_steered:.2f}",
+            f"probe accuracy at layer {self.best_layer} (held out): {self.probe_accuracy:.2f}",
+            f"persona-entropy results: {self.persona_results}",
+            f"report: {self.report}",
+        ]
+
+
+def _pick_personae(personae: Sequence[Any], per_category: int) -> list[Any]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in personae:
+        if seen.get(p.category, 0) < per_category:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            out.append(p)
+    return out
+
+
+def _stage(name: str) -> None:
+    log.info("demo: %s", name)
+
+
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
+             model: Any = None, progress: bool = True) -> DemoSummary:
+    """Run the whole pipeline into ``out_dir`` and return its summary.
+
+    Args:
+        out_dir: the run folder (created; rerun with the same folder to resume).
+        config: what to run (:meth:`DemoConfig.quick` for a small run).
+        model: an already loaded bridge (default: load ``config.model``).
+        progress: show progress bars.
+
+    Example:
+        >>> s = run_demo("demo-run")
+        >>> print("\\n".join(s.lines()))
+    """
+    from steerlab.collect import collect, read_records
+    from steerlab.evaluate import evaluate_steering
+    from steerlab.extract import extract
+    from steerlab.fitters import fit_vector
+    from steerlab.infer import InferConfig, load_prompts, run_inference
+    from steerlab.judge import filter_pairs, judge, scorer_judge
+    from steerlab.models import load_model
+    from steerlab.personas import load_personae
+    from steerlab.responders import LocalResponder
+    from steerlab.results import load_results, write_json_atomic
+    from steerlab.traits import load_trait
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    trait = load_trait(config.trait)
+    questions = list(trait.questions)[: config.n_questions]
+    held_out = list(trait.held_out_questions)[: config.n_held_out]
+    if not questions or not held_out or not trait.positive_instructions:
+        raise SteerlabError("the demo needs questions, held-out questions and positive and "
+                            "negative instructions", source=config.trait)
+    prompts = load_prompts(DATA_DIR / "prompts.json")[: config.n_prompts]
+    personae = _pick_personae(load_personae(DATA_DIR / "personae.json"),
+                              config.personae_per_category)
+    bridge = model if model is not None else load_model(config.model)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
+    write_json_atomic(out / "demo-config.json", asdict(config))
+
+    _stage("1/6 trait pairs: collect, judge, filter")
+    pd = out / "pairs"
+    pd.mkdir(exist_ok=True)
+    pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens)
+    neg = LocalResponder(bridge, trait.negative_instructions[0], max_tokens=config.max_tokens)
+    collect(questions, pos, neg, pd / "collected.jsonl", progress=progress)
+    judge(pd / "collected.jsonl", pd / "judged.jsonl", scorer_judge(trait.build_scorer()),
+          progress=progress)
+    pairs = filter_pairs(pd / "collected.jsonl", pd / "judged.jsonl", pd / "pairs.jsonl",
+                         threshold=config.threshold, min_distinct=config.min_distinct)
+    collected = len({r["id"] for r in read_records(pd / "collected.jsonl")})
+    if len(pairs) < 4:
+        raise SteerlabError(f"only {len(pairs)} pairs passed the filter; need at least 4",
+                            source=str(pd / "pairs.jsonl"))
+
+    _stage("2/6 capture activations")
+    h5 = extract(bridge, pairs, out / "activations.h5", layers=config.layers, mean=True,
+                 pairs_file=str(pd / "pairs.jsonl"), progress=progress)
+
+    _stage("3/6 fit vectors")
+    vector, _ = fit_vector(h5, "mean-diff", mean=True)
+    vector.save(out / "vector")
+    _, probe = fit_vector(h5, "probe", mean=True)
+    accuracy = dict(zip(config.layers, probe.accuracy.tolist(), strict=True))
+    write_json_atomic(out / "probe.json", {str(k): v for k, v in accuracy.items()})
+
+    _stage("4/6 steering sweep")
+    ev = evaluate_steering(bridge, vector, held_out, trait.build_scorer(),
+                           trait_instruction=trait.trait_instruction, layers=config.layers,
+                           strengths=config.strengths, max_new_tokens=config.eval_tokens,
+                           progress=progress)
+    ev.save(out / "steering-eval.json")
+
+    _stage("5/6 persona entropy")
+    run_inference(bridge, prompts, personae, out / "personae",
+                  InferConfig(model=config.model, max_tokens=config.persona_tokens,
+                              batch_size=64), progress=progress)
+    records = load_results(out / "personae")
+
+    _stage("6/6 report")
+    b = ev.best
+    summary = DemoSummary(
+        model=config.model, trait=trait.name, pairs_collected=collected,
+        pairs_kept=len(pairs), best_layer=b.layer, best_alpha=b.alpha,
+        trait_unsteered=ev.unsteered.coherent_trait, trait_prompted=ev.prompted.coherent_trait,
+        trait_steered=b.coherent_trait, coherence_unsteered=ev.unsteered.coherence,
+        coherence_steered=b.coherence, gap_closed=ev.gap_closed(b),
+        random_gap_closed=ev.gap_closed(ev.random), probe_accuracy=accuracy[b.layer],
+        persona_results=len(records), report=str(out / "report.html"), seconds=0.0)
+    summary = replace(summary, seconds=round(time.perf_counter() - t0, 1))
+    write_report(out / "report.html", summary, ev, accuracy, records, held_out)
+    write_json_atomic(out / "summary.json", asdict(summary))
+    return summary
+
+
+def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, float],
+                 records: Sequence[dict], questions: Sequence[str]) -> Path:
+    """Write the demo's standalone HTML page (plotly inlined once, no network needed)."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from steerlab.viz import html_table, summary_figures
+
+    probe = go.Figure(go.Bar(x=[str(k) for k in accuracy], y=list(accuracy.values())))
+    probe.update_layout(title="Probe accuracy on held-out pairs", xaxis_title="layer",
+                        yaxis_range=[0, 1], height=320)
+    examples = [{"question": q, "unsteered": u, "steered": s, "prompted": p}
+                for q, u, s, p in zip(questions, ev.unsteered.answers, ev.best.answers,
+                                      ev.prompted.answers, strict=False)][:8]
+    figs = [ev.figure(), probe, *summary_figures(records).values()]
+    plots = [pio.to_html(f, include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figs)]
+    body = (f"<h1>steerlab demo: {html.escape(summary.trait)} on "
+            f"{html.escape(summary.model)}</h1><pre>"
+            + html.escape("\n".join(summary.lines())) + "</pre>"
+            "<h2>Steering sweep</h2>" + plots[0] + plots[1]
+            + "<h2>Answers at the best setting</h2>" + html_table(examples)
+            + "<h2>Persona entropy</h2>" + "".join(plots[2:]))
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlab demo</title>"
+            "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+            "table.steerlab{border-collapse:collapse;font-size:12px}table.steerlab td,"
+            "table.steerlab th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"
+            f"</style></head><body>{body}</body></html>")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def summary_json(path: str | os.PathLike) -> DemoSummary:
+    """Read a run's ``summary.json`` back.
+
+    Example:
+        >>> summary_json("demo-run/summary.json").gap_closed
+    """
+    return DemoSummary(**json.loads(Path(path).read_text(encoding="utf-8")))
