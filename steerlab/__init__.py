@@ -12,17 +12,20 @@ from steerlab.chat import encode_chat, encode_text, patch_chat_template, render_
 from steerlab.chat_session import ChatSession
 from steerlab.client import Endpoint, EndpointClient
 from steerlab.collect import collect
+from steerlab.demo import DemoConfig, run_demo
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import evaluate_steering
 from steerlab.extract import extract, merge_shards
 from steerlab.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
 from steerlab.generate import Generation, generate
+from steerlab.infer import InferConfig, run_inference
 from steerlab.judge import filter_pairs, judge, rubric_judge, scorer_judge
 from steerlab.layers import decoder_layers
 from steerlab.models import load_model
 from steerlab.pairs import Pair, load_pairs, merge_pairs, save_pairs
 from steerlab.personas import ASSISTANT, Persona, load_personae, system_prompt_style
 from steerlab.responders import EndpointResponder, LocalResponder
+from steerlab.results import load_results
 from steerlab.scorers import scorer_from_spec
 from steerlab.steer import monitor, steer
 from steerlab.store import ActivationFile
@@ -35,6 +38,8 @@ __all__ = [
     "ASSISTANT",
     "ActivationFile",
     "ChatSession",
+    "DemoConfig",
+    "InferConfig",
     "Endpoint",
     "EndpointClient",
     "EndpointResponder",
@@ -54,6 +59,9 @@ __all__ = [
     "filter_pairs",
     "judge",
     "load_pairs",
+    "load_results",
+    "run_demo",
+    "run_inference",
     "load_trait",
     "merge_pairs",
     "rubric_judge",

@@ -53,7 +53,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """A small run (about 2 minutes on 2 cores) that exercises every stage."""
-        return cls(n_questions=24, n_held_out=8, layers=(10, 14), strengths=(1.0,),
+        return cls(n_held_out=8, layers=(12, 16), strengths=(1.0,),
                    eval_tokens=24, n_prompts=2, personae_per_category=1, persona_tokens=24)
 
 

@@ -32,4 +32,4 @@ def demo(
     console = Console()
     console.rule(f"steerlab demo ({summary.seconds:.0f} s)")
     for line in summary.lines():
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
