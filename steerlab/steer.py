@@ -99,17 +99,15 @@ def steer(
             if rows is False:
                 return None
             h = hidden_of(output)
+            if per_row and alpha.shape[0] != h.shape[0]:
+                raise SteerlabError(f"alpha has {alpha.shape[0]} rows, the batch "
+                                    f"{h.shape[0]}", field="alpha")
             key = (h.device, h.dtype)
-            if key not in cache:
-                cache[key] = direction.to(device=h.device, dtype=h.dtype)
-            v = cache[key]
-            if per_row:
-                if alpha.shape[0] != h.shape[0]:
-                    raise SteerlabError(f"alpha has {alpha.shape[0]} rows, the batch "
-                                        f"{h.shape[0]}", field="alpha")
-                add = alpha.to(device=h.device, dtype=h.dtype)[:, None, None] * v
-            else:
-                add = float(alpha) * v
+            if key not in cache:  # alpha * direction once per device/dtype, not per step
+                v = direction.to(device=h.device, dtype=h.dtype)
+                cache[key] = (alpha.to(device=h.device, dtype=h.dtype)[:, None, None] * v
+                              if per_row else float(alpha) * v)
+            add = cache[key]
             if rows is not None:
                 add = add * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
             return replace_hidden(output, h + add)
