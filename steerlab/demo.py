@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +200,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         trait_steered=b.coherent_trait, coherence_unsteered=ev.unsteered.coherence,
         coherence_steered=b.coherence, gap_closed=ev.gap_closed(b),
         random_gap_closed=ev.gap_closed(ev.random), probe_accuracy=accuracy[b.layer],
-        persona_results=len(records), report=str(out / "report.html"), seconds=0.0)
-    summary = replace(summary, seconds=round(time.perf_counter() - t0, 1))
+        persona_results=len(records), report=str(out / "report.html"),
+        seconds=round(time.perf_counter() - t0, 1))
     write_report(out / "report.html", summary, ev, accuracy, records, held_out)
     write_json_atomic(out / "summary.json", asdict(summary))
     return summary

@@ -88,3 +88,35 @@ def test_uncalibrated_judge_refuses(tiny_model):
     judge = AnswerJudge.for_questions(tiny_model, ["Hi"], lambda t: 0.0, "Be a pirate.")
     with pytest.raises(SteerlabError, match="calibrate"):
         judge([[1, 2, 3]], ["x"])
+
+
+@pytest.mark.slow
+def test_vectors_eval_command(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from steerlab.traits import load_trait
+    from steerlab.vectors import SteeringVector
+
+    t = load_trait("pirate")
+    small = {"name": "pirate-small", "trait_instruction": t.trait_instruction,
+             "held_out_questions": list(t.held_out_questions[:3]), "scorer": t.scorer}
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    vec = SteeringVector(torch.randn(2, 576, generator=torch.Generator().manual_seed(0)),
+                         (10, 12)).save(tmp_path / "v")
+    cmd = [sys.executable, "-m", "steerlab.cli", "vectors", "eval", str(vec), "--trait",
+           str(tmp_path / "small.json"), "--layers", "12", "--strengths", "0.5,1",
+           "--max-tokens", "8", "--output", str(tmp_path / "ev")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert [(s["layer"], s["alpha"]) for s in ev["sweep"]] == [(12, 0.5), (12, 1.0)]
+    assert len(ev["unsteered"]["answers"]) == 3 and (tmp_path / "ev.html").is_file()
+    assert f"best: layer {ev['best']['layer']}, alpha {ev['best']['alpha']}" in run.stdout
+    # a layer the vector lacks: one error line, exit 2, earlier output untouched
+    before = (tmp_path / "ev.json").read_bytes()
+    bad = subprocess.run(cmd[:8] + ["--layers", "14"] + cmd[10:], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "layers" in bad.stderr, bad.stderr[-2000:]
+    assert (tmp_path / "ev.json").read_bytes() == before

@@ -63,7 +63,8 @@ def evaluate(
     max_tokens: int = typer.Option(40, help="New tokens per answer."),
     output: str = typer.Option("steering-eval", help="Writes <output>.json and .html."),
 ) -> None:
-    """Sweep layers x strengths on the trait's held-out questions and pick the best setting."""
+    """Sweep layers x strengths on the trait's held-out questions and pick the best setting
+    (highest trait score of coherent answers with coherence >= 0.8 x unsteered)."""
     from steerlab.evaluate import evaluate_steering
     from steerlab.models import load_model
     from steerlab.traits import load_trait
@@ -87,7 +88,7 @@ def evaluate(
     ev.figure().write_html(out.with_name(out.name + ".html"))
     for s in ev.sweep:
         typer.echo(f"layer {s.layer:3d} alpha {s.alpha:6.2f}  trait {s.trait:5.1f}  "
-                   f"coherence {s.coherence:.2f}")
+                   f"coherent trait {s.coherent_trait:5.1f}  coherence {s.coherence:.2f}")
     b = ev.best
     typer.echo(f"best: layer {b.layer}, alpha {b.alpha} (closes {ev.gap_closed(b):.0%} of the "
                f"gap; random vector {ev.gap_closed(ev.random):.0%})")
