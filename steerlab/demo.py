@@ -107,10 +107,6 @@ def _pick_personae(personae: Sequence[Any], per_category: int) -> list[Any]:
     return out
 
 
-def _stage(name: str) -> None:
-    log.info("demo: %s", name)
-
-
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
              model: Any = None, progress: bool = True) -> DemoSummary:
     """Run the whole pipeline into ``out_dir`` and return its summary.
@@ -152,7 +148,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
     write_json_atomic(out / "demo-config.json", asdict(config))
 
-    _stage("1/6 trait pairs: collect, judge, filter")
+    log.info("demo: 1/6 trait pairs: collect, judge, filter")
     pd = out / "pairs"
     pd.mkdir(exist_ok=True)
     pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens)
@@ -167,31 +163,31 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         raise SteerlabError(f"only {len(pairs)} pairs passed the filter; need at least 4",
                             source=str(pd / "pairs.jsonl"))
 
-    _stage("2/6 capture activations")
+    log.info("demo: 2/6 capture activations")
     h5 = extract(bridge, pairs, out / "activations.h5", layers=config.layers, mean=True,
                  pairs_file=str(pd / "pairs.jsonl"), progress=progress)
 
-    _stage("3/6 fit vectors")
+    log.info("demo: 3/6 fit vectors")
     vector, _ = fit_vector(h5, "mean-diff", mean=True)
     vector.save(out / "vector")
     _, probe = fit_vector(h5, "probe", mean=True)
     accuracy = dict(zip(config.layers, probe.accuracy.tolist(), strict=True))
     write_json_atomic(out / "probe.json", {str(k): v for k, v in accuracy.items()})
 
-    _stage("4/6 steering sweep")
+    log.info("demo: 4/6 steering sweep")
     ev = evaluate_steering(bridge, vector, held_out, trait.build_scorer(),
                            trait_instruction=trait.trait_instruction, layers=config.layers,
                            strengths=config.strengths, max_new_tokens=config.eval_tokens,
                            progress=progress)
     ev.save(out / "steering-eval.json")
 
-    _stage("5/6 persona entropy")
+    log.info("demo: 5/6 persona entropy")
     run_inference(bridge, prompts, personae, out / "personae",
                   InferConfig(model=config.model, max_tokens=config.persona_tokens,
                               batch_size=64), progress=progress)
     records = load_results(out / "personae")
 
-    _stage("6/6 report")
+    log.info("demo: 6/6 report")
     b = ev.best
     summary = DemoSummary(
         model=config.model, trait=trait.name, pairs_collected=collected,

@@ -77,7 +77,8 @@ class Setting:
 
     ``trait`` is the mean trait score of all answers, ``coherence`` the share of coherent
     answers, ``coherent_trait`` the mean score with incoherent answers counted as 0, ``distinct``
-    and ``nll`` the mean distinct-2 and negative log-likelihood.
+    the mean distinct-2, and ``nll`` the mean of the NLLs the verdicts used (see
+    :meth:`AnswerJudge.nll`).
     """
 
     layer: int
