@@ -209,6 +209,7 @@ def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, 
     import plotly.graph_objects as go
     import plotly.io as pio
 
+    from steerlab.report import write_page
     from steerlab.viz import html_table, summary_figures
 
     probe = go.Figure(go.Bar(x=[str(k) for k in accuracy], y=list(accuracy.values())))
@@ -225,15 +226,7 @@ def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, 
             "<h2>Steering sweep</h2>" + plots[0] + plots[1]
             + "<h2>Answers at the best setting</h2>" + html_table(examples)
             + "<h2>Persona entropy</h2>" + "".join(plots[2:]))
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlab demo</title>"
-            "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-            "table.steerlab{border-collapse:collapse;font-size:12px}table.steerlab td,"
-            "table.steerlab th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"
-            f"</style></head><body>{body}</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_page(path, "steerlab demo", body)
 
 
 def summary_json(path: str | os.PathLike) -> DemoSummary:

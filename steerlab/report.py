@@ -84,9 +84,19 @@ def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | Non
                                f"Logit-lens entropy: {records[0]['persona']}, result 0")
             parts.append(pio.to_html(fig, include_plotlyjs=False, full_html=False))
     parts.append("<h2>Results</h2>" + html_table(records, TABLE_COLUMNS))
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlab report</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    tmp = output.with_name(f".{output.name}.tmp")
+    return write_page(output, "steerlab report", "".join(parts))
+
+
+def write_page(path: str | os.PathLike, title: str, body: str) -> Path:
+    """Write a standalone HTML page with steerlab's table style, atomically.
+
+    Example:
+        >>> write_page("out.html", "steerlab demo", "<h1>Hello</h1>")
+    """
+    path = Path(path)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_STYLE}</style></head><body>{body}</body></html>")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, output)
-    return output
+    os.replace(tmp, path)
+    return path
