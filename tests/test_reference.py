@@ -1,0 +1,194 @@
+"""steerlab's generation paths against plain HF on the same weights, loaded without the bridge.
+
+The reference is ``AutoModelForCausalLM`` from the embedded model's directory, never booted as
+a bridge, so nothing TransformerLens does (or stops doing after a release) can move it. These
+tests are the ones that failed under transformers 5.24 with TransformerLens 4.3 (the bridge
+ignored the renamed KV cache) and that ``make test-latest`` runs against the newest releases.
+
+Both sides run in float32 with eager attention (the bridge computes attention itself, eagerly),
+so greedy tokens agree exactly; logits are compared with a tolerance explained at ``LOGIT_ATOL``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from steerlab.chat import encode_chat
+from steerlab.chat_session import ChatSession
+from steerlab.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_filled
+from steerlab.generate import generate, stop_token_ids
+from steerlab.infer import generate_with_metrics
+from steerlab.layers import hidden_of, replace_hidden
+from steerlab.personas import Persona
+from steerlab.responders import LocalResponder
+from steerlab.steer import steer
+from steerlab.vectors import SteeringVector
+
+pytestmark = pytest.mark.slow
+
+# Cached incremental decoding and one full-sequence forward add the same terms in a different
+# order (and, in padded batches, over different widths). In float32 over 30 layers that moves
+# logits of magnitude ~20 by at most ~2e-5 here; 1e-3 leaves 50x headroom, while a broken
+# cache or hook moves them by whole units (the 5.24 breakage: max |diff| > 10).
+LOGIT_ATOL = 1e-3
+NEW_TOKENS = 16
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "Why is the sky blue? Answer briefly, in plain words, for a child of six.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_dir):
+    """The embedded weights as a plain HF model, eager attention, never booted as a bridge."""
+    hf = AutoModelForCausalLM.from_pretrained(
+        embedded_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def ref_tokenizer(embedded_dir):
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    hamlet = Persona("Hamlet", "fictional-character", "")
+    return [encode_chat(tokenizer, q, persona=hamlet) if i % 2 else encode_chat(tokenizer, q)
+            for i, q in enumerate(QUESTIONS)]
+
+
+def hf_greedy(hf, tokenizer, prompts, max_new_tokens=NEW_TOKENS) -> list[list[int]]:
+    """Plain HF ``generate`` on a left-padded batch, cut at the first stop token."""
+    stops = sorted(stop_token_ids(tokenizer, hf))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def hf_logits(hf, prompt, tokens) -> torch.Tensor:
+    """Teacher-forced next-token logits of a plain HF forward at each generated position."""
+    with torch.inference_mode():
+        logits = hf(input_ids=torch.tensor([list(prompt) + list(tokens)])).logits[0].float()
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+
+
+def test_kv_cache_is_filled_after_the_prefill(embedded_model, tiny_model, tokenizer):
+    ids = encode_chat(tokenizer, QUESTIONS[0])
+    assert kv_cache_filled(embedded_model, ids)
+    assert kv_cache_filled(tiny_model, ids)
+
+
+def test_bridge_attention_reads_the_cache_under_both_names():
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    ensure_bridge_reads_cache()
+    for keyword in ("cache", "past_key_values"):
+        assert _bridge_reads(AttentionBridge._update_kv_cache, keyword), keyword
+
+
+def test_chat_template_ids_equal_the_tokenizers_own(embedded_model, ref_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    expected = ref_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+    assert encode_chat(embedded_model.tokenizer, messages) == list(expected)
+
+
+@pytest.fixture(scope="module")
+def batch(embedded_model):
+    """Prompts of different lengths (so the batch is left-padded), two relabelled for Hamlet."""
+    prompts = _prompts(embedded_model.tokenizer)
+    assert len({len(p) for p in prompts}) > 1
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def expected(reference, embedded_model, batch):
+    """HF ``generate``'s greedy replies to the batch."""
+    return hf_greedy(reference, embedded_model.tokenizer, batch)
+
+
+def test_greedy_generate_and_its_logits_equal_plain_hf(embedded_model, reference, batch, expected):
+    steps: list[torch.Tensor] = []
+    gen = generate(embedded_model, batch, max_new_tokens=NEW_TOKENS,
+                   observer=lambda step, logits, active: steps.append(logits.clone()))
+    assert gen.tokens == expected
+    stacked = torch.stack(steps, 1)  # [batch, step, d_vocab]
+    for row, (prompt, tokens) in enumerate(zip(batch, gen.tokens, strict=True)):
+        stop = [int(stacked[row, len(tokens)].argmax())] if gen.stopped[row] else []
+        full = list(tokens) + stop  # the step that chose the stop token counts too
+        got, want = stacked[row, : len(full)], hf_logits(reference, prompt, full)
+        assert torch.allclose(got, want, atol=LOGIT_ATOL, rtol=0), (
+            row, float((got - want).abs().max()))
+
+
+def test_greedy_generate_alone_equals_hf_generate_alone(embedded_model, reference, batch):
+    alone = generate(embedded_model, batch[-1:], max_new_tokens=NEW_TOKENS).tokens
+    assert alone == hf_greedy(reference, embedded_model.tokenizer, batch[-1:])
+
+
+def test_infer_path_equals_hf_tokens_and_entropy(embedded_model, reference, batch, expected):
+    rows = generate_with_metrics(embedded_model, batch, max_new_tokens=NEW_TOKENS)
+    assert [r.tokens for r in rows] == expected
+    for prompt, row in zip(batch, rows, strict=True):
+        logits = hf_logits(reference, prompt, row.tokens)
+        want = torch.distributions.Categorical(logits=logits).entropy().numpy()
+        # entropy is smooth in the logits: a 1e-3 logit error moves it by well under 1e-2 nats
+        assert abs(row.entropy - want).max() < 1e-2
+
+
+def test_chat_path_equals_hf_generate(embedded_model, reference):
+    session = ChatSession(embedded_model, max_tokens=NEW_TOKENS)
+    first = session.prompt_ids(QUESTIONS[0])
+    assert list(session.reply(QUESTIONS[0]).tokens) == hf_greedy(
+        reference, embedded_model.tokenizer, [first])[0]
+    second = session.prompt_ids(QUESTIONS[1])  # the history now holds the first exchange
+    assert list(session.reply(QUESTIONS[1]).tokens) == hf_greedy(
+        reference, embedded_model.tokenizer, [second])[0]
+
+
+def test_collect_path_equals_hf_generate(embedded_model, reference, ref_tokenizer):
+    responder = LocalResponder(embedded_model, "Talk like a pirate.", max_tokens=NEW_TOKENS,
+                               batch_size=len(QUESTIONS))
+    got = dict(responder.respond(QUESTIONS))
+    prompts = [responder.encode(q) for q in QUESTIONS]
+    expected = hf_greedy(reference, embedded_model.tokenizer, prompts)
+    assert [got[i] for i in range(len(QUESTIONS))] == [
+        ref_tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+
+
+def test_steered_generate_equals_hf_with_a_plain_torch_hook(embedded_model, reference, batch,
+                                                            expected):
+    """Steering through the bridge equals adding the same vector with a hook on plain HF."""
+    tok = embedded_model.tokenizer
+    prompts = batch
+    g = torch.Generator().manual_seed(0)
+    layer, alpha = 12, 4.0
+    vector = SteeringVector(torch.randn(1, embedded_model.cfg.d_model, generator=g), (layer,))
+    add = alpha * vector.direction(layer)
+
+    def hook(module, args, output):
+        return replace_hidden(output, hidden_of(output) + add)
+
+    handle = reference.model.layers[layer].register_forward_hook(hook)
+    try:
+        want = hf_greedy(reference, tok, prompts)
+    finally:
+        handle.remove()
+    with steer(embedded_model, vector, alpha):
+        got = generate(embedded_model, prompts, max_new_tokens=NEW_TOKENS).tokens
+    assert got == want
+    assert got != expected  # the vector does change the replies
