@@ -82,9 +82,3 @@ def test_self_check_fails_without_the_shim_where_transformers_passes_cache(embed
     assert not broken.cache_filled and not broken.matches_reference and not broken.ok
     assert result.exit_code == 1 and "FAILED" in result.output
 
-
-def test_version_flag_prints_the_version():
-    from steerlab import __version__
-
-    result = CliRunner().invoke(app, ["--version"])
-    assert result.exit_code == 0 and f"steerlab {__version__}" in result.output

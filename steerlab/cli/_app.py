@@ -15,19 +15,9 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from steerlab import __version__
-
-        typer.echo(f"steerlab {__version__} (`steerlab doctor` for the whole stack)")
-        raise typer.Exit()
-
-
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print steerlab's version and exit."),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
