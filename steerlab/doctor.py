@@ -89,7 +89,7 @@ def self_check(max_new_tokens: int = 16) -> SelfCheck:
     """Greedy reply of the embedded model via steerlab vs plain HF ``generate``, and the cache.
 
     Runs on the CPU in float32 with eager attention on both sides, so the tokens must be equal.
-    Takes about 3 s once the embedded model is converted (the first call converts it, ~25 s).
+    Takes seconds once the embedded model is converted (the first call converts it, ~25 s).
     """
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from steerlab.cli._app import app
 
 @app.command()
 def doctor(
-    check: bool = typer.Option(True, help="Run the self-check (embedded model, ~3 s)."),
+    check: bool = typer.Option(True, help="Run the self-check (embedded model, a few seconds)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
 ) -> None:
     """Versions, devices and a self-check against plain HF generate (exit 1 if it fails).
