@@ -26,6 +26,7 @@ from steerlab.pairs import Pair, load_pairs, merge_pairs, save_pairs
 from steerlab.personas import ASSISTANT, Persona, load_personae, system_prompt_style
 from steerlab.responders import EndpointResponder, LocalResponder
 from steerlab.results import load_results
+from steerlab.runs import merge_run
 from steerlab.scorers import scorer_from_spec
 from steerlab.steer import monitor, steer
 from steerlab.store import ActivationFile
@@ -64,6 +65,7 @@ __all__ = [
     "run_inference",
     "load_trait",
     "merge_pairs",
+    "merge_run",
     "rubric_judge",
     "save_pairs",
     "scorer_from_spec",

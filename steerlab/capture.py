@@ -206,7 +206,8 @@ def capture_positions(
     handles = [attach(blocks[layer], reader(layer)) for layer in sorted(set(layers))]
     try:
         positions_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hf(input_ids=ids, attention_mask=mask, position_ids=positions_ids, use_cache=False)
+        hf(input_ids=ids, attention_mask=mask, position_ids=positions_ids, use_cache=False,
+           logits_to_keep=1)  # activations only: skip the vocabulary projection
     except _Stop:
         pass
     finally:

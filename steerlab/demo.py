@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
+from steerlab.placement import ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 class DemoConfig:
     """What the demo runs; the defaults take about 10 minutes on 2 CPU cores."""
 
-    model: str = "embedded"
+    model: ModelOptions = ModelOptions()  # which model, where (device, dtype, attention)
     trait: str = "pirate"
     n_questions: int | None = None  # None: all of the trait's questions
     n_held_out: int | None = None  # None: all held-out questions
@@ -127,7 +128,6 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     from steerlab.fitters import fit_vector
     from steerlab.infer import InferConfig, load_prompts, run_inference
     from steerlab.judge import filter_pairs, judge, scorer_judge
-    from steerlab.models import load_model
     from steerlab.personas import load_personae
     from steerlab.responders import LocalResponder
     from steerlab.results import load_results, write_json_atomic
@@ -144,7 +144,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     prompts = load_prompts(DATA_DIR / "prompts.json")[: config.n_prompts]
     personae = _pick_personae(load_personae(DATA_DIR / "personae.json"),
                               config.personae_per_category)
-    bridge = model if model is not None else load_model(config.model)
+    bridge = model if model is not None else config.model.load()
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
     write_json_atomic(out / "demo-config.json", asdict(config))
 
@@ -183,14 +183,14 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
 
     log.info("demo: 5/6 persona entropy")
     run_inference(bridge, prompts, personae, out / "personae",
-                  InferConfig(model=config.model, max_tokens=config.persona_tokens,
+                  InferConfig(model=config.model.model, max_tokens=config.persona_tokens,
                               batch_size=64), progress=progress)
     records = load_results(out / "personae")
 
     log.info("demo: 6/6 report")
     b = ev.best
     summary = DemoSummary(
-        model=config.model, trait=trait.name, pairs_collected=collected,
+        model=config.model.model, trait=trait.name, pairs_collected=collected,
         pairs_kept=len(pairs), best_layer=b.layer, best_alpha=b.alpha,
         trait_unsteered=ev.unsteered.coherent_trait, trait_prompted=ev.prompted.coherent_trait,
         trait_steered=b.coherent_trait, coherence_unsteered=ev.unsteered.coherence,

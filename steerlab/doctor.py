@@ -69,6 +69,7 @@ def environment() -> dict[str, Any]:
 class SelfCheck:
     """The outcome of :func:`self_check`: ``ok`` when every check passed."""
 
+    attn_implementation: str
     cache_filled: bool
     steerlab_tokens: tuple[int, ...]
     reference_tokens: tuple[int, ...]
@@ -85,11 +86,12 @@ class SelfCheck:
 
 
 @torch.inference_mode()
-def self_check(max_new_tokens: int = 16) -> SelfCheck:
+def self_check(attn_implementation: str = "sdpa", max_new_tokens: int = 16) -> SelfCheck:
     """Greedy reply of the embedded model via steerlab vs plain HF ``generate``, and the cache.
 
-    Runs on the CPU in float32 with eager attention on both sides, so the tokens must be equal.
-    Takes seconds once the embedded model is converted (the first call converts it, ~25 s).
+    Runs on the CPU in float32 with the same attention on both sides (``sdpa``: HF's attention
+    modules; ``eager``: the bridge's own attention), so the tokens must be equal. Takes
+    seconds once the embedded model is converted (the first call converts it, ~25 s).
     """
     from transformers import AutoModelForCausalLM
 
@@ -99,17 +101,19 @@ def self_check(max_new_tokens: int = 16) -> SelfCheck:
     from steerlab.models import embedded_model_dir, load_model
 
     start = time.perf_counter()
-    model = load_model("embedded", device="cpu")
+    model = load_model("embedded", device="cpu", attn_implementation=attn_implementation)
     tok = model.tokenizer
     ids = encode_chat(tok, SELF_CHECK_PROMPT)
     ours = generate(model, [ids], max_new_tokens=max_new_tokens).tokens[0]
     plain = AutoModelForCausalLM.from_pretrained(
-        embedded_model_dir(), dtype=torch.float32, attn_implementation="eager").eval()
+        embedded_model_dir(), dtype=torch.float32,
+        attn_implementation=attn_implementation).eval()
     stops = sorted(stop_token_ids(tok, plain))
     out = plain.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                          pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     reference = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
-    return SelfCheck(cache_filled=kv_cache_filled(model, ids), steerlab_tokens=tuple(ours),
+    return SelfCheck(attn_implementation=attn_implementation,
+                     cache_filled=kv_cache_filled(model, ids), steerlab_tokens=tuple(ours),
                      reference_tokens=tuple(reference), seconds=time.perf_counter() - start,
                      reply=tok.decode(ours, skip_special_tokens=True))

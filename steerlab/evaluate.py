@@ -59,7 +59,7 @@ def answer_nll(model: Any, prompts: Sequence[Sequence[int]],
         ids, mask = left_pad(rows, pad, device)
         logp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask,
                                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-                                    ).logits.float(), -1)
+                                    ).logits.float().to(device), -1)
         for i, a in enumerate(answers[at : at + batch_size]):
             if not a:
                 out.append(float("nan"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from steerlab.capture import HOOK_POINTS, capture_pairs
 from steerlab.errors import SteerlabError
 from steerlab.personas import SystemPrompt
+from steerlab.placement import ModelOptions
 from steerlab.store import ActivationFile, PartWriter, Rows, StoreMeta, concat_files
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,8 @@ class ExtractConfig:
 
     pairs: Path
     output: Path
-    model: str = "embedded"
-    layers: tuple[int, ...] | None = None  # None: every layer
-    n_devices: int = 1
-    dtype: str = "float32"
-    device: str | None = None
+    model: ModelOptions = ModelOptions()  # keys model, device, dtype, device_map, n_devices,
+    layers: tuple[int, ...] | None = None  # attn_implementation; layers None: every layer
     hook: str = "resid_post"
     positions: tuple[str, ...] = ("divergence",)
     batch_size: int = 8
@@ -48,8 +47,11 @@ class ExtractConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_config(path: str | os.PathLike) -> ExtractConfig:
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+                ) -> ExtractConfig:
     """Read and validate an extraction config (YAML), naming the file and field on errors.
+
+    ``overrides`` replace the config's model keys (command-line model flags).
 
     Example:
         >>> cfg = load_config("experiments/pirate/extract.yaml")
@@ -63,7 +65,8 @@ def load_config(path: str | os.PathLike) -> ExtractConfig:
         raise SteerlabError(f"not valid YAML ({err})", source=src) from None
     if not isinstance(raw, Mapping):
         raise SteerlabError("expected a mapping of settings", source=src)
-    known = set(ExtractConfig.__dataclass_fields__) - {"extra"}
+    known = (set(ExtractConfig.__dataclass_fields__) - {"extra"}) | set(
+        ModelOptions.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise SteerlabError(f"unknown setting(s) {unknown}; expected some of {sorted(known)}",
@@ -96,17 +99,16 @@ def load_config(path: str | os.PathLike) -> ExtractConfig:
     if hook not in HOOK_POINTS:
         raise SteerlabError(f"got {hook!r}; expected one of {sorted(HOOK_POINTS)}",
                             source=src, field="hook")
-    for name in ("batch_size", "flush_every", "n_devices"):
+    for name in ("batch_size", "flush_every"):
         value = need(name, int, 1)
         if value < 1:
             raise SteerlabError(f"got {value}; expected >= 1", source=src, field=name)
     log_file = need("log_file", str, "") or None
     return ExtractConfig(
         pairs=Path(need("pairs", str)), output=Path(need("output", str)),
-        model=need("model", str, "embedded"),
+        model=ModelOptions.from_mapping({**raw, **(overrides or {})}, source=src),
         layers=None if layers in (None, "all") else tuple(layers),
-        n_devices=need("n_devices", int, 1), dtype=need("dtype", str, "float32"),
-        device=need("device", str, "") or None, hook=hook, positions=tuple(positions),
+        hook=hook, positions=tuple(positions),
         batch_size=need("batch_size", int, 8), flush_every=need("flush_every", int, 64),
         system_prompt=need("system_prompt", str, "you-are-a"),
         log_file=Path(log_file) if log_file else None,
@@ -114,10 +116,34 @@ def load_config(path: str | os.PathLike) -> ExtractConfig:
 
 
 def parse_shard(spec: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``"i/n"`` (0-based), else ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``, else 0/1."""
+    """Shard ``(i, n)``: ``"i/n"`` (0-based), else the SLURM array variables, else ``(0, 1)``.
+
+    In an array job, ``SLURM_ARRAY_TASK_COUNT`` is n and i is ``SLURM_ARRAY_TASK_ID`` minus
+    ``SLURM_ARRAY_TASK_MIN`` (divided by ``SLURM_ARRAY_TASK_STEP``), so ``--array=0-7`` and
+    ``--array=1-8`` both give shards 0..7; without ``SLURM_ARRAY_TASK_MIN`` the ids are taken
+    as 0-based.
+
+    Example:
+        >>> parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1",
+        ...                    "SLURM_ARRAY_TASK_COUNT": "3"})
+        (2, 3)
+    """
     env = os.environ if env is None else env
     if spec is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        spec = f"{env['SLURM_ARRAY_TASK_ID']}/{env['SLURM_ARRAY_TASK_COUNT']}"
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+                 "SLURM_ARRAY_TASK_STEP")
+        got = " ".join(f"{k}={env[k]}" for k in names if k in env)
+        try:
+            task, n = int(env[names[0]]), int(env[names[1]])
+            low, step = int(env.get(names[2], 0)), int(env.get(names[3], 1) or 1)
+        except ValueError:
+            raise SteerlabError(f"got {got}; expected integers", field="shard") from None
+        i, rest = divmod(task - low, step)
+        if rest or not (n >= 1 and 0 <= i < n):
+            raise SteerlabError(f"got {got}, shard {(task - low) / step:g} of {n}; expected an "
+                                "array numbered 0..n-1 or 1..n (or pass --shard i/n)",
+                                field="shard")
+        return i, n
     if spec is None:
         return 0, 1
     try:
@@ -129,12 +155,16 @@ def parse_shard(spec: str | None, env: Mapping[str, str] | None = None) -> tuple
     return i, n
 
 
+def shard_batches(n_batches: int, shard: tuple[int, int]) -> range:
+    """Batch indices of shard ``(i, n)``: a contiguous run of whole batches (maybe empty)."""
+    i, n = shard
+    return range(n_batches * i // n, n_batches * (i + 1) // n)
+
+
 def shard_range(n_pairs: int, batch_size: int, shard: tuple[int, int]) -> tuple[int, int]:
     """Rows ``[start, end)`` of a shard: a contiguous run of whole batches."""
-    i, n = shard
-    n_batches = math.ceil(n_pairs / batch_size)
-    lo, hi = n_batches * i // n, n_batches * (i + 1) // n
-    return min(lo * batch_size, n_pairs), min(hi * batch_size, n_pairs)
+    own = shard_batches(math.ceil(n_pairs / batch_size), shard)
+    return min(own.start * batch_size, n_pairs), min(own.stop * batch_size, n_pairs)
 
 
 def shard_path(output: Path, shard: tuple[int, int]) -> Path:
@@ -179,29 +209,38 @@ def extract(
     Example:
         >>> extract(model, load_pairs("data/pairs/pirate.jsonl"), "acts.h5", layers=[8, 10])
     """
+    import json
+
     from tqdm.auto import tqdm
 
     import steerlab
     from steerlab.models import model_id
+    from steerlab.placement import provenance
 
     ids = [str(p.id) for p in pairs]
     if len(set(ids)) != len(ids):
         raise SteerlabError("pair ids are not unique", source=pairs_file or None, field="id")
     n_layers = model.cfg.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
+    where = provenance(model)
     meta = StoreMeta(model_id=model_id(model), hook=hook, layers=layers,
-                     d_model=int(model.cfg.d_model), dtype=str(model.cfg.dtype).removeprefix(
-                         "torch."), mean=mean, steerlab_version=steerlab.__version__,
-                     pairs_file=str(pairs_file), n_pairs=len(pairs))
+                     d_model=int(model.cfg.d_model), dtype=where["dtype"], mean=mean,
+                     steerlab_version=steerlab.__version__, pairs_file=str(pairs_file),
+                     n_pairs=len(pairs), attn_implementation=where["attn_implementation"],
+                     provenance=json.dumps(where))
     out = shard_path(Path(output), shard)
     start, end = shard_range(len(pairs), batch_size, shard)
     if out.exists():
         have = ActivationFile(out)
-        if have.meta == meta and have.n_pairs == end - start:
+        diff = have.meta.mismatch(meta) or (
+            None if have.n_pairs == end - start else ("rows", str(have.n_pairs), str(end - start)))
+        if diff is None:
             log.info("%s is already complete", out)
             return out
-        raise SteerlabError("exists and was captured with other settings; delete it or choose "
-                            "another output", source=str(out))
+        name, old, new = diff
+        raise SteerlabError(f"exists and was captured with other settings: it holds {old}, this "
+                            f"run is {new}; delete it or choose another output", source=str(out),
+                            field=name)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = PartWriter(out, meta, math.ceil(flush_every / batch_size) * batch_size)
     at = start + writer.done
@@ -234,7 +273,11 @@ def extract(
 
 
 def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:
-    """Join shard files (in order ``0..n-1``) into one file equal to a single-process run.
+    """Join shard files into one file equal to a single-process run.
+
+    Files named ``<stem>.shard-IIN-of-NNN.h5`` are put in shard order and checked as a set:
+    every missing shard, extra shard and shard captured with other settings is named, one
+    line each. Other names are joined in the order given.
 
     Example:
         >>> merge_shards(sorted(Path("out").glob("acts.shard-*.h5")), "out/acts.h5")
@@ -242,6 +285,9 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
     if not shards:
         raise SteerlabError("no shard files given", field="shards")
     files = [ActivationFile(s) for s in shards]
+    keys = [SHARD_NAME.search(f.path.name) for f in files]
+    if all(keys):
+        files = _shard_set(files, [(int(m[1]), int(m[2])) for m in keys])
     meta = files[0].meta
     total = sum(f.n_pairs for f in files)
     if meta.n_pairs and total != meta.n_pairs:
@@ -252,3 +298,45 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
         raise SteerlabError("exists; refusing to overwrite", source=str(out))
     concat_files([f.path for f in files], out, meta)
     return out
+
+
+SHARD_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)\.h5$")
+
+
+def _shard_set(files: list[ActivationFile], keys: list[tuple[int, int]]) -> list[ActivationFile]:
+    """The shards in order 0..n-1, or an error naming every missing, extra or odd one."""
+    problems = []
+    by_n: dict[int, ActivationFile] = {}
+    for f, (_, n) in zip(files, keys, strict=True):
+        by_n.setdefault(n, f)
+    if len(by_n) > 1:
+        (n0, a), (n1, b) = sorted(by_n.items())[:2]
+        problems.append(f"shards from different configs: {a.path.name} has n={n0} and "
+                        f"{b.path.name} has n={n1}")
+    first = files[0]
+    for f in files[1:]:
+        diff = first.meta.mismatch(f.meta)
+        if diff:
+            name, mine, theirs = diff
+            problems.append(f"shards from different configs: field {name!r}: "
+                            f"{first.path.name} holds {mine}, {f.path.name} holds {theirs}")
+    n = keys[0][1]
+    seen: dict[int, ActivationFile] = {}
+    for f, (i, m) in zip(files, keys, strict=True):
+        if i >= m:
+            problems.append(f"extra shard {f.path.name}: shard {i} of {m} (shards are 0-{m - 1})")
+        elif i in seen and m == n:
+            problems.append(f"shard {i} of {n} given twice: {seen[i].path} and {f.path}")
+        elif m == n:
+            seen[i] = f
+    if len(by_n) == 1:
+        for i in range(n):
+            if i not in seen:
+                want = shard_path(first.path.with_name(SHARD_NAME.sub(".h5", first.path.name)),
+                                  (i, n))
+                why = "unfinished: " + want.name + ".parts/ holds its capture" if \
+                    want.with_name(want.name + ".parts").is_dir() else f"no {want.name}"
+                problems.append(f"shard {i} of {n} is missing or unfinished ({why})")
+    if problems:
+        raise SteerlabError("\n".join(problems))
+    return [seen[i] for i in range(n)]

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -209,6 +210,7 @@ def fit_vector(
     result = f.fit()
     m = acts.meta
     prov = Provenance(model_id=m.model_id, hook=m.hook, method=f.method + ("+mean" * mean),
-                      n_pairs=result.n_pairs, source=str(acts.path))
+                      n_pairs=result.n_pairs, source=str(acts.path),
+                      capture=json.loads(m.provenance) if m.provenance else {})
     vec = SteeringVector(result.directions, tuple(layers or acts.layers), prov)
     return vec, result

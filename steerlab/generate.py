@@ -78,6 +78,48 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors; products stay below 2**63."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: Int[torch.Tensor, " batch"], step: int, vocab: int
+                 ) -> Float[torch.Tensor, "batch vocab"]:
+    """Gumbel(0, 1) noise that depends only on (seed, step, token), not on the batch.
+
+    ``argmax(logits / T + noise)`` is a draw from ``softmax(logits / T)`` (the Gumbel-max
+    trick). The uniforms come from a counter-based hash, so a row draws the same tokens
+    whichever other rows share its batch (batch size, shards, order), on any device.
+    """
+    seeds = seeds.to(torch.int64)
+    key = _mix32(_mix32(seeds) ^ _mix32(seeds >> 32) * 31 + step)
+    key = _mix32(key ^ (step * 0x9E3779B1))
+    tokens = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) + 0x632BE5AB)
+    bits = _mix32(_mix32(key[:, None] ^ tokens[None, :]) + key[:, None])
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def row_seeds(seed: int | Sequence[int] | None, batch: int, device: torch.device
+              ) -> torch.Tensor:
+    """Per-row seeds: a sequence as given, an int ``s`` as ``s, s+1, …``, None drawn from torch."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, int):
+        return torch.arange(seed, seed + batch, device=device, dtype=torch.int64)
+    values = [int(s) for s in seed]
+    if len(values) != batch:
+        raise SteerlabError(f"got {len(values)} seeds for {batch} prompts; expected one per "
+                            "prompt", field="seed")
+    return torch.tensor(values, device=device, dtype=torch.int64)
+
+
 def stop_token_ids(tokenizer: Any, hf_model: Any = None) -> set[int]:
     """End-of-turn ids: the tokenizer's EOS plus the generation config's EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -94,7 +136,7 @@ def generate(
     *,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop_ids: set[int] | None = None,
     observer: StepObserver | None = None,
     think_marker: Sequence[int] = (),
@@ -103,14 +145,16 @@ def generate(
     """Generate replies for a batch of prompt token ids with a KV cache.
 
     Runs the bridge's HF model directly (hooks on :func:`steerlab.layers.decoder_layers`
-    still fire), greedy at ``temperature == 0`` or sampled with a seeded generator.
+    still fire), greedy at ``temperature == 0``, else sampled: row ``r`` draws with its own
+    seed (see :func:`gumbel_noise`), so its reply does not depend on the other rows.
 
     Args:
         model: a bridge from :func:`steerlab.load_model`.
         prompts: token ids per row (from :func:`steerlab.encode_chat`); rows may differ in length.
         max_new_tokens: per-row budget.
         temperature: 0 for greedy decoding.
-        seed: seed of the sampling generator.
+        seed: per-row seeds (one per prompt), or ``s`` for rows ``s, s+1, …``; ``None``
+            draws one from torch's global generator.
         stop_ids: token ids that end a row (default: EOS ids of tokenizer and model).
         observer: called as ``observer(step, logits, active)`` with the raw next-token logits.
         think_marker: ids of ``</think>``; rows are "in output" after it (or always if empty).
@@ -132,9 +176,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stops[0])
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
+    seeds = row_seeds(seed, batch, device) if temperature > 0 else None
     active = torch.ones(batch, dtype=torch.bool, device=device)
     hit_stop = torch.zeros(batch, dtype=torch.bool, device=device)
     in_output = torch.full((batch,), not think_marker, dtype=torch.bool, device=device)
@@ -151,15 +193,16 @@ def generate(
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
+                logits_to_keep=1,  # the prefill needs the last position only
                 **{cache_kw: past},
             )
         past = output_cache(result)
-        logits = result.logits[:, -1, :].float()
+        # a split model's logits come out on the last GPU; the row state lives on the first
+        logits = result.logits[:, -1, :].float().to(device)
         if observer is not None:
             observer(step, logits, active)
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        if seeds is not None:
+            nxt = (logits / temperature + gumbel_noise(seeds, step, logits.shape[-1])).argmax(-1)
         else:
             nxt = logits.argmax(-1)
         is_stop = torch.isin(nxt, stops) & active

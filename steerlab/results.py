@@ -5,9 +5,13 @@ renamed) holding its records and per-token arrays, so a crash, even SIGKILL, los
 batch under way and a rerun skips committed batches. After each batch ``results.json`` is
 rewritten atomically; at the end the parts are concatenated into ``per_token.h5``.
 
+A run may be split into shards that share one folder: each commits its own batches and
+writes ``shards/shard-IIII-of-NNNN.json`` when done, and :func:`steerlab.runs.merge_run` then
+writes ``results.json`` and ``per_token.h5`` exactly as a single process would.
+
 ``per_token.h5`` layout (rows are results in ``results.json`` order)::
 
-    attrs: format, model, n_layers, top_k_mass_k, lens
+    attrs: format, model, n_layers, top_k_mass_k, lens, provenance (a JSON string)
     record_id [n]  offset [n]  length [n]          (int64; a row's tokens are offset:offset+length)
     tokens [N] int32   entropy [N] float32   top_k_mass [N] float32
     lens_entropy [N, n_layers] float32   lens_top_k_mass [N, n_layers]   (only with --lens)
@@ -27,8 +31,8 @@ import numpy as np
 from steerlab.errors import SteerlabError
 
 FORMAT = "steerlab.per_token/1"
-RESULTS, CONFIG, PER_TOKEN, PARTS, LOG = (
-    "results.json", "config.json", "per_token.h5", "parts", "infer.log",
+RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
+    "results.json", "config.json", "per_token.h5", "parts", "infer.log", "shards", ".lock",
 )
 ARRAYS = ("tokens", "entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass")
 
@@ -52,6 +56,18 @@ class RunStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.parts = self.root / PARTS
+
+    def config(self) -> dict[str, Any]:
+        """The run's ``config.json``."""
+        return json.loads((self.root / CONFIG).read_text(encoding="utf-8"))
+
+    def marker(self, shard: tuple[int, int]) -> Path:
+        """``shards/shard-IIII-of-NNNN.json``: written when shard ``(i, n)`` has finished."""
+        return self.root / SHARDS / f"shard-{shard[0]:04d}-of-{shard[1]:04d}.json"
+
+    def complete(self) -> bool:
+        """Whether the run is finished (``per_token.h5`` written, parts removed)."""
+        return (self.root / PER_TOKEN).is_file() and not self.parts.is_dir()
 
     def _part(self, batch: int) -> Path:
         return self.parts / f"batch-{batch:06d}.h5"

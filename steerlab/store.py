@@ -49,12 +49,28 @@ class StoreMeta:
     steerlab_version: str
     pairs_file: str = ""
     n_pairs: int = 0  # pairs in the whole input (all shards)
+    attn_implementation: str = ""  # "" in files written before it was recorded
+    provenance: str = ""  # JSON: devices and versions (see steerlab.placement.provenance)
 
     def attrs(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["format"] = FORMAT
         return d
+
+    def mismatch(self, other: StoreMeta, fields: Sequence[str] = ()) -> tuple[str, str, str] | None:
+        """The first field (of ``fields``, default all but ``provenance``) that differs:
+        ``(name, mine, other's)``. Provenance (devices, versions) may change on a resume.
+
+        Example:
+            >>> have.mismatch(want)
+            ('layers', '[0, 2]', '[1]')
+        """
+        for name in fields or [f for f in self.__dataclass_fields__ if f != "provenance"]:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return name, _show(mine), _show(theirs)
+        return None
 
     @classmethod
     def from_attrs(cls, attrs: Any, source: str) -> StoreMeta:
@@ -65,10 +81,23 @@ class StoreMeta:
                 dtype=str(attrs["dtype"]), mean=bool(attrs["mean"]),
                 steerlab_version=str(attrs["steerlab_version"]),
                 pairs_file=str(attrs.get("pairs_file", "")), n_pairs=int(attrs.get("n_pairs", 0)),
+                attn_implementation=str(attrs.get("attn_implementation", "")),
+                provenance=str(attrs.get("provenance", "")),
             )
         except KeyError as err:
             raise SteerlabError(f"missing attribute {err.args[0]!r}; not a steerlab activation "
                                 "file", source=source) from None
+
+
+def _devices(provenance: str) -> list[str]:
+    try:
+        return list(json.loads(provenance).get("devices", [])) if provenance else []
+    except (json.JSONDecodeError, AttributeError):
+        return []
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True)
@@ -147,10 +176,11 @@ def concat_files(sources: Sequence[Path], output: Path, meta: StoreMeta) -> None
         at = 0
         for src in sources:
             part = ActivationFile(src)
-            if part.meta.layers != meta.layers or part.meta.hook != meta.hook or \
-                    part.meta.model_id != meta.model_id or part.meta.mean != meta.mean:
-                raise SteerlabError("captured with different model, hook, layers or mean "
-                                    "than the other inputs", source=str(src))
+            diff = part.meta.mismatch(meta, ("model_id", "hook", "layers", "d_model", "mean"))
+            if diff:
+                name, have, want = diff
+                raise SteerlabError(f"captured with {have}, the other inputs with {want}",
+                                    source=str(src), field=name)
             for rows in part.iter_rows(256):
                 _write(out, rows, at)
                 at += len(rows)
@@ -180,13 +210,18 @@ class PartWriter:
         stamp = self.dir / "meta.json"
         want = self.meta.attrs()
         if stamp.is_file():
-            have = json.loads(stamp.read_text())
-            if have != want:
-                diff = sorted(k for k in want if have.get(k) != want[k])
+            have = StoreMeta.from_attrs(json.loads(stamp.read_text()), str(stamp))
+            diff = have.mismatch(self.meta)
+            if diff:
+                name, old, new = diff
                 raise SteerlabError(
-                    f"an unfinished run with different settings ({', '.join(diff)}) is in "
-                    f"{self.dir}; rerun with the same settings or delete that folder",
-                    source=str(self.output))
+                    f"an unfinished run with different settings is in {self.dir}: it holds "
+                    f"{old}, this run is {new}; rerun with the same settings or delete that "
+                    "folder", source=str(self.output), field=name)
+            before, now = (_devices(m.provenance) for m in (have, self.meta))
+            if before != now:
+                log.warning("resuming %s on %s (its earlier parts ran on %s)", self.output,
+                            ", ".join(now) or "?", ", ".join(before) or "?")
         else:
             tmp = self.dir / ".meta.json.tmp"
             tmp.write_text(json.dumps(want, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class Provenance:
     n_pairs: int = 0
     normalisation: str = "none"
     source: str = ""
+    # where the activations were captured: devices, dtype, attention kernel, versions
+    capture: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def test_doctor_prints_the_stack_and_passes_its_self_check():
     for name in ("torch", "transformers", "transformer-lens"):
         assert f"{name} " in result.output
         assert importlib.metadata.version(name) in result.output
-    assert "self-check        ok" in result.output
+    assert "self-check sdpa   ok" in result.output
+    assert "self-check eager  ok" in result.output
 
 
 @pytest.mark.slow
@@ -77,7 +78,7 @@ def test_self_check_fails_without_the_shim_where_transformers_passes_cache(embed
     if cache_keyword(embedded_model.original_model) != "cache":
         pytest.skip("this transformers passes past_key_values: the shim has nothing to fix")
     with without_shim():
-        broken = self_check()
+        broken = self_check("eager")  # the bridge's own attention: the path the shim fixes
         result = CliRunner().invoke(app, ["doctor"])
     assert not broken.cache_filled and not broken.matches_reference and not broken.ok
     assert result.exit_code == 1 and "FAILED" in result.output

@@ -250,7 +250,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
     assert _cli(*args, "--output-dir", str(tmp_path / "whole")) == 0
     resumed, whole = load_results(run), load_results(tmp_path / "whole")
     assert [r["id"] for r in resumed] == list(range(6))  # no duplicates, nothing missing
-    assert resumed == whole  # sampled, yet identical: batch b uses seed + b
+    assert resumed == whole  # sampled, yet identical: task t uses seed + t
     for r in resumed:
         a, b = read_per_token(run, r["id"]), read_per_token(tmp_path / "whole", r["id"])
         assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -258,4 +258,6 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
     assert load_results(run) == whole
     capsys.readouterr()
     assert _cli(*args[:-1], "--output-dir", str(run)) == 2  # different settings: refused
-    assert "different run" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1  # one line naming the field and both values
+    assert "field 'lens': the folder holds true, this run is false" in errors[0]

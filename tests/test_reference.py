@@ -5,8 +5,10 @@ a bridge, so nothing TransformerLens does (or stops doing after a release) can m
 tests are the ones that failed under transformers 5.24 with TransformerLens 4.3 (the bridge
 ignored the renamed KV cache) and that ``make test-latest`` runs against the newest releases.
 
-Both sides run in float32 with eager attention (the bridge computes attention itself, eagerly),
-so greedy tokens agree exactly; logits are compared with a tolerance explained at ``LOGIT_ATOL``.
+Every test runs twice: with ``sdpa`` (steerlab's default: HF's own attention modules) and with
+``eager`` (the bridge's re-implemented attention, the path the 5.24 cache rename broke). Both
+sides run in float32 with the same attention, so greedy tokens agree exactly; logits are
+compared with a tolerance explained at ``LOGIT_ATOL``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from steerlab.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_f
 from steerlab.generate import generate, stop_token_ids
 from steerlab.infer import generate_with_metrics
 from steerlab.layers import hidden_of, replace_hidden
+from steerlab.models import load_model
 from steerlab.personas import Persona
 from steerlab.responders import LocalResponder
 from steerlab.steer import steer
@@ -43,11 +46,25 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def attn(request):
+    """Both attention paths: sdpa runs HF's attention modules, eager the bridge's own."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(embedded_dir):
-    """The embedded weights as a plain HF model, eager attention, never booted as a bridge."""
+def model(attn, embedded_model):
+    """The embedded model through steerlab (the session's sdpa model, or an eager one)."""
+    if attn == "sdpa":
+        return embedded_model
+    return load_model("embedded", device="cpu", attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_dir, attn):
+    """The embedded weights as a plain HF model with the same attention, never a bridge."""
     hf = AutoModelForCausalLM.from_pretrained(
-        embedded_dir, dtype=torch.float32, attn_implementation="eager"
+        embedded_dir, dtype=torch.float32, attn_implementation=attn
     )
     return hf.eval()
 
@@ -109,22 +126,22 @@ def test_chat_template_ids_equal_the_tokenizers_own(embedded_model, ref_tokenize
 
 
 @pytest.fixture(scope="module")
-def batch(embedded_model):
+def batch(model):
     """Prompts of different lengths (so the batch is left-padded), two relabelled for Hamlet."""
-    prompts = _prompts(embedded_model.tokenizer)
+    prompts = _prompts(model.tokenizer)
     assert len({len(p) for p in prompts}) > 1
     return prompts
 
 
 @pytest.fixture(scope="module")
-def expected(reference, embedded_model, batch):
+def expected(reference, model, batch):
     """HF ``generate``'s greedy replies to the batch."""
-    return hf_greedy(reference, embedded_model.tokenizer, batch)
+    return hf_greedy(reference, model.tokenizer, batch)
 
 
-def test_greedy_generate_and_its_logits_equal_plain_hf(embedded_model, reference, batch, expected):
+def test_greedy_generate_and_its_logits_equal_plain_hf(model, reference, batch, expected):
     steps: list[torch.Tensor] = []
-    gen = generate(embedded_model, batch, max_new_tokens=NEW_TOKENS,
+    gen = generate(model, batch, max_new_tokens=NEW_TOKENS,
                    observer=lambda step, logits, active: steps.append(logits.clone()))
     assert gen.tokens == expected
     stacked = torch.stack(steps, 1)  # [batch, step, d_vocab]
@@ -136,13 +153,13 @@ def test_greedy_generate_and_its_logits_equal_plain_hf(embedded_model, reference
             row, float((got - want).abs().max()))
 
 
-def test_greedy_generate_alone_equals_hf_generate_alone(embedded_model, reference, batch):
-    alone = generate(embedded_model, batch[-1:], max_new_tokens=NEW_TOKENS).tokens
-    assert alone == hf_greedy(reference, embedded_model.tokenizer, batch[-1:])
+def test_greedy_generate_alone_equals_hf_generate_alone(model, reference, batch):
+    alone = generate(model, batch[-1:], max_new_tokens=NEW_TOKENS).tokens
+    assert alone == hf_greedy(reference, model.tokenizer, batch[-1:])
 
 
-def test_infer_path_equals_hf_tokens_and_entropy(embedded_model, reference, batch, expected):
-    rows = generate_with_metrics(embedded_model, batch, max_new_tokens=NEW_TOKENS)
+def test_infer_path_equals_hf_tokens_and_entropy(model, reference, batch, expected):
+    rows = generate_with_metrics(model, batch, max_new_tokens=NEW_TOKENS)
     assert [r.tokens for r in rows] == expected
     for prompt, row in zip(batch, rows, strict=True):
         logits = hf_logits(reference, prompt, row.tokens)
@@ -152,34 +169,34 @@ def test_infer_path_equals_hf_tokens_and_entropy(embedded_model, reference, batc
         assert abs(row.entropy - want).max() < 1e-2
 
 
-def test_chat_path_equals_hf_generate(embedded_model, reference):
-    session = ChatSession(embedded_model, max_tokens=NEW_TOKENS)
+def test_chat_path_equals_hf_generate(model, reference):
+    session = ChatSession(model, max_tokens=NEW_TOKENS)
     first = session.prompt_ids(QUESTIONS[0])
     assert list(session.reply(QUESTIONS[0]).tokens) == hf_greedy(
-        reference, embedded_model.tokenizer, [first])[0]
+        reference, model.tokenizer, [first])[0]
     second = session.prompt_ids(QUESTIONS[1])  # the history now holds the first exchange
     assert list(session.reply(QUESTIONS[1]).tokens) == hf_greedy(
-        reference, embedded_model.tokenizer, [second])[0]
+        reference, model.tokenizer, [second])[0]
 
 
-def test_collect_path_equals_hf_generate(embedded_model, reference, ref_tokenizer):
-    responder = LocalResponder(embedded_model, "Talk like a pirate.", max_tokens=NEW_TOKENS,
+def test_collect_path_equals_hf_generate(model, reference, ref_tokenizer):
+    responder = LocalResponder(model, "Talk like a pirate.", max_tokens=NEW_TOKENS,
                                batch_size=len(QUESTIONS))
     got = dict(responder.respond(QUESTIONS))
     prompts = [responder.encode(q) for q in QUESTIONS]
-    expected = hf_greedy(reference, embedded_model.tokenizer, prompts)
+    expected = hf_greedy(reference, model.tokenizer, prompts)
     assert [got[i] for i in range(len(QUESTIONS))] == [
         ref_tokenizer.decode(t, skip_special_tokens=True) for t in expected]
 
 
-def test_steered_generate_equals_hf_with_a_plain_torch_hook(embedded_model, reference, batch,
+def test_steered_generate_equals_hf_with_a_plain_torch_hook(model, reference, batch,
                                                             expected):
     """Steering through the bridge equals adding the same vector with a hook on plain HF."""
-    tok = embedded_model.tokenizer
+    tok = model.tokenizer
     prompts = batch
     g = torch.Generator().manual_seed(0)
     layer, alpha = 12, 4.0
-    vector = SteeringVector(torch.randn(1, embedded_model.cfg.d_model, generator=g), (layer,))
+    vector = SteeringVector(torch.randn(1, model.cfg.d_model, generator=g), (layer,))
     add = alpha * vector.direction(layer)
 
     def hook(module, args, output):
@@ -190,7 +207,7 @@ def test_steered_generate_equals_hf_with_a_plain_torch_hook(embedded_model, refe
         want = hf_greedy(reference, tok, prompts)
     finally:
         handle.remove()
-    with steer(embedded_model, vector, alpha):
-        got = generate(embedded_model, prompts, max_new_tokens=NEW_TOKENS).tokens
+    with steer(model, vector, alpha):
+        got = generate(model, prompts, max_new_tokens=NEW_TOKENS).tokens
     assert got == want
     assert got != expected  # the vector does change the replies

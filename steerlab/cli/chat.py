@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
+from steerlab.placement import ModelOptions
 
 ESC = b"\x1b"
 
@@ -68,8 +70,9 @@ def _out(text: str) -> None:
 
 
 @app.command()
+@model_flags
 def chat(
-    model: str = typer.Option("embedded", help="Model: 'embedded', a hub id or a local dir."),
+    model: ModelOptions,
     persona: str = typer.Option("assistant", help="Who answers (relabels the assistant turn)."),
     system: str = typer.Option(None, help="System prompt text (default: 'You are PERSONA.')."),
     thinking: bool = typer.Option(False, help="Thinking mode (templates that support it)."),
@@ -79,18 +82,12 @@ def chat(
     vector: str = typer.Option(None, help="Steering vector file to start with."),
     alpha: float = typer.Option(1.0, help="Steering strength for --vector (x the vector)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
-    dtype: str = typer.Option("float32", help="Weights dtype, e.g. bfloat16 on GPUs."),
-    device: str = typer.Option(None, help="Device (default: cuda, mps or cpu)."),
-    n_devices: int = typer.Option(1, help="Shard the model over this many GPUs."),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
     from steerlab.chat_session import ChatSession, parse_command
-    from steerlab.models import load_model
-
     if max_tokens < 1:
         raise SteerlabError(f"got {max_tokens}; expected >= 1", field="max-tokens")
-    bridge = load_model(model, dtype=dtype, device=device,
-                        n_devices=n_devices if n_devices > 1 else None)
+    bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed)
     session.set_persona(persona)
@@ -99,7 +96,7 @@ def chat(
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     keys = _StopKeys()
-    _out(f"steerlab chat: {model} as {session.persona.persona}. /help for commands, "
+    _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
     while True:
         try:

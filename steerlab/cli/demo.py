@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
+from steerlab.placement import ModelOptions
 
 
 @app.command()
+@model_flags
 def demo(
+    model: ModelOptions,
     output_dir: Annotated[Path, typer.Option(
         help="Run folder; rerun with the same folder to resume.")] = Path("logs/steerlab-demo"),
-    model: str = typer.Option("embedded", help="Model: 'embedded', a hub id or a local dir."),
     trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
     quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
     progress: bool = typer.Option(True, help="Show progress bars."),

@@ -18,8 +18,9 @@ def doctor(
     """Versions, devices and a self-check against plain HF generate (exit 1 if it fails).
 
     Prints steerlab, torch, transformers and transformer-lens versions and the devices, then
-    checks that the embedded model's greedy reply equals plain HF generate on the same weights
-    and that the KV cache fills after the prefill. Paste the output into bug reports.
+    checks, with sdpa and with eager attention, that the embedded model's greedy reply equals
+    plain HF generate on the same weights and that the KV cache fills after the prefill. Paste
+    the output into bug reports.
     """
     from transformers.utils import logging as hf_logging
 
@@ -27,12 +28,13 @@ def doctor(
 
     hf_logging.disable_progress_bar()
     env = environment()
-    result = self_check() if check else None
+    results = [self_check(attn) for attn in ("sdpa", "eager")] if check else []
     if as_json:
-        if result is not None:
-            env["self_check"] = {"ok": result.ok, "cache_filled": result.cache_filled,
-                                 "matches_reference": result.matches_reference,
-                                 "seconds": round(result.seconds, 2)}
+        if results:
+            env["self_check"] = {r.attn_implementation: {
+                "ok": r.ok, "cache_filled": r.cache_filled,
+                "matches_reference": r.matches_reference, "seconds": round(r.seconds, 2)}
+                for r in results}
         typer.echo(json.dumps(env, indent=2))
     else:
         rows = {"python": f"{env['python']} ({env['platform']})", **env["packages"],
@@ -41,12 +43,13 @@ def doctor(
                 if env["kv_cache_shim"] else "not needed"}
         for name, value in rows.items():
             typer.echo(f"{name:<18}{value}")
-        if result is not None:
+        for result in results:
             verdict = "ok" if result.ok else "FAILED"
-            typer.echo(f"{'self-check':<18}{verdict} in {result.seconds:.1f} s:"
+            typer.echo(f"{'self-check ' + result.attn_implementation:<18}{verdict} in "
+                       f"{result.seconds:.1f} s:"
                        f" KV cache {'filled' if result.cache_filled else 'EMPTY after prefill'},"
                        f" greedy reply {'equals' if result.matches_reference else 'DIFFERS FROM'}"
                        f" plain HF generate")
             typer.echo(f"{'':<18}reply: {result.reply!r}")
-    if result is not None and not result.ok:
+    if not all(r.ok for r in results):
         sys.exit(1)

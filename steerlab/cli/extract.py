@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
 
 log = logging.getLogger("steerlab.extract")
@@ -26,32 +27,35 @@ def _log_to(path: Path | None) -> None:
 
 
 @app.command()
+@model_flags(overrides=True)
 def extract(
+    model: dict,
     config: Annotated[Path, typer.Option("--config", "-c", help="extract.yaml of the study.")],
-    shard: str = typer.Option(None, help="Capture shard i/n only (default: SLURM array vars)."),
+    shard: str | None = typer.Option(
+        None, help="Capture shard i/n only (default: SLURM array vars)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Capture divergence-point activations of a pairs file into HDF5 (resumable)."""
+    """Capture divergence-point activations of a pairs file into HDF5 (resumable).
+
+    The model flags, where given, override the config's model keys."""
     from steerlab.extract import extract as run
     from steerlab.extract import load_config, parse_shard
     from steerlab.layers import check_layers
-    from steerlab.models import load_model
     from steerlab.pairs import load_pairs
     from steerlab.personas import system_prompt_style
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides=model)
     part = parse_shard(shard)
     _log_to(cfg.log_file)
     style = system_prompt_style(cfg.system_prompt)
     pairs = load_pairs(cfg.pairs)
     log.info("config %s: %d pairs from %s, shard %d/%d", config, len(pairs), cfg.pairs, *part)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                       n_devices=cfg.n_devices if cfg.n_devices > 1 else None)
+    bridge = cfg.model.load()
     try:
-        layers = None if cfg.layers is None else check_layers(model, list(cfg.layers))
+        layers = None if cfg.layers is None else check_layers(bridge, list(cfg.layers))
     except SteerlabError as err:
         raise SteerlabError(str(err), source=str(config)) from None
-    out = run(model, pairs, cfg.output, layers=layers, hook=cfg.hook,
+    out = run(bridge, pairs, cfg.output, layers=layers, hook=cfg.hook,
               mean="mean" in cfg.positions, batch_size=cfg.batch_size,
               flush_every=cfg.flush_every, shard=part, system_prompt=style,
               pairs_file=str(cfg.pairs), progress=progress)
@@ -62,7 +66,8 @@ def extract(
 def merge(
     shards: Annotated[
         list[Path] | None,
-        typer.Argument(help="Shard files in order (default: from the config)."),
+        typer.Argument(help="Shard files in order (default: from the config), or the run "
+                       "folder of a sharded `steerlab infer`."),
     ] = None,
     config: Annotated[
         Path | None,
@@ -73,9 +78,17 @@ def merge(
         typer.Option("--output", "-o", help="Merged file (default: the config's)."),
     ] = None,
 ) -> None:
-    """Join the shard files of a sharded ``steerlab extract`` into one HDF5 file."""
+    """Join the shards of a sharded ``steerlab extract`` (files) or ``steerlab infer`` (RUN)."""
     from steerlab.extract import load_config, merge_shards
 
+    if shards and len(shards) == 1 and shards[0].is_dir():
+        from steerlab.runs import merge_run
+
+        if config is not None or output is not None:
+            raise SteerlabError("an inference run is merged in place; drop --config and "
+                                "--output", source=str(shards[0]))
+        typer.echo(f"wrote {merge_run(shards[0])}")
+        return
     if config is not None:
         cfg = load_config(config)
         output = output or cfg.output

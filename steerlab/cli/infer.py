@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
+from steerlab.placement import ModelOptions
 
 
 @app.command()
+@model_flags
 def infer(
+    model: ModelOptions,
     prompts_json: Annotated[Path, typer.Option(help="Prompts: a JSON list of strings or of "
                                                "{\"prompt\": ...}.")],
     personae_json: Annotated[Path, typer.Option(help="Personae: a JSON list of "
                                                 "{\"persona\", \"category\", \"article\"}.")],
-    model: str = typer.Option("embedded", help="'embedded', a hub id or a local directory."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
     max_tokens: int = typer.Option(1024, help="Most new tokens per reply."),
     batch_size: int = typer.Option(256, help="Replies generated together."),
@@ -26,32 +29,46 @@ def infer(
     system_prompt_style: str = typer.Option(
         "you-are-a", help="'you-are-a', 'none', or a format string with {persona}."),
     output_dir: Annotated[Path | None, typer.Option(
-        help="Run folder (default: logs/personae-inference-{SLURM_JOB_ID or timestamp}); "
-        "rerun with the same folder to resume.")] = None,
-    seed: int = typer.Option(0, help="Sampling seed (batch b uses seed + b)."),
+        help="Run folder (default: logs/personae-inference-{SLURM_ARRAY_JOB_ID, SLURM_JOB_ID "
+        "or timestamp}); rerun with the same folder to resume.")] = None,
+    seed: int = typer.Option(0, help="Sampling seed (task t samples with seed + t)."),
+    shard: Annotated[str | None, typer.Option(
+        help="Run shard i/n (0-based) of the batches into the shared --output-dir (default: "
+        "SLURM array variables), then `steerlab merge RUN`.")] = None,
     lens: bool = typer.Option(False, help="Also record logit-lens metrics at every layer."),
-    dtype: str = typer.Option("float32", help="Weights dtype, e.g. bfloat16 on GPUs."),
-    device: Annotated[str | None, typer.Option(help="Device (default: cuda, mps or cpu).")] = None,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Generate every persona x prompt x rep and record entropy / top-k mass (resumable)."""
+    import os
+
+    from steerlab.errors import SteerlabError
+    from steerlab.extract import parse_shard
     from steerlab.infer import InferConfig, default_output_dir, load_prompts, run_inference
-    from steerlab.models import load_model
     from steerlab.personas import load_personae
 
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
     personae = load_personae(personae_json)
-    config = InferConfig(model=model, temperature=temperature, max_tokens=max_tokens,
+    config = InferConfig(model=model.model, temperature=temperature, max_tokens=max_tokens,
                          batch_size=batch_size, n_reps=n_reps, top_k_mass_k=top_k_mass_k,
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
                          seed=seed, lens=lens).validate()
+    part = parse_shard(shard)
+    if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
+        raise SteerlabError("all shards must write one folder; give --output-dir",
+                            field="output_dir")
     output_dir = output_dir or default_output_dir()
-    bridge = load_model(model, dtype=dtype, device=device)
-    out = run_inference(bridge, prompts, personae, output_dir, config, progress=progress,
+    bridge = model.load()
+    out = run_inference(bridge, prompts, personae, output_dir, config, shard=part,
+                        progress=progress,
                         extra_config={"prompts_json": str(prompts_json),
-                                      "personae_json": str(personae_json), "dtype": dtype})
-    typer.echo(f"wrote {out}")
+                                      "personae_json": str(personae_json),
+                                      "model_options": model.to_dict()})
+    if part[1] > 1:
+        typer.echo(f"wrote shard {part[0]} of {part[1]} into {out}; once all shards are done: "
+                   f"steerlab merge {out}")
+    else:
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
+from steerlab.placement import ModelOptions
 
 sub = typer.Typer(help="Trait data pipeline: generate, collect, judge, filter, merge.",
                   no_args_is_help=True)
@@ -82,10 +84,11 @@ def _responder(side: str, t: Any, url: str | None, model_name: str, key_env: str
 
 
 @sub.command()
+@model_flags
 def collect(
+    model: ModelOptions,
     trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
     run_dir: RunDir = None,
-    model: str = typer.Option("embedded", help="Local model for responders without a URL."),
     chosen_url: Annotated[str | None, typer.Option(help="Endpoint of the chosen responder "
                                                    "[default: the local model].")] = None,
     chosen_model: str = typer.Option("embedded", help="Model name at --chosen-url."),
@@ -112,11 +115,10 @@ def collect(
     from functools import cache
 
     from steerlab.collect import collect as run_collect
-    from steerlab.models import load_model
     from steerlab.traits import load_trait
 
     t = load_trait(trait)
-    local = cache(lambda: load_model(model))
+    local = cache(model.load)
     opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
                 retries=retries, timeout=timeout)
     a = _responder("chosen", t, chosen_url, chosen_model, chosen_key_env, chosen_system,

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
+from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
+from steerlab.placement import ModelOptions
 
 sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
 app.add_typer(sub, name="vectors")
@@ -54,10 +56,11 @@ def fit(
 
 
 @sub.command("eval")
+@model_flags
 def evaluate(
+    model: ModelOptions,
     vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
     trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
-    model: str = typer.Option("embedded", help="Model: 'embedded', a hub id or a local dir."),
     layers: str = typer.Option("", help="Layers to sweep (default: the vector's)."),
     strengths: str = typer.Option("1,2,4,6", help="Strengths (x the vector) to sweep."),
     max_tokens: int = typer.Option(40, help="New tokens per answer."),
@@ -66,7 +69,6 @@ def evaluate(
     """Sweep layers x strengths on the trait's held-out questions and pick the best setting
     (highest trait score of coherent answers with coherence >= 0.8 x unsteered)."""
     from steerlab.evaluate import evaluate_steering
-    from steerlab.models import load_model
     from steerlab.traits import load_trait
     from steerlab.vectors import SteeringVector
 
@@ -76,7 +78,7 @@ def evaluate(
     if not questions:
         raise SteerlabError("the trait has no held-out questions", source=trait,
                             field="held_out_questions")
-    bridge = load_model(model)
+    bridge = model.load()
     ev = evaluate_steering(bridge, vec, questions, t.build_scorer(),
                            trait_instruction=t.trait_instruction,
                            layers=_ints(layers, "layers") or list(vec.layers),

@@ -1,0 +1,246 @@
+"""Run folders that several processes share: locks, ``config.json`` identity, shards, merge.
+
+:func:`open_run` is how :func:`steerlab.infer.run_inference` opens its folder: it takes the
+folder's lock (shards share it and lock their own shard), creates ``config.json`` once even
+when shards start at the same moment, and refuses a folder of another run naming the field and
+both values. A shard that finishes writes ``shards/shard-IIII-of-NNNN.json``;
+:func:`merge_run` checks the set of markers and joins the committed batches into
+``results.json`` and ``per_token.h5``, equal to those of a single process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import SteerlabError
+from steerlab.extract import shard_batches
+from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MARKER = re.compile(r"shard-(\d+)-of-(\d+)\.json")
+
+
+def identity_sha256(identity: Mapping[str, Any]) -> str:
+    """SHA-256 of a run identity (what shard markers carry)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def per_token_attrs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes of ``per_token.h5``, from ``config.json`` (one rule for run and merge)."""
+    return {"model": config["model"], "n_layers": config["n_layers"],
+            "top_k_mass_k": config["top_k_mass_k"], "lens": config["lens"],
+            "provenance": json.dumps(config.get("provenance", {}), sort_keys=True)}
+
+
+def _show(value: Any) -> str:
+    return "(not recorded)" if value is None else value if isinstance(value, str) else \
+        json.dumps(value)
+
+
+@contextmanager
+def _flock(path: Path, *, shared: bool = False, wait: bool = False, busy: str = ""
+           ) -> Iterator[None]:
+    """Hold an ``fcntl.flock`` on ``path``; ``busy`` is the error when another process has it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            raise SteerlabError(f"{busy} ({path.name} is locked by another process)",
+                                source=str(path.parent)) from None
+        except OSError as err:  # e.g. a network file system mounted without flock
+            log.warning("cannot lock %s (%s); nothing stops a second writer", path, err)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def open_run(root: str | os.PathLike, identity: Mapping[str, Any],
+             provenance: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+             shard: tuple[int, int] = (0, 1)) -> Iterator[RunStore]:
+    """Lock a run folder for writing, then create its ``config.json`` or check it.
+
+    An unsharded run locks ``.lock`` exclusively; shard ``(i, n)`` shares ``.lock`` (so an
+    unsharded run or a merge cannot start under it) and locks ``shards/shard-IIII-of-NNNN.lock``
+    exclusively. ``config.json`` is created once, race-free between shards started together
+    (a temporary file hard-linked to the final name, which fails if it exists); a folder
+    holding another run is refused naming the first differing field with both values. A
+    change of devices is allowed: it is logged and added to ``provenance.devices``.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SteerlabError("exists and is not a folder; use a new --output-dir", source=str(root))
+    if root.is_dir() and not (root / CONFIG).is_file() and any(
+            not p.name.startswith(".") and p.name != SHARDS for p in root.iterdir()):
+        raise SteerlabError("exists and is not a steerlab run folder; use a new --output-dir",
+                            source=str(root))
+    store = RunStore(root)
+    i, n = shard
+    root.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as locks:
+        if n == 1:
+            locks.enter_context(_flock(root / LOCK, busy="another run or merge is writing "
+                                       "this folder"))
+        else:
+            locks.enter_context(_flock(root / LOCK, shared=True, busy="an unsharded run or a "
+                                       "merge is writing this folder"))
+            (root / SHARDS).mkdir(exist_ok=True)
+            locks.enter_context(_flock(store.marker(shard).with_suffix(".lock"),
+                                       busy=f"shard {i} of {n} is already running"))
+        _write_config(root, identity, provenance, extra)
+        yield store
+
+
+def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[str, Any],
+                  extra: Mapping[str, Any] | None) -> None:
+    cfg = root / CONFIG
+    if not cfg.is_file():
+        data = {**(extra or {}), **identity, "identity_sha256": identity_sha256(identity),
+                "provenance": dict(provenance)}
+        tmp = root / f".{CONFIG}.{os.getpid()}.{id(data)}.tmp"
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        try:
+            os.link(tmp, cfg)
+            return
+        except FileExistsError:  # another shard created it first: compare with that one
+            pass
+        finally:
+            tmp.unlink()
+    old = json.loads(cfg.read_text(encoding="utf-8"))
+    for name, value in identity.items():
+        if old.get(name) != value:
+            raise SteerlabError(f"the folder holds {_show(old.get(name))}, this run is "
+                                f"{_show(value)}; use a new --output-dir", source=str(cfg),
+                                field=name)
+    used = list((old.get("provenance") or {}).get("devices", []))
+    new = [d for d in provenance.get("devices", []) if d not in used]
+    if new:
+        log.warning("%s was run on %s; this run is on %s (recorded in config.json)", root,
+                    ", ".join(used) or "unrecorded devices", ", ".join(provenance["devices"]))
+        with _flock(root / ".config.lock", wait=True):
+            old = json.loads(cfg.read_text(encoding="utf-8"))
+            prov = {**dict(provenance), **(old.get("provenance") or {})}
+            prov["devices"] = [*prov.get("devices", []),
+                               *(d for d in provenance["devices"] if d not in
+                                 prov.get("devices", []))]
+            write_json_atomic(cfg, {**old, "provenance": prov})
+
+
+def _spans(batches: Sequence[int]) -> str:
+    """``[4, 5, 7]`` -> ``"batches 4-5, 7"``."""
+    runs: list[list[int]] = []
+    for b in sorted(batches):
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return f"batch{'es' if len(batches) > 1 else ''} {text}"
+
+
+def _shard_problems(store: RunStore, config: Mapping[str, Any], n_batches: int) -> list[str]:
+    """One line per missing, extra or foreign shard marker (empty: the shards are complete)."""
+    done = store.done_batches()
+    markers = []
+    for path in sorted((store.root / SHARDS).glob("shard-*-of-*.json")):
+        m = MARKER.fullmatch(path.name)
+        if m:
+            markers.append((path, int(m[1]), int(m[2]),
+                            json.loads(path.read_text(encoding="utf-8"))))
+    if not markers:
+        return [f"no shard has finished (no markers in {SHARDS}/); run the shards, then merge"]
+    problems = []
+    by_n: dict[int, Path] = {}
+    for path, _, n, _ in markers:
+        by_n.setdefault(n, path)
+    if len(by_n) > 1:
+        (n0, a), (n1, b) = sorted(by_n.items())[:2]
+        problems.append(f"shards from different configs: {a.name} has n={n0} and {b.name} "
+                        f"has n={n1}")
+    for path, _, _, data in markers:
+        if data.get("identity_sha256") != config.get("identity_sha256"):
+            problems.append(f"{SHARDS}/{path.name} is from another run: its identity "
+                            f"{str(data.get('identity_sha256'))[:12]} is not config.json's "
+                            f"{str(config.get('identity_sha256'))[:12]}")
+    if len(by_n) > 1:
+        return problems
+    (n,) = by_n
+    present = {i for _, i, _, _ in markers}
+    for path, i, _, _ in markers:
+        if i >= n:
+            problems.append(f"extra shard {SHARDS}/{path.name}: shard {i} of {n} (shards are "
+                            f"0-{n - 1})")
+    for i in range(n):
+        if i not in present:
+            own = shard_batches(n_batches, (i, n))
+            todo = [b for b in own if b not in done]
+            why = f"{_spans(todo)} not committed" if todo else \
+                "its batches are committed but it did not finish; rerun it"
+            problems.append(f"shard {i} of {n} is missing ({why})")
+    todo = sorted(set(range(n_batches)) - done)
+    if not problems and todo:
+        problems.append(f"{_spans(todo)} not committed")
+    return problems
+
+
+def merge_run(path: str | os.PathLike) -> Path:
+    """Join the shards of a sharded inference run into ``results.json`` and ``per_token.h5``.
+
+    The output equals that of one process running every task. Refused, with one line per
+    problem, while a shard is missing (naming its uncommitted batches), when a marker is of
+    an extra shard, of another shard count or of another run; refused while anything still
+    writes the folder. Merging a finished run does nothing.
+
+    Args:
+        path: the run folder all shards wrote (``--output-dir``).
+
+    Example:
+        >>> for i in range(3):
+        ...     run_inference(model, prompts, personae, "logs/run", shard=(i, 3))
+        >>> merge_run("logs/run")
+    """
+    root = Path(path)
+    if not (root / CONFIG).is_file():
+        raise SteerlabError(f"no {CONFIG}; not an inference run folder", source=str(root))
+    store = RunStore(root)
+    with _flock(root / LOCK, busy="a shard or run is still writing this folder"):
+        if store.complete():
+            log.info("%s is complete; nothing to merge", root)
+            return root
+        config = store.config()
+        n_tasks = config["n_prompts"] * config["n_personae"] * config["n_reps"]
+        problems = _shard_problems(store, config, math.ceil(n_tasks / config["batch_size"]))
+        if problems:
+            raise SteerlabError("\n".join(f"{root}: {p}" for p in problems))
+        records = sorted(store.records(), key=lambda r: r["id"])
+        write_json_atomic(root / RESULTS, records)
+        store.finalize(per_token_attrs(config))
+    log.info("merged %d results in %s", len(records), root)
+    return root
+
+
+def write_marker(store: RunStore, shard: tuple[int, int], batches: range,
+                 identity: Mapping[str, Any], provenance: Mapping[str, Any]) -> Path:
+    """Record that shard ``(i, n)`` has committed its ``batches`` (atomically)."""
+    import time
+
+    path = store.marker(shard)
+    write_json_atomic(path, {
+        "shard": shard[0], "n_shards": shard[1], "batch_start": batches.start,
+        "batch_stop": batches.stop, "identity_sha256": identity_sha256(identity),
+        "provenance": dict(provenance), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return path
