@@ -24,7 +24,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_cpu_smoke_run_covers_every_section(tmp_path):
     out = tmp_path / "bench.json"
     run = _run(*SMOKE, "--json", str(out))

@@ -98,4 +98,7 @@ def test_embedded_capture_equals_hf_hidden_states(embedded_model):
         hs = _hf_hidden(embedded_model, t.rejected)
         for j, layer in enumerate(layers):
             want = hs[layer + 1][0, t.divergence]
-            torch.testing.assert_close(acts.rejected[i, j], want, atol=1e-5, rtol=0)
+            # a left-padded batch vs one unpadded sequence: eager attention agrees exactly
+            # (measured 0), the fused sdpa kernel sums padded rows in another order (measured
+            # 1.7e-5 on residuals up to 114 in float32); 1e-4 leaves 6x headroom
+            torch.testing.assert_close(acts.rejected[i, j], want, atol=1e-4, rtol=0)

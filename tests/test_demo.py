@@ -50,7 +50,7 @@ def test_quick_demo_command(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.demo_full
+@pytest.mark.extended
 def test_full_demo_steers_the_trait_coherently(embedded_model, tmp_path):
     """Issue targets on held-out questions at the automatically chosen (layer, alpha)."""
     out = tmp_path / "demo"

@@ -5,8 +5,9 @@ a bridge, so nothing TransformerLens does (or stops doing after a release) can m
 tests are the ones that failed under transformers 5.24 with TransformerLens 4.3 (the bridge
 ignored the renamed KV cache) and that ``make test-latest`` runs against the newest releases.
 
-Every test runs twice: with ``sdpa`` (steerlab's default: HF's own attention modules) and with
-``eager`` (the bridge's re-implemented attention, the path the 5.24 cache rename broke). Both
+The batch, infer and steering tests run twice: with ``sdpa`` (steerlab's default: HF's own
+attention modules) and with ``eager`` (the bridge's re-implemented attention, the path the 5.24
+cache rename broke); the chat, collect and single-prompt paths run with sdpa. Both
 sides run in float32 with the same attention, so greedy tokens agree exactly; logits are
 compared with a tolerance explained at ``LOGIT_ATOL``.
 """
@@ -153,6 +154,11 @@ def test_greedy_generate_and_its_logits_equal_plain_hf(model, reference, batch, 
             row, float((got - want).abs().max()))
 
 
+# Paths that differ from the batch tests only above the attention layer run with sdpa alone.
+SDPA_ONLY = pytest.mark.parametrize("attn", ["sdpa"], indirect=True)
+
+
+@SDPA_ONLY
 def test_greedy_generate_alone_equals_hf_generate_alone(model, reference, batch):
     alone = generate(model, batch[-1:], max_new_tokens=NEW_TOKENS).tokens
     assert alone == hf_greedy(reference, model.tokenizer, batch[-1:])
@@ -169,6 +175,7 @@ def test_infer_path_equals_hf_tokens_and_entropy(model, reference, batch, expect
         assert abs(row.entropy - want).max() < 1e-2
 
 
+@SDPA_ONLY
 def test_chat_path_equals_hf_generate(model, reference):
     session = ChatSession(model, max_tokens=NEW_TOKENS)
     first = session.prompt_ids(QUESTIONS[0])
@@ -179,6 +186,7 @@ def test_chat_path_equals_hf_generate(model, reference):
         reference, model.tokenizer, [second])[0]
 
 
+@SDPA_ONLY
 def test_collect_path_equals_hf_generate(model, reference, ref_tokenizer):
     responder = LocalResponder(model, "Talk like a pirate.", max_tokens=NEW_TOKENS,
                                batch_size=len(QUESTIONS))
