@@ -38,8 +38,8 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Long end-to-end runs kept out of `make test` (~9 min): the full `make demo` run held to its
-# steering targets, and the GPU benchmark's CPU smoke run.
+# Long end-to-end runs kept out of `make test` (~11 min): `steerlab demo --quick` as a user runs
+# it, the full `make demo` run held to its steering targets, and the GPU benchmark's CPU smoke.
 test-extended: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -m extended $(PYTEST_ARGS)
 

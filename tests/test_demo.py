@@ -33,7 +33,7 @@ def _consistent(out, s: DemoSummary) -> dict:
     return ev
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_quick_demo_command(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "steerlab.cli", "demo", "--quick",

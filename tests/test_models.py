@@ -105,30 +105,31 @@ def test_generation_stops_per_row_and_samples_reproducibly(tiny_model):
 
 
 def test_seeded_sampling_draws_from_the_softmax():
-    """Gumbel-max with hashed uniforms: frequencies match ``torch.distributions.Categorical``."""
-    from steerlab.generate import gumbel_noise
+    """Inverse-CDF draws with hashed uniforms: frequencies match ``Categorical``'s probs."""
+    from steerlab.generate import sample
 
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -float("inf")])
     probs = torch.distributions.Categorical(logits=logits / 0.7).probs
     n = 40_000
+    rows = logits.expand(n, -1)
     for step in (0, 7):
-        draws = (logits / 0.7 + gumbel_noise(torch.arange(n), step, 6)).argmax(-1)
-        counts = torch.bincount(draws, minlength=6).double()
-        expected = n * probs.double()
-        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        draws = sample(rows, 0.7, torch.arange(n), step)
+        counts = torch.bincount(draws, minlength=7).double()
+        assert counts[-1] == 0  # a token of probability 0 is never drawn
+        expected = n * probs[:6].double()
+        chi2 = float(((counts[:6] - expected) ** 2 / expected).sum())
         assert chi2 < 20.5, (step, chi2, counts.tolist())  # chi-square, 5 dof, p = 0.001
     # successive steps of one seed are independent draws, not a repeat
-    a = (logits + gumbel_noise(torch.arange(n), 0, 6)).argmax(-1)
-    b = (logits + gumbel_noise(torch.arange(n), 1, 6)).argmax(-1)
+    a, b = (sample(rows, 1.0, torch.arange(n), step) for step in (0, 1))
     p_same = float((torch.softmax(logits, -1) ** 2).sum())
     assert abs(float((a == b).double().mean()) - p_same) < 0.02
 
 
 def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model):
-    from steerlab.generate import gumbel_noise
+    from steerlab.generate import row_uniforms
 
     seeds = torch.tensor([3, 11, 2**40 + 5, 7])
-    assert torch.equal(gumbel_noise(seeds, 4, 100)[2], gumbel_noise(seeds[2:3], 4, 100)[0])
+    assert torch.equal(row_uniforms(seeds, 4)[2:3], row_uniforms(seeds[2:3], 4))
     tok = tiny_model.tokenizer
     prompts = [encode_chat(tok, "Hi"), encode_chat(tok, "Tell me a long story about cats")]
     both = generate(tiny_model, prompts, max_new_tokens=6, temperature=1.0, seed=[5, 9])

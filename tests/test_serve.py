@@ -91,13 +91,13 @@ def test_bad_requests_get_400(server, tmp_path):
 
 def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
     t = load_trait("pirate")
-    questions = list(t.questions[:4])
+    questions = list(t.questions[:3])
     pos, neg = t.positive_instructions[0], t.negative_instructions[0]
     client = _client(server)
-    http = (EndpointResponder(client, pos, max_tokens=48),
-            EndpointResponder(client, neg, max_tokens=48))
-    local = (LocalResponder(embedded_model, pos, max_tokens=48, batch_size=1),
-             LocalResponder(embedded_model, neg, max_tokens=48, batch_size=1))
+    http = (EndpointResponder(client, pos, max_tokens=32),
+            EndpointResponder(client, neg, max_tokens=32))
+    local = (LocalResponder(embedded_model, pos, max_tokens=32, batch_size=1),
+             LocalResponder(embedded_model, neg, max_tokens=32, batch_size=1))
     judge_fn = scorer_judge(t.build_scorer())
     out = {}
     for name, (a, b) in (("http", http), ("local", local)):
@@ -108,7 +108,7 @@ def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
         out[name] = (collected_pairs(d / "collected.jsonl"),
                      filter_pairs(d / "collected.jsonl", d / "judged.jsonl"))
     assert out["http"] == out["local"]
-    assert len(out["http"][0]) == 4
+    assert len(out["http"][0]) == 3
 
     # the persona request field relabels the assistant turn like a local persona responder
     persona = Persona("Captain Hook", "custom")
