@@ -18,9 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from steerlab.pairs import Pair, prompt_id
+from steerlab.progress import progress_bar
 from steerlab.responders import Responder
 
 __all__ = ["collect", "CollectResult", "read_records", "append_records", "collected_pairs",
@@ -122,8 +121,8 @@ def collect(
         raise ValueError("ids must be unique, one per question")
     done = {(r.get("id"), r.get("role")) for r in read_records(path) if "text" in r}
     written = failed = skipped = 0
-    bar = tqdm(total=2 * len(questions), desc="collect", disable=not progress)
-    with append_records(path) as write:
+    with append_records(path) as write, progress_bar(2 * len(questions), "collect",
+                                                     enabled=progress) as bar:
         for role, responder in zip(ROLES, (chosen, rejected), strict=True):
             todo = [i for i, qid in enumerate(ids) if (qid, role) not in done]
             skipped += len(questions) - len(todo)
@@ -140,7 +139,6 @@ def collect(
                     written += 1
                 write(rec)
                 bar.update(1)
-    bar.close()
     log.info("collect: %d answers written, %d failed, %d already present", written, failed,
              skipped)
     return CollectResult(Path(path), written, failed, skipped)

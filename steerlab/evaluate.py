@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate, left_pad
+from steerlab.progress import progress_bar
 from steerlab.scorers import distinct_n
 from steerlab.steer import steer
 from steerlab.vectors import SteeringVector, random_like
@@ -277,8 +277,7 @@ def evaluate_steering(
         g = generate(model, rows, max_new_tokens=max_new_tokens)
         return g.tokens, g.texts(tok)
 
-    with tqdm(total=len(layers) + 3, desc="steering eval", unit="condition",
-              disable=not progress) as bar:
+    with progress_bar(len(layers) + 3, "steering eval", enabled=progress) as bar:
         toks, texts = run(prompts)
         judge = judge.calibrate(toks)
         unsteered = judge(toks, texts)

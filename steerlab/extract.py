@@ -23,6 +23,7 @@ from steerlab.capture import HOOK_POINTS, capture_pairs
 from steerlab.errors import SteerlabError
 from steerlab.personas import SystemPrompt
 from steerlab.placement import ModelOptions
+from steerlab.progress import progress_bar
 from steerlab.store import ActivationFile, PartWriter, Rows, StoreMeta, concat_files
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ def extract(
     """
     import json
 
-    from tqdm.auto import tqdm
-
     import steerlab
     from steerlab.models import model_id
     from steerlab.placement import provenance
@@ -244,29 +243,27 @@ def extract(
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = PartWriter(out, meta, math.ceil(flush_every / batch_size) * batch_size)
     at = start + writer.done
-    bar = tqdm(total=end - start, initial=writer.done, unit="pair", disable=not progress,
-               desc=out.name)
     if writer.done:
         log.info("resuming %s after %d captured pairs", out, writer.done)
-    while at < end:
-        batch = pairs[at : min(at + batch_size, end)]
-        acts = capture_pairs(model, batch, layers, hook=hook, mean=mean,
-                             system_prompt=system_prompt)
-        t = acts.tokens
-        writer.add(Rows(
-            pair_id=[str(p.id) for p in batch], chosen=acts.chosen.cpu().numpy(),
-            rejected=acts.rejected.cpu().numpy(),
-            divergence=np.array([x.divergence for x in t]),
-            chosen_length=np.array([len(x.chosen) for x in t]),
-            rejected_length=np.array([len(x.rejected) for x in t]),
-            response_start=np.array([x.response_start for x in t]),
-            chosen_mean=None if acts.chosen_mean is None else acts.chosen_mean.cpu().numpy(),
-            rejected_mean=None if acts.rejected_mean is None else
-            acts.rejected_mean.cpu().numpy(),
-        ))
-        at += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    with progress_bar(end - start, out.name, enabled=progress, completed=writer.done) as bar:
+        while at < end:
+            batch = pairs[at : min(at + batch_size, end)]
+            acts = capture_pairs(model, batch, layers, hook=hook, mean=mean,
+                                 system_prompt=system_prompt)
+            t = acts.tokens
+            writer.add(Rows(
+                pair_id=[str(p.id) for p in batch], chosen=acts.chosen.cpu().numpy(),
+                rejected=acts.rejected.cpu().numpy(),
+                divergence=np.array([x.divergence for x in t]),
+                chosen_length=np.array([len(x.chosen) for x in t]),
+                rejected_length=np.array([len(x.rejected) for x in t]),
+                response_start=np.array([x.response_start for x in t]),
+                chosen_mean=None if acts.chosen_mean is None else acts.chosen_mean.cpu().numpy(),
+                rejected_mean=None if acts.rejected_mean is None else
+                acts.rejected_mean.cpu().numpy(),
+            ))
+            at += len(batch)
+            bar.update(len(batch))
     writer.finish()
     log.info("wrote %s (%d pairs, %d layers)", out, end - start, len(layers))
     return out

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from steerlab.client import EndpointClient, bounded_map
 from steerlab.collect import append_records, latest, question_order, read_records
 from steerlab.errors import SteerlabError
 from steerlab.pairs import Pair, save_pairs
+from steerlab.progress import progress_bar
 from steerlab.scorers import Scorer, text_distinct
 
 __all__ = ["Judge", "scorer_judge", "rubric_judge", "judge", "JudgeResult", "filter_pairs",
@@ -105,8 +104,8 @@ def judge(
     todo = [(k, r) for k, r in answers.items() if k not in scored]
     workers = concurrency or getattr(judge_fn, "concurrency", 1)
     written = failed = 0
-    with append_records(path) as write, tqdm(total=len(todo), desc="judge",
-                                             disable=not progress) as bar:
+    with append_records(path) as write, progress_bar(len(todo), "judge",
+                                                     enabled=progress) as bar:
         for i, result in bounded_map(lambda kr: judge_fn(kr[1]["prompt"], kr[1]["text"]),
                                      todo, workers):
             (qid, role), _ = todo[i]

@@ -12,6 +12,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def run_cli(*args: str) -> int:
+    """The real ``steerlab`` entry point in-process with ``args``; its exit code."""
+    import sys
+
+    from steerlab.cli import main
+
+    old = sys.argv
+    sys.argv = ["steerlab", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = old
+    return 0
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The converted embedded model directory (converted once per cache)."""

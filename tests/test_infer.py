@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.infer import InferConfig, generate_with_metrics, load_prompts, run_inference
@@ -133,19 +134,6 @@ def test_run_writes_records_and_per_token_file(tiny_model, tokenizer, tmp_path):
     assert marker  # the split itself is tested in test_metrics
 
 
-def _cli(*args):
-    """Run the real CLI entry point in-process; (exit code, stderr)."""
-    from steerlab.cli import main
-
-    old = sys.argv
-    sys.argv = ["steerlab", *args]
-    try:
-        main()
-    except SystemExit as exit_:
-        return exit_.code
-    finally:
-        sys.argv = old
-    return 0
 
 
 BAD = {
@@ -162,7 +150,7 @@ def test_bad_prompts_file_is_exit_2_and_writes_nothing(name, tmp_path, capsys):
     bad = tmp_path / name
     bad.write_text(text)
     out = tmp_path / "out"
-    code = _cli("infer", "--prompts-json", str(bad), "--personae-json", "data/personae.json",
+    code = run_cli("infer", "--prompts-json", str(bad), "--personae-json", "data/personae.json",
                 "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and expect in err
@@ -184,7 +172,7 @@ def test_bad_personae_file_is_exit_2_and_writes_nothing(text, field, expect, tmp
     bad = tmp_path / "personae.json"
     bad.write_text(text)
     out = tmp_path / "out"
-    code = _cli("infer", "--prompts-json", "data/prompts.json", "--personae-json", str(bad),
+    code = run_cli("infer", "--prompts-json", "data/prompts.json", "--personae-json", str(bad),
                 "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and expect in err
@@ -213,7 +201,7 @@ def test_infer_options_and_defaults_are_those_of_the_spec():
 
 
 def test_bad_option_value_is_exit_2(tmp_path, capsys):
-    code = _cli("infer", "--prompts-json", "data/prompts.json", "--personae-json",
+    code = run_cli("infer", "--prompts-json", "data/prompts.json", "--personae-json",
                 "data/personae.json", "--batch-size", "0", "--output-dir", str(tmp_path / "o"))
     assert code == 2 and "batch_size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -246,18 +234,18 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
         proc.wait()
     committed = len(list((run / "parts").glob("*.h5")))
     assert 1 <= committed < 6, committed
-    assert _cli(*args, "--output-dir", str(run)) == 0
-    assert _cli(*args, "--output-dir", str(tmp_path / "whole")) == 0
+    assert run_cli(*args, "--output-dir", str(run)) == 0
+    assert run_cli(*args, "--output-dir", str(tmp_path / "whole")) == 0
     resumed, whole = load_results(run), load_results(tmp_path / "whole")
     assert [r["id"] for r in resumed] == list(range(6))  # no duplicates, nothing missing
     assert resumed == whole  # sampled, yet identical: task t uses seed + t
     for r in resumed:
         a, b = read_per_token(run, r["id"]), read_per_token(tmp_path / "whole", r["id"])
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert _cli(*args, "--output-dir", str(run)) == 0  # finished: nothing to do
+    assert run_cli(*args, "--output-dir", str(run)) == 0  # finished: nothing to do
     assert load_results(run) == whole
     capsys.readouterr()
-    assert _cli(*args[:-1], "--output-dir", str(run)) == 2  # different settings: refused
+    assert run_cli(*args[:-1], "--output-dir", str(run)) == 2  # different settings: refused
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1  # one line naming the field and both values
     assert "field 'lens': the folder holds true, this run is false" in errors[0]

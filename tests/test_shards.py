@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from steerlab.errors import SteerlabError
 from steerlab.extract import extract, merge_shards, parse_shard
@@ -30,19 +31,6 @@ CFG = InferConfig(max_tokens=6, batch_size=2)
 STEERLAB = Path(sys.executable).with_name("steerlab")
 
 
-def _cli(*args):
-    """The real CLI entry point in-process; its exit code."""
-    from steerlab.cli import main
-
-    old = sys.argv
-    sys.argv = ["steerlab", *args]
-    try:
-        main()
-    except SystemExit as exit_:
-        return exit_.code
-    finally:
-        sys.argv = old
-    return 0
 
 
 def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
@@ -104,7 +92,7 @@ def test_three_shards_then_merge_equal_one_process(embedded_model, single, shard
     assert marker["identity_sha256"] == config["identity_sha256"]
     assert marker["provenance"]["devices"] == ["cpu"]
     assert config["provenance"]["dtype"] == config["dtype"] == "float32"
-    assert _cli("merge", str(run)) == 2  # shard 2 not run yet
+    assert run_cli("merge", str(run)) == 2  # shard 2 not run yet
     err = capsys.readouterr().err.strip()
     assert err == f"error: {run}: shard 2 of 3 is missing (batch 2 not committed)"
     run_inference(embedded_model, PROMPTS, PERSONAE, run, CFG, shard=(2, 3), progress=False)
@@ -139,7 +127,7 @@ def test_slurm_array_numbered_from_one_via_the_cli(single, tmp_path):
     assert sorted(p.name for p in (run / "shards").glob("*.json")) == [
         f"shard-000{i}-of-0003.json" for i in range(3)]
     assert "steerlab merge" in outs[0][0]
-    assert _cli("merge", str(run)) == 0
+    assert run_cli("merge", str(run)) == 0
     assert_same_run(run, single, exact=False)
 
 
