@@ -65,23 +65,23 @@ def test_report_is_standalone_html(embedded_run, embedded_model):
 
 @pytest.mark.slow
 def test_report_command_writes_the_html(embedded_run, tmp_path, capsys):
-    from test_infer import _cli
+    from conftest import run_cli
 
     target = tmp_path / "page.html"
     (embedded_run / "report.html").unlink(missing_ok=True)  # another test may have written it
-    assert _cli("report", str(embedded_run), "--output", str(target)) == 0
+    assert run_cli("report", str(embedded_run), "--output", str(target)) == 0
     assert str(target) in capsys.readouterr().out
     page = target.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("Plotly.newPlot") == 4
     assert not (embedded_run / "report.html").exists()  # --output was honoured
-    assert _cli("report", str(embedded_run)) == 0  # default: inside the run folder
+    assert run_cli("report", str(embedded_run)) == 0  # default: inside the run folder
     assert (embedded_run / "report.html").read_text().count("Plotly.newPlot") == 4
 
 
 def test_report_command_on_a_folder_without_results_is_exit_2(tmp_path, capsys):
-    from test_infer import _cli
+    from conftest import run_cli
 
-    assert _cli("report", str(tmp_path)) == 2
+    assert run_cli("report", str(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "results.json" in err and "no results file" in err
     assert not (tmp_path / "report.html").exists()
