@@ -6,81 +6,26 @@ Output is an append-only JSONL of response records, written as answers arrive::
     {"id": "...", "prompt": "...", "role": "rejected", "responder": "endpoint", "error": "..."}
 
 A rerun skips ``(id, role)`` that already have a text and retries the failures; later records
-win. The same record helpers serve the ``judge`` stage.
+win. The records are read and appended with :mod:`steerlab.files`, as in the ``judge`` stage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerlab.files import append_jsonl, read_jsonl
 from steerlab.pairs import Pair, prompt_id
 from steerlab.progress import progress_bar
 from steerlab.responders import Responder
 
-__all__ = ["collect", "CollectResult", "read_records", "append_records", "collected_pairs",
-           "question_order", "ROLES"]
+__all__ = ["collect", "CollectResult", "collected_pairs", "question_order", "ROLES"]
 
 log = logging.getLogger(__name__)
 ROLES = ("chosen", "rejected")
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """All records of a JSONL stage file ([] if missing); a torn last line (killed run) is
-    skipped with a warning."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    lines = p.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: skipping an unreadable line (interrupted write?)", p, n)
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
-class append_records:  # noqa: N801 - used like open()
-    """Context manager appending JSON records one line at a time, flushed per record.
-
-    Example:
-        >>> with append_records("out.jsonl") as write:
-        ...     write({"id": "a", "score": 3})
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file() and self.path.stat().st_size:
-            with self.path.open("rb") as f:  # finish a torn last line before appending
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        else:
-            torn = False
-        self._f = self.path.open("a", encoding="utf-8")
-        if torn:
-            self._f.write("\n")
-
-        def write(rec: dict) -> None:
-            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self._f.flush()
-
-        return write
-
-    def __exit__(self, *exc: object) -> None:
-        self._f.close()
 
 
 @dataclass(frozen=True)
@@ -119,9 +64,9 @@ def collect(
     ids = list(ids) if ids is not None else [prompt_id(q) for q in questions]
     if len(ids) != len(questions) or len(set(ids)) != len(ids):
         raise ValueError("ids must be unique, one per question")
-    done = {(r.get("id"), r.get("role")) for r in read_records(path) if "text" in r}
+    done = {(r.get("id"), r.get("role")) for r in read_jsonl(path) if "text" in r}
     written = failed = skipped = 0
-    with append_records(path) as write, progress_bar(2 * len(questions), "collect",
+    with append_jsonl(path) as write, progress_bar(2 * len(questions), "collect",
                                                      enabled=progress) as bar:
         for role, responder in zip(ROLES, (chosen, rejected), strict=True):
             todo = [i for i, qid in enumerate(ids) if (qid, role) not in done]
@@ -161,7 +106,7 @@ def question_order(records: Iterable[dict]) -> list[str]:
 
 def collected_pairs(path: str | os.PathLike) -> list[Pair]:
     """Pairs (unscored) for the ids that have both answers, in question order."""
-    recs = read_records(path)
+    recs = read_jsonl(path)
     texts = latest(recs, "text")
     order = question_order(recs)
     return [Pair(i, texts[(i, "chosen")]["prompt"], texts[(i, "chosen")]["text"],

@@ -22,15 +22,18 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
+from steerlab.files import write_json_atomic
 from steerlab.placement import ModelOptions
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# The persona-entropy run's prompts and personae: package data (steerlab/builtin/data).
+DATA = files("steerlab.builtin") / "data"
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class DemoConfig:
     layers: tuple[int, ...] = (10, 12, 14, 16)
     strengths: tuple[float, ...] = (0.75, 1.0, 1.25)
     eval_tokens: int = 40
-    n_prompts: int = 4  # persona-entropy run: prompts from data/prompts.json ...
+    n_prompts: int = 4  # persona-entropy run: prompts from the built-in prompts.json ...
     personae_per_category: int = 2  # ... times this many personae of each category
     persona_tokens: int = 48
 
@@ -122,15 +125,16 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         >>> s = run_demo("demo-run")
         >>> print("\\n".join(s.lines()))
     """
-    from steerlab.collect import collect, read_records
+    from steerlab.collect import collect
     from steerlab.evaluate import evaluate_steering
     from steerlab.extract import extract
+    from steerlab.files import read_jsonl
     from steerlab.fitters import fit_vector
     from steerlab.infer import InferConfig, load_prompts, run_inference
     from steerlab.judge import filter_pairs, judge, scorer_judge
     from steerlab.personas import load_personae
     from steerlab.responders import LocalResponder
-    from steerlab.results import load_results, write_json_atomic
+    from steerlab.results import load_results
     from steerlab.traits import load_trait
 
     t0 = time.perf_counter()
@@ -141,9 +145,10 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     if not questions or not held_out or not trait.positive_instructions:
         raise SteerlabError("the demo needs questions, held-out questions and positive and "
                             "negative instructions", source=config.trait)
-    prompts = load_prompts(DATA_DIR / "prompts.json")[: config.n_prompts]
-    personae = _pick_personae(load_personae(DATA_DIR / "personae.json"),
-                              config.personae_per_category)
+    with as_file(DATA / "prompts.json") as f:
+        prompts = load_prompts(f)[: config.n_prompts]
+    with as_file(DATA / "personae.json") as f:
+        personae = _pick_personae(load_personae(f), config.personae_per_category)
     bridge = model if model is not None else config.model.load()
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
     write_json_atomic(out / "demo-config.json", asdict(config))
@@ -158,7 +163,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
           progress=progress)
     pairs = filter_pairs(pd / "collected.jsonl", pd / "judged.jsonl", pd / "pairs.jsonl",
                          threshold=config.threshold, min_distinct=config.min_distinct)
-    collected = len({r["id"] for r in read_records(pd / "collected.jsonl")})
+    collected = len({r["id"] for r in read_jsonl(pd / "collected.jsonl")})
     if len(pairs) < 4:
         raise SteerlabError(f"only {len(pairs)} pairs passed the filter; need at least 4",
                             source=str(pd / "pairs.jsonl"))

@@ -19,7 +19,6 @@ trait instruction.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ import torch
 
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
+from steerlab.files import write_json_atomic
 from steerlab.generate import generate, left_pad
 from steerlab.progress import progress_bar
 from steerlab.scorers import distinct_n
@@ -111,10 +111,7 @@ class SteeringEval:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the whole evaluation as JSON (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(path, asdict(self))
 
     def figure(self) -> Any:
         """Plotly figure: coherent trait, raw trait and coherence against strength, one line

@@ -24,11 +24,12 @@ import torch
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
 from steerlab.extract import shard_batches
+from steerlab.files import write_json_atomic
 from steerlab.generate import generate
 from steerlab.lens import LastPositionRecorder, lens_metrics
 from steerlab.metrics import section_averages, split_sections, token_metrics
 from steerlab.personas import Persona, system_prompt_style
-from steerlab.results import LOG, RESULTS, RunStore, write_json_atomic
+from steerlab.results import LOG, RESULTS, RunStore
 from steerlab.runs import open_run, per_token_attrs, write_marker
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steerlab.client import EndpointClient, bounded_map
-from steerlab.collect import append_records, latest, question_order, read_records
+from steerlab.collect import latest, question_order
 from steerlab.errors import SteerlabError
+from steerlab.files import append_jsonl, read_jsonl
 from steerlab.pairs import Pair, save_pairs
 from steerlab.progress import progress_bar
 from steerlab.scorers import Scorer, text_distinct
@@ -99,12 +100,12 @@ def judge(
         >>> judge("pirate/collected.jsonl", "pirate/judged.jsonl",
         ...       scorer_judge(trait.build_scorer()))
     """
-    answers = latest(read_records(collected), "text")
-    scored = latest(read_records(path), "score")
+    answers = latest(read_jsonl(collected), "text")
+    scored = latest(read_jsonl(path), "score")
     todo = [(k, r) for k, r in answers.items() if k not in scored]
     workers = concurrency or getattr(judge_fn, "concurrency", 1)
     written = failed = 0
-    with append_records(path) as write, progress_bar(len(todo), "judge",
+    with append_jsonl(path) as write, progress_bar(len(todo), "judge",
                                                      enabled=progress) as bar:
         for i, result in bounded_map(lambda kr: judge_fn(kr[1]["prompt"], kr[1]["text"]),
                                      todo, workers):
@@ -150,9 +151,9 @@ def filter_pairs(
     Example:
         >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
     """
-    recs = read_records(collected)
+    recs = read_jsonl(collected)
     texts = latest(recs, "text")
-    scores = latest(read_records(judged), "score")
+    scores = latest(read_jsonl(judged), "score")
     keep = []
     for qid in question_order(recs):
         keys = [(qid, role) for role in ("chosen", "rejected")]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from steerlab.errors import SteerlabError
+from steerlab.files import write_jsonl_atomic
 
 __all__ = ["Pair", "load_pairs", "save_pairs", "merge_pairs", "prompt_id"]
 
@@ -135,18 +135,7 @@ def save_pairs(pairs: Iterable[Pair], path: str | os.PathLike) -> Path:
     Example:
         >>> save_pairs([Pair("0", "Hi", "Ahoy!", "Hello.")], "pairs.jsonl")
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(asdict(pair), ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_jsonl_atomic(path, (asdict(pair) for pair in pairs))
 
 
 def merge_pairs(paths: Iterable[str | os.PathLike]) -> list[Pair]:

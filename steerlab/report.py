@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from steerlab.files import write_text_atomic
 from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token
 from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
 
@@ -96,7 +97,4 @@ def write_page(path: str | os.PathLike, title: str, body: str) -> Path:
     path = Path(path)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{_STYLE}</style></head><body>{body}</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, page)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from steerlab.errors import SteerlabError
+from steerlab.files import PartsDir, atomic_path, h5py, read_json
 
 FORMAT = "steerlab.per_token/1"
 RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
@@ -37,29 +37,16 @@ RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
 ARRAYS = ("tokens", "entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass")
 
 
-def _h5() -> Any:
-    import h5py
-
-    return h5py
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class RunStore:
     """The output folder of one run: committed parts, results and the final per-token file."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.parts = self.root / PARTS
+        self.parts = PartsDir(self.root / PARTS, "batch", "h5")
 
     def config(self) -> dict[str, Any]:
         """The run's ``config.json``."""
-        return json.loads((self.root / CONFIG).read_text(encoding="utf-8"))
+        return read_json(self.root / CONFIG, "a run's config.json")
 
     def marker(self, shard: tuple[int, int]) -> Path:
         """``shards/shard-IIII-of-NNNN.json``: written when shard ``(i, n)`` has finished."""
@@ -67,52 +54,38 @@ class RunStore:
 
     def complete(self) -> bool:
         """Whether the run is finished (``per_token.h5`` written, parts removed)."""
-        return (self.root / PER_TOKEN).is_file() and not self.parts.is_dir()
-
-    def _part(self, batch: int) -> Path:
-        return self.parts / f"batch-{batch:06d}.h5"
+        return (self.root / PER_TOKEN).is_file() and not self.parts.exists()
 
     def done_batches(self) -> set[int]:
-        """Indices of committed batches (stale temporary parts are deleted)."""
-        if not self.parts.is_dir():
-            return set()
-        for tmp in self.parts.glob("*.tmp"):
-            tmp.unlink()
-        return {int(p.stem.split("-")[1]) for p in self.parts.glob("batch-*.h5")}
+        """Indices of committed batches."""
+        return {key[0] for key in self.parts.keys()}
 
     def commit(self, batch: int, records: Sequence[dict], arrays: Sequence[dict]) -> None:
         """Commit one batch: its records and, per record, the per-token arrays."""
-        self.parts.mkdir(parents=True, exist_ok=True)
-        final = self._part(batch)
-        tmp = final.with_name(final.name + ".tmp")
-        with _h5().File(tmp, "w") as f:
+        with self.parts.commit(batch) as tmp, h5py().File(tmp, "w") as f:
             f.attrs["records"] = json.dumps(list(records), ensure_ascii=False)
             lengths = [len(a["tokens"]) for a in arrays]
             f["length"] = np.asarray(lengths, dtype=np.int64)
             for name in ARRAYS:
                 if arrays and arrays[0].get(name) is not None:
                     f[name] = np.concatenate([np.asarray(a[name]) for a in arrays])
-        os.replace(tmp, final)
 
     def records(self) -> list[dict]:
         """All committed records, in batch order."""
         out: list[dict] = []
-        for batch in sorted(self.done_batches()):
-            with _h5().File(self._part(batch), "r") as f:
+        for part in self.parts.paths():
+            with h5py().File(part, "r") as f:
                 out.extend(json.loads(f.attrs["records"]))
         return out
 
     def finalize(self, attrs: dict[str, Any]) -> Path:
         """Concatenate the parts into ``per_token.h5`` (atomically) and remove the parts."""
-        h5py = _h5()
-        parts = [self._part(b) for b in sorted(self.done_batches())]
-        target = self.root / PER_TOKEN
-        tmp = target.with_name(f".{target.name}.tmp")
-        with h5py.File(tmp, "w") as out:
+        h5 = h5py()
+        with atomic_path(self.root / PER_TOKEN) as tmp, h5.File(tmp, "w") as out:
             out.attrs.update({"format": FORMAT, **attrs})
             ids, lengths, data = [], [], {name: [] for name in ARRAYS}
-            for part in parts:
-                with h5py.File(part, "r") as f:
+            for part in self.parts.paths():
+                with h5.File(part, "r") as f:
                     ids += [r["id"] for r in json.loads(f.attrs["records"])]
                     lengths.append(f["length"][:])
                     for name in ARRAYS:
@@ -125,9 +98,8 @@ class RunStore:
             for name, blocks in data.items():
                 if blocks:
                     out.create_dataset(name, data=np.concatenate(blocks), chunks=True)
-        os.replace(tmp, target)
-        shutil.rmtree(self.parts, ignore_errors=True)
-        return target
+        self.parts.remove()
+        return self.root / PER_TOKEN
 
 
 def load_results(path: str | os.PathLike) -> list[dict]:
@@ -140,12 +112,7 @@ def load_results(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SteerlabError("no results file here", source=str(path)) from None
-    except json.JSONDecodeError as err:
-        raise SteerlabError(f"not valid JSON ({err})", source=str(path)) from None
+    data = read_json(path, "a run's results.json")
     if not isinstance(data, list):
         raise SteerlabError("expected a JSON list of result records", source=str(path))
     return data
@@ -163,7 +130,7 @@ def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndar
         path = path / PER_TOKEN
     if not path.is_file():
         raise SteerlabError("no per-token file (is the run finished?)", source=str(path))
-    with _h5().File(path, "r") as f:
+    with h5py().File(path, "r") as f:
         where = np.flatnonzero(f["record_id"][:] == record_id)
         if not len(where):
             raise SteerlabError(f"no record with id {record_id}", source=str(path), field="id")

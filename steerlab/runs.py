@@ -23,7 +23,8 @@ from typing import Any
 
 from steerlab.errors import SteerlabError
 from steerlab.extract import shard_batches
-from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore, write_json_atomic
+from steerlab.files import create_exclusive, flock, read_json, write_json_atomic
+from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +46,6 @@ def per_token_attrs(config: Mapping[str, Any]) -> dict[str, Any]:
 def _show(value: Any) -> str:
     return "(not recorded)" if value is None else value if isinstance(value, str) else \
         json.dumps(value)
-
-
-@contextmanager
-def _flock(path: Path, *, shared: bool = False, wait: bool = False, busy: str = ""
-           ) -> Iterator[None]:
-    """Hold an ``fcntl.flock`` on ``path``; ``busy`` is the error when another process has it."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            raise SteerlabError(f"{busy} ({path.name} is locked by another process)",
-                                source=str(path.parent)) from None
-        except OSError as err:  # e.g. a network file system mounted without flock
-            log.warning("cannot lock %s (%s); nothing stops a second writer", path, err)
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -93,14 +73,15 @@ def open_run(root: str | os.PathLike, identity: Mapping[str, Any],
     root.mkdir(parents=True, exist_ok=True)
     with ExitStack() as locks:
         if n == 1:
-            locks.enter_context(_flock(root / LOCK, busy="another run or merge is writing "
-                                       "this folder"))
+            locks.enter_context(flock(root / LOCK, busy="another run or merge is writing "
+                                      "this folder"))
+            store.parts.sweep()  # the sole writer: clear what a crashed commit left
         else:
-            locks.enter_context(_flock(root / LOCK, shared=True, busy="an unsharded run or a "
-                                       "merge is writing this folder"))
+            locks.enter_context(flock(root / LOCK, shared=True, busy="an unsharded run or a "
+                                      "merge is writing this folder"))
             (root / SHARDS).mkdir(exist_ok=True)
-            locks.enter_context(_flock(store.marker(shard).with_suffix(".lock"),
-                                       busy=f"shard {i} of {n} is already running"))
+            locks.enter_context(flock(store.marker(shard).with_suffix(".lock"),
+                                      busy=f"shard {i} of {n} is already running"))
         _write_config(root, identity, provenance, extra)
         yield store
 
@@ -111,16 +92,10 @@ def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[s
     if not cfg.is_file():
         data = {**(extra or {}), **identity, "identity_sha256": identity_sha256(identity),
                 "provenance": dict(provenance)}
-        tmp = root / f".{CONFIG}.{os.getpid()}.{id(data)}.tmp"
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        try:
-            os.link(tmp, cfg)
+        if create_exclusive(cfg, json.dumps(data, indent=1, ensure_ascii=False) + "\n"):
             return
-        except FileExistsError:  # another shard created it first: compare with that one
-            pass
-        finally:
-            tmp.unlink()
-    old = json.loads(cfg.read_text(encoding="utf-8"))
+        # another shard created it first: compare with that one
+    old = read_json(cfg, "a run's config.json")
     for name, value in identity.items():
         if old.get(name) != value:
             raise SteerlabError(f"the folder holds {_show(old.get(name))}, this run is "
@@ -131,8 +106,8 @@ def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[s
     if new:
         log.warning("%s was run on %s; this run is on %s (recorded in config.json)", root,
                     ", ".join(used) or "unrecorded devices", ", ".join(provenance["devices"]))
-        with _flock(root / ".config.lock", wait=True):
-            old = json.loads(cfg.read_text(encoding="utf-8"))
+        with flock(root / ".config.lock", wait=True):
+            old = read_json(cfg, "a run's config.json")
             prov = {**dict(provenance), **(old.get("provenance") or {})}
             prov["devices"] = [*prov.get("devices", []),
                                *(d for d in provenance["devices"] if d not in
@@ -159,8 +134,7 @@ def _shard_problems(store: RunStore, config: Mapping[str, Any], n_batches: int) 
     for path in sorted((store.root / SHARDS).glob("shard-*-of-*.json")):
         m = MARKER.fullmatch(path.name)
         if m:
-            markers.append((path, int(m[1]), int(m[2]),
-                            json.loads(path.read_text(encoding="utf-8"))))
+            markers.append((path, int(m[1]), int(m[2]), read_json(path, "a shard marker")))
     if not markers:
         return [f"no shard has finished (no markers in {SHARDS}/); run the shards, then merge"]
     problems = []
@@ -217,7 +191,7 @@ def merge_run(path: str | os.PathLike) -> Path:
     if not (root / CONFIG).is_file():
         raise SteerlabError(f"no {CONFIG}; not an inference run folder", source=str(root))
     store = RunStore(root)
-    with _flock(root / LOCK, busy="a shard or run is still writing this folder"):
+    with flock(root / LOCK, busy="a shard or run is still writing this folder"):
         if store.complete():
             log.info("%s is complete; nothing to merge", root)
             return root

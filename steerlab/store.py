@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,18 +21,13 @@ import numpy as np
 import torch
 
 from steerlab.errors import SteerlabError
+from steerlab.files import PartsDir, atomic_path, h5py, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT = "steerlab.activations/1"
 ACTS = ("chosen", "rejected", "chosen_mean", "rejected_mean")
 INDEX = ("divergence", "chosen_length", "rejected_length", "response_start")
-
-
-def _h5() -> Any:
-    import h5py
-
-    return h5py
 
 
 @dataclass(frozen=True)
@@ -133,7 +127,6 @@ def _chunk_rows(n_layers: int, d_model: int) -> int:
 
 
 def _create(f: Any, meta: StoreMeta, n: int) -> None:
-    h5py = _h5()
     shape = (n, len(meta.layers), meta.d_model)
     chunk = (min(max(n, 1), _chunk_rows(*shape[1:])), *shape[1:])
     names = ACTS if meta.mean else ACTS[:2]
@@ -142,7 +135,7 @@ def _create(f: Any, meta: StoreMeta, n: int) -> None:
                          chunks=chunk)
     for name in INDEX:
         f.create_dataset(name, shape=(n,), maxshape=(None,), dtype="int64", chunks=True)
-    f.create_dataset("pair_id", shape=(n,), maxshape=(None,), dtype=h5py.string_dtype(),
+    f.create_dataset("pair_id", shape=(n,), maxshape=(None,), dtype=h5py().string_dtype(),
                      chunks=True)
     f.create_dataset("layers", data=np.asarray(meta.layers, dtype="int64"))
     f.attrs.update(meta.attrs())
@@ -159,19 +152,15 @@ def _write(f: Any, rows: Rows, at: int) -> None:
 
 def write_rows_file(path: Path, meta: StoreMeta, rows: Rows) -> None:
     """Write rows to a complete HDF5 file atomically (temporary name, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with _h5().File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py().File(tmp, "w") as f:
         _create(f, meta, len(rows))
         _write(f, rows, 0)
-    os.replace(tmp, path)
 
 
 def concat_files(sources: Sequence[Path], output: Path, meta: StoreMeta) -> None:
     """Concatenate row files (parts or shards) into ``output``, streaming one at a time."""
-    tmp = output.with_name(f".{output.name}.tmp")
     total = sum(ActivationFile(s).n_pairs for s in sources)
-    h5py = _h5()
-    with h5py.File(tmp, "w") as out:
+    with atomic_path(output) as tmp, h5py().File(tmp, "w") as out:
         _create(out, meta, total)
         at = 0
         for src in sources:
@@ -184,7 +173,6 @@ def concat_files(sources: Sequence[Path], output: Path, meta: StoreMeta) -> None
             for rows in part.iter_rows(256):
                 _write(out, rows, at)
                 at += len(rows)
-    os.replace(tmp, output)
 
 
 class PartWriter:
@@ -200,17 +188,22 @@ class PartWriter:
         self.output = Path(output)
         self.meta = meta
         self.flush_every = max(1, flush_every)
-        self.dir = self.output.with_name(self.output.name + ".parts")
+        self.parts = PartsDir(self.output.with_name(self.output.name + ".parts"), "part", "h5",
+                              width=9)
         self._buffer: list[Rows] = []
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._check_meta()
+        self.parts.sweep()
         self.done = self._committed()
+
+    @property
+    def dir(self) -> Path:
+        """The parts folder, ``<output>.parts/``."""
+        return self.parts.root
 
     def _check_meta(self) -> None:
         stamp = self.dir / "meta.json"
-        want = self.meta.attrs()
         if stamp.is_file():
-            have = StoreMeta.from_attrs(json.loads(stamp.read_text()), str(stamp))
+            have = StoreMeta.from_attrs(read_json(stamp, "the parts' meta.json"), str(stamp))
             diff = have.mismatch(self.meta)
             if diff:
                 name, old, new = diff
@@ -223,26 +216,16 @@ class PartWriter:
                 log.warning("resuming %s on %s (its earlier parts ran on %s)", self.output,
                             ", ".join(now) or "?", ", ".join(before) or "?")
         else:
-            tmp = self.dir / ".meta.json.tmp"
-            tmp.write_text(json.dumps(want, indent=1))
-            os.replace(tmp, stamp)
-
-    def _parts(self) -> list[tuple[int, int, Path]]:
-        out = []
-        for p in self.dir.glob("part-*.h5"):
-            start, end = (int(x) for x in p.stem.split("-")[1:3])
-            out.append((start, end, p))
-        return sorted(out)
+            write_json_atomic(stamp, self.meta.attrs())
 
     def _committed(self) -> int:
         at = 0
-        for start, end, p in self._parts():
+        for start, end in self.parts.keys():
             if start != at:
-                raise SteerlabError(f"parts are not contiguous at row {at} ({p.name}); delete "
-                                    f"{self.dir} and rerun", source=str(self.output))
+                raise SteerlabError(f"parts are not contiguous at row {at} "
+                                    f"({self.parts.path(start, end).name}); delete {self.dir} "
+                                    "and rerun", source=str(self.output))
             at = end
-        for stale in self.dir.glob(".*.tmp"):
-            stale.unlink()
         return at
 
     def add(self, rows: Rows) -> None:
@@ -257,7 +240,8 @@ class PartWriter:
             return
         rows = _concat_rows(self._buffer)
         start, end = self.done, self.done + len(rows)
-        write_rows_file(self.dir / f"part-{start:09d}-{end:09d}.h5", self.meta, rows)
+        with self.parts.commit(start, end) as tmp:
+            write_rows_file(tmp, self.meta, rows)
         self.done = end
         self._buffer = []
         log.debug("committed rows %d..%d", start, end)
@@ -265,8 +249,8 @@ class PartWriter:
     def finish(self) -> Path:
         """Flush, concatenate the parts into the output file and remove the parts folder."""
         self.flush()
-        concat_files([p for _, _, p in self._parts()], self.output, self.meta)
-        shutil.rmtree(self.dir)
+        concat_files(self.parts.paths(), self.output, self.meta)
+        self.parts.remove()
         return self.output
 
 
@@ -284,9 +268,8 @@ class ActivationFile:
         src = str(self.path)
         if not self.path.is_file():
             raise SteerlabError("no such activation file", source=src)
-        h5py = _h5()
         try:
-            with h5py.File(self.path, "r") as f:
+            with h5py().File(self.path, "r") as f:
                 if f.attrs.get("format") != FORMAT:
                     raise SteerlabError(f"expected attribute format={FORMAT!r}; not a steerlab "
                                         "activation file", source=src)
@@ -310,7 +293,7 @@ class ActivationFile:
 
     def read(self, name: str) -> np.ndarray:
         """A whole dataset as a numpy array (``pair_id`` as a list of str)."""
-        with _h5().File(self.path, "r") as f:
+        with h5py().File(self.path, "r") as f:
             if name == "pair_id":
                 return np.asarray([s.decode() if isinstance(s, bytes) else s
                                    for s in f[name][:]], dtype=object)
@@ -318,7 +301,7 @@ class ActivationFile:
 
     def iter_rows(self, batch_size: int = 256) -> Iterator[Rows]:
         """All datasets in blocks of ``batch_size`` rows."""
-        with _h5().File(self.path, "r") as f:
+        with h5py().File(self.path, "r") as f:
             for at in range(0, self.n_pairs, batch_size):
                 sl = slice(at, min(at + batch_size, self.n_pairs))
                 ids = [s.decode() if isinstance(s, bytes) else s for s in f["pair_id"][sl]]
@@ -336,7 +319,7 @@ class ActivationFile:
         if which and not self.meta.mean:
             raise SteerlabError("this file has no response means (captured with mean: false)",
                                 source=str(self.path), field="chosen_mean")
-        with _h5().File(self.path, "r") as f:
+        with h5py().File(self.path, "r") as f:
             for at in range(0, self.n_pairs, batch_size):
                 sl = slice(at, min(at + batch_size, self.n_pairs))
                 yield (torch.from_numpy(f["chosen" + which][sl]),

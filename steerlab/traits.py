@@ -1,19 +1,28 @@
 """Trait files: ``traits/<name>.json`` with the original ``name``/``trait_instruction`` and the
-optional generated artefacts (elicitation instructions, questions, rubric, built-in scorer)."""
+optional generated artefacts (elicitation instructions, questions, rubric, built-in scorer).
+
+Names are looked up in ``./traits`` first, then among the built-in traits shipped in the
+package (``steerlab/builtin/traits``, read with :mod:`importlib.resources`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
+from steerlab.files import write_json_atomic
 from steerlab.scorers import Scorer, scorer_from_spec
 
-__all__ = ["Trait", "load_trait", "trait_dirs"]
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+__all__ = ["Trait", "list_traits", "load_trait", "trait_dirs"]
 
 _LISTS = ("positive_instructions", "negative_instructions", "questions", "held_out_questions")
 
@@ -75,18 +84,7 @@ class Trait:
         Example:
             >>> load_trait("pirate").save("traits/pirate-copy.json")
         """
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return write_json_atomic(path, self.to_dict(), indent=2)
 
 
 def trait_from_dict(d: Any, *, source: str | None = None) -> Trait:
@@ -120,29 +118,49 @@ def trait_from_dict(d: Any, *, source: str | None = None) -> Trait:
     return Trait(**kwargs)
 
 
-def trait_dirs() -> list[Path]:
-    """Where trait names are looked up: ``./traits`` then the repository's ``traits/``."""
-    dirs = [Path.cwd() / "traits", Path(__file__).resolve().parents[1] / "traits"]
-    return list(dict.fromkeys(dirs))
+def trait_dirs() -> list[Traversable]:
+    """Where trait names are looked up, first match wins: ``./traits`` in the current
+    directory (so a project can add traits or override a built-in), then the built-in traits.
+    """
+    return [Path.cwd() / "traits", files("steerlab.builtin") / "traits"]
+
+
+def list_traits() -> dict[str, Traversable]:
+    """Every trait :func:`load_trait` finds by name, sorted: name -> the file it loads.
+
+    A ``./traits/<name>.json`` hides the built-in of the same name, as in :func:`load_trait`.
+
+    Example:
+        >>> list(list_traits())
+        ['emoji', 'formatting', 'pirate', 'playful']
+    """
+    found: dict[str, Traversable] = {}
+    for d in trait_dirs():
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.name.endswith(".json") and f.is_file():
+                    found.setdefault(f.name.removesuffix(".json"), f)
+    return dict(sorted(found.items()))
 
 
 def load_trait(name_or_path: str | os.PathLike) -> Trait:
-    """Load and validate a trait file, by path or by name (``traits/<name>.json``).
+    """Load and validate a trait file, by path or by name (``traits/<name>.json`` in the
+    current directory, else a built-in; see :func:`list_traits`).
 
     Example:
         >>> t = load_trait("pirate")
         >>> t.positive_instructions[0]
     """
-    p = Path(name_or_path)
-    if not p.is_file():
-        if p.suffix or os.sep in str(name_or_path):
-            raise SteerlabError("no such trait file", source=str(p))
-        found = [d / f"{p.name}.json" for d in trait_dirs() if (d / f"{p.name}.json").is_file()]
-        if not found:
-            known = sorted({f.stem for d in trait_dirs() if d.is_dir() for f in d.glob("*.json")})
-            raise SteerlabError(f"no trait named {p.name!r}; known traits: {known}",
+    path = Path(name_or_path)
+    p: Path | Traversable = path
+    if not path.is_file():
+        if path.suffix or os.sep in str(name_or_path):
+            raise SteerlabError("no such trait file", source=str(path))
+        known = list_traits()
+        if path.name not in known:
+            raise SteerlabError(f"no trait named {path.name!r}; known traits: {list(known)}",
                                 source=str(name_or_path))
-        p = found[0]
+        p = known[path.name]
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float
 
 from steerlab.errors import SteerlabError
+from steerlab.files import atomic_path, write_json_atomic
 
 FORMAT = "steerlab.vector/1"
 
@@ -118,16 +119,13 @@ class SteeringVector:
         from safetensors.torch import save_file
 
         st, side = _paths(path)
-        st.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"directions": self.directions.detach().float().cpu().contiguous(),
                    "layers": torch.tensor(self.layers, dtype=torch.int64)}
         meta = {"format": FORMAT, "layers": list(self.layers), "d_model": self.d_model,
                 **asdict(self.provenance)}
-        for target, write in ((st, lambda p: save_file(tensors, str(p))),
-                              (side, lambda p: p.write_text(json.dumps(meta, indent=1)))):
-            tmp = target.with_name(f".{target.name}.tmp")
-            write(tmp)
-            os.replace(tmp, target)
+        with atomic_path(st) as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(side, meta)
         return st
 
     @classmethod
@@ -171,9 +169,11 @@ class SteeringVector:
         import gguf
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        with atomic_path(path) as tmp:
+            self._write_gguf(gguf.GGUFWriter(str(tmp), "controlvector"), model_hint)
+        return path
+
+    def _write_gguf(self, writer: Any, model_hint: str | None) -> None:
         writer.add_string("controlvector.model_hint", model_hint or self.provenance.model_id)
         writer.add_uint32("controlvector.layer_count", len(self.layers))
         for layer, vec in zip(self.layers, self.directions, strict=True):
@@ -182,8 +182,6 @@ class SteeringVector:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-        return path
 
 
 def read_gguf(path: str | os.PathLike) -> dict[int, Any]:

@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from steerlab.client import Endpoint, EndpointClient, parse_json_reply, validate_json
-from steerlab.collect import collect, collected_pairs, read_records
+from steerlab.collect import collect, collected_pairs
 from steerlab.elicit import generate_trait
 from steerlab.errors import SteerlabError
+from steerlab.files import read_jsonl
 from steerlab.judge import filter_pairs, judge, rubric_judge
 from steerlab.responders import EndpointResponder
 from steerlab.traits import Trait
@@ -117,7 +118,7 @@ def test_faults_do_not_stop_a_run_and_resume_fills_gaps(server, tmp_path, caplog
     assert (r.written, r.failed, r.skipped) == (8, 4, 0)
     assert server.seen["q1 fail500"] == 2 * 3 and server.seen["q4 garbage"] == 2 * 3
     assert server.seen["q2 429once"] == 3 and server.seen["q0 fine"] == 2
-    errors = [x for x in read_records(out) if "error" in x]
+    errors = [x for x in read_jsonl(out) if "error" in x]
     assert {x["prompt"] for x in errors} == {"q1 fail500", "q4 garbage"}
     assert any("InternalServerError" in x["error"] for x in errors)
     assert len(collected_pairs(out)) == 4
@@ -173,7 +174,7 @@ def test_rubric_judge_records_malformed_outputs(server, tmp_path):
     fn = rubric_judge(_client(server, retries=1), rubric)
     r = judge(collected, tmp_path / "j.jsonl", fn, progress=False)
     assert (r.written, r.failed) == (2, 2)
-    errs = {x["id"]: x["error"] for x in read_records(tmp_path / "j.jsonl") if "error" in x}
+    errs = {x["id"]: x["error"] for x in read_jsonl(tmp_path / "j.jsonl") if "error" in x}
     assert set(errs) == {"b"} or len(errs) == 1
     assert server.seen[f"Rate huge{suffix}"] == 2  # malformed replies are retried, bounded
     pairs = filter_pairs(collected, tmp_path / "j.jsonl", tmp_path / "p.jsonl")

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from steerlab.collect import collect, collected_pairs, read_records
+from steerlab.collect import collect, collected_pairs
+from steerlab.files import read_jsonl
 from steerlab.judge import filter_pairs, judge, scorer_judge
 from steerlab.pairs import load_pairs
 from steerlab.responders import LocalResponder
@@ -102,7 +103,7 @@ def test_cli_collect_on_a_tiny_model(tmp_path, tokenizer):
     assert "6 answers written, 0 failed" in res.output
     assert len(collected_pairs(tmp_path / "run" / "collected.jsonl")) == 3
     assert "0 answers written" in CliRunner().invoke(app, args).output
-    assert {r["responder"] for r in read_records(tmp_path / "run" / "collected.jsonl")} == {
+    assert {r["responder"] for r in read_jsonl(tmp_path / "run" / "collected.jsonl")} == {
         "local"}
     bad = CliRunner().invoke(app, ["traits", "collect", str(tmp_path / "missing.json")])
     assert bad.exit_code != 0

@@ -1,0 +1,250 @@
+"""Files, the one way steerlab writes them: atomic writes, JSON and JSONL, HDF5, locks, parts.
+
+Every writer in the package goes through here, so a crash (even SIGKILL) never leaves a
+half-written file under a final name:
+
+* :func:`atomic_path` yields a temporary name beside the target and renames it over the
+  target only when the block succeeds (``os.replace``: atomic on POSIX); the JSON, JSONL and
+  text writers are built on it.
+* :class:`PartsDir` is a folder of committed parts, the resume mechanism of long runs
+  (inference batches, activation rows): a part is committed atomically or not at all, stale
+  temporaries are swept, and the finished run removes the folder.
+* :func:`flock` is the advisory lock that refuses a second writer.
+* :func:`append_jsonl` / :func:`read_jsonl` are the append-only stage files (one record per
+  line, flushed per record; a torn last line from a killed run is skipped on read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import SteerlabError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PartsDir", "append_jsonl", "atomic_path", "create_exclusive", "flock", "h5py",
+           "read_json", "read_jsonl", "write_json_atomic", "write_jsonl_atomic",
+           "write_text_atomic"]
+
+
+def h5py() -> Any:
+    """The ``h5py`` module, imported on first use (it is slow to import)."""
+    import h5py as module
+
+    return module
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed over ``path`` when the block succeeds.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_path("out.h5") as tmp:
+        ...     write_everything(tmp)
+    """
+    target = Path(path)
+    if mkdir:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name (several processes may write beside each other), created by the writer
+    # so the file gets the usual permissions
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _json(data: Any, indent: int | None) -> str:
+    return json.dumps(data, indent=indent, ensure_ascii=False)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    return write_text_atomic(path, _json(data, indent) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    """Write one JSON value per line to ``path`` atomically."""
+    return write_text_atomic(path, "".join(_json(r, None) + "\n" for r in rows))
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists; False if another process was first.
+
+    Race-free between processes: the text is written to a temporary file that is then
+    hard-linked to the final name, which fails when the name exists.
+    """
+    target = Path(path)
+    with atomic_path(target.with_name(f".{target.name}.new"), mkdir=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+    return True
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Parse a JSON file; a missing, unreadable or invalid file raises one clear line."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SteerlabError(f"no such file (expected {what})", source=str(p)) from None
+    except IsADirectoryError:
+        raise SteerlabError(f"is a folder; expected {what}", source=str(p)) from None
+    except UnicodeDecodeError:
+        raise SteerlabError(f"not UTF-8 text; expected {what}", source=str(p)) from None
+    except json.JSONDecodeError as err:
+        raise SteerlabError(f"not valid JSON ({err}); expected {what}", source=str(p)) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The object records of a JSONL file ([] if missing); a torn line is skipped with a
+    warning (an interrupted append)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping an unreadable line (interrupted write?)", p, n)
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+@contextmanager
+def append_jsonl(path: str | os.PathLike) -> Iterator[Callable[[dict], None]]:
+    """Append JSON records to ``path`` one line at a time, flushed per record.
+
+    A torn last line (a killed writer) is ended first, so it cannot swallow the next record.
+
+    Example:
+        >>> with append_jsonl("out.jsonl") as write:
+        ...     write({"id": "a", "score": 3})
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if p.is_file() and p.stat().st_size:
+        with p.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with p.open("a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")
+
+        def write(rec: dict) -> None:
+            f.write(_json(rec, None) + "\n")
+            f.flush()
+
+        yield write
+
+
+@contextmanager
+def flock(path: str | os.PathLike, *, shared: bool = False, wait: bool = False,
+          busy: str = "another process is writing here") -> Iterator[None]:
+    """Hold an advisory ``fcntl.flock`` on ``path`` (created if needed).
+
+    Without ``wait`` a lock held elsewhere raises :class:`SteerlabError` with ``busy``; on a
+    file system without flock support a warning is logged and nothing is locked.
+    """
+    import fcntl
+
+    p = Path(path)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            raise SteerlabError(f"{busy} ({p.name} is locked by another process)",
+                                source=str(p.parent)) from None
+        except OSError as err:  # e.g. a network file system mounted without flock
+            log.warning("cannot lock %s (%s); nothing stops a second writer", p, err)
+        yield
+    finally:
+        os.close(fd)
+
+
+class PartsDir:
+    """A folder of committed part files: how long runs write incrementally and resume.
+
+    Parts are named ``{prefix}-{key}.{suffix}`` where ``key`` is one or more ``-``-joined
+    integers (a batch index, a row range). :meth:`commit` writes one atomically; :meth:`keys`
+    lists the committed ones; :meth:`sweep` clears what a crash left; :meth:`remove` deletes the
+    folder once the parts have been joined into the final output.
+
+    Example:
+        >>> parts = PartsDir("run/parts", "batch", "h5")
+        >>> with parts.commit(3) as tmp:
+        ...     write_part(tmp)
+        >>> parts.keys()
+        [(3,)]
+    """
+
+    def __init__(self, root: str | os.PathLike, prefix: str, suffix: str, width: int = 6):
+        self.root = Path(root)
+        self.prefix, self.suffix, self.width = prefix, suffix, width
+        self._name = re.compile(rf"{re.escape(prefix)}((?:-\d+)+)\.{re.escape(suffix)}")
+
+    def path(self, *key: int) -> Path:
+        """The file of the part with this key."""
+        digits = "-".join(f"{k:0{self.width}d}" for k in key)
+        return self.root / f"{self.prefix}-{digits}.{self.suffix}"
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def keys(self) -> list[tuple[int, ...]]:
+        """Keys of the committed parts, sorted."""
+        if not self.root.is_dir():
+            return []
+        found = (self._name.fullmatch(p.name) for p in self.root.iterdir())
+        return sorted(tuple(int(x) for x in m[1][1:].split("-")) for m in found if m)
+
+    def paths(self) -> list[Path]:
+        """The committed part files in key order."""
+        return [self.path(*k) for k in self.keys()]
+
+    @contextmanager
+    def commit(self, *key: int) -> Iterator[Path]:
+        """A temporary path that becomes part ``key`` when the block succeeds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(*key)) as tmp:
+            yield tmp
+
+    def sweep(self) -> None:
+        """Delete temporaries a crashed commit left (only a sole writer may call this)."""
+        if self.root.is_dir():
+            for stale in self.root.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the folder and every part in it."""
+        shutil.rmtree(self.root, ignore_errors=True)
