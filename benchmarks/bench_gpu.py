@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "steerlab" / "builtin" / "data"  # the built-in prompts and personae
 VOCAB = 49152  # the embedded SmolLM2 tokenizer's vocabulary
 SHAPES: dict[str, dict[str, int]] = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -191,8 +192,8 @@ def chat_prompts(tok: Any, n: int) -> list[list[int]]:
     from steerlab.chat import encode_chat
     from steerlab.personas import load_personae
 
-    prompts = json.loads((REPO / "data" / "prompts.json").read_text())
-    personae = load_personae(REPO / "data" / "personae.json")
+    prompts = json.loads((DATA / "prompts.json").read_text())
+    personae = load_personae(DATA / "personae.json")
     return [encode_chat(tok, prompts[i % len(prompts)], persona=personae[i % len(personae)])
             for i in range(n)]
 
@@ -253,8 +254,7 @@ def bench_generation(b: Bench) -> dict:
 def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
     """steerlab generate (with and without metrics) vs HF generate, same attention."""
     import steerlab
-    from steerlab.generate import left_pad
-    from steerlab.infer import generate_with_metrics
+    from steerlab.generate import generate_with_metrics, left_pad
 
     rows, n, tok = [], b.args.new_tokens, model.tokenizer
     for batch in b.args.batches:
@@ -279,7 +279,7 @@ def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
 
 
 def bench_lens(b: Bench) -> dict:
-    from steerlab.infer import generate_with_metrics
+    from steerlab.generate import generate_with_metrics
 
     model, batch, n = b.steerlab_model(), b.args.batches[0], b.args.new_tokens
     ids = chat_prompts(model.tokenizer, batch)
@@ -449,7 +449,7 @@ def bench_cli(b: Bench) -> dict:
     batch, n = b.args.batches[0], b.args.new_tokens
     d = b.work / "infer"
     d.mkdir()
-    prompts = json.loads((REPO / "data" / "prompts.json").read_text())
+    prompts = json.loads((DATA / "prompts.json").read_text())
     (d / "prompts.json").write_text(json.dumps(
         [f"{prompts[i % len(prompts)]} ({i})" for i in range(batch)]))
     (d / "personae.json").write_text(json.dumps(

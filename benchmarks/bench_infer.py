@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from importlib.resources import files
 
 import torch
 
@@ -40,8 +41,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 x 12 tokens, one repeat")
     args = ap.parse_args()
     from steerlab.chat import encode_chat
-    from steerlab.generate import left_pad
-    from steerlab.infer import generate_with_metrics
+    from steerlab.generate import generate_with_metrics, left_pad
     from steerlab.models import load_model
     from steerlab.personas import load_personae
 
@@ -50,8 +50,9 @@ def main() -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     hf, tok = model.original_model, model.tokenizer
     device = next(hf.parameters()).device
-    prompts = json.load(open("data/prompts.json"))
-    personae = load_personae("data/personae.json")
+    data = files("steerlab.builtin") / "data"  # the built-in prompts and personae
+    prompts = json.loads((data / "prompts.json").read_text(encoding="utf-8"))
+    personae = load_personae(data / "personae.json")
     ids = [encode_chat(tok, prompts[i % len(prompts)], persona=personae[i % len(personae)])
            for i in range(batch)]
     input_ids, mask = left_pad(ids, tok.pad_token_id, device)

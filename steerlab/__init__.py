@@ -17,7 +17,7 @@ from steerlab.errors import SteerlabError
 from steerlab.evaluate import evaluate_steering
 from steerlab.extract import extract, merge_shards
 from steerlab.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
-from steerlab.generate import Generation, generate
+from steerlab.generate import Generation, generate, generate_with_metrics
 from steerlab.infer import InferConfig, run_inference
 from steerlab.judge import filter_pairs, judge, rubric_judge, scorer_judge
 from steerlab.layers import decoder_layers
@@ -28,7 +28,7 @@ from steerlab.responders import EndpointResponder, LocalResponder
 from steerlab.results import load_results
 from steerlab.runs import merge_run
 from steerlab.scorers import scorer_from_spec
-from steerlab.steer import monitor, steer
+from steerlab.steer import Positions, Steering, monitor, steer
 from steerlab.store import ActivationFile
 from steerlab.traits import Trait, load_trait
 from steerlab.vectors import SteeringVector
@@ -51,6 +51,8 @@ __all__ = [
     "MeanDifference",
     "PCADifference",
     "SteeringVector",
+    "Steering",
+    "Positions",
     "Generation",
     "Persona",
     "SteerlabError",
@@ -77,6 +79,7 @@ __all__ = [
     "extract",
     "fit_vector",
     "generate",
+    "generate_with_metrics",
     "load_model",
     "load_personae",
     "merge_shards",

@@ -18,45 +18,9 @@ from jaxtyping import Float
 
 from steerlab.chat import encode_text, render_chat
 from steerlab.errors import SteerlabError
-from steerlab.generate import left_pad
-from steerlab.layers import check_layers, decoder_layers, hidden_of
+from steerlab.generate import left_pad, position_ids
+from steerlab.layers import HookPoint, check_layers, layer_hooks
 from steerlab.personas import SystemPrompt
-
-HookFn = Callable[[torch.Tensor], None]
-
-
-def _resid_post(block: torch.nn.Module, fn: HookFn) -> Any:
-    return block.register_forward_hook(lambda mod, args, out: fn(hidden_of(out)))
-
-
-def _resid_pre(block: torch.nn.Module, fn: HookFn) -> Any:
-    def pre(mod: Any, args: Any, kwargs: Any) -> None:
-        fn(args[0] if args else kwargs["hidden_states"])
-
-    return block.register_forward_pre_hook(pre, with_kwargs=True)
-
-
-def _resid_mid(block: torch.nn.Module, fn: HookFn) -> Any:
-    point = getattr(block, "hook_resid_mid", None)
-    if point is None:
-        raise SteerlabError("this model's blocks have no hook_resid_mid", field="hook")
-    return point.register_forward_hook(lambda mod, args, out: fn(out))
-
-
-# Hook points: name -> attach(block, fn) returning a removable handle.
-HOOK_POINTS: dict[str, Callable[[torch.nn.Module, HookFn], Any]] = {
-    "resid_post": _resid_post,
-    "resid_pre": _resid_pre,
-    "resid_mid": _resid_mid,
-}
-
-
-def hook_point(name: str) -> Callable[[torch.nn.Module, HookFn], Any]:
-    """The attach function of a hook point (``resid_post``, ``resid_pre``, ``resid_mid``)."""
-    if name not in HOOK_POINTS:
-        raise SteerlabError(f"unknown hook {name!r}; expected one of {sorted(HOOK_POINTS)}",
-                            field="hook")
-    return HOOK_POINTS[name]
 
 
 @dataclass(frozen=True)
@@ -150,7 +114,7 @@ def capture_positions(
     positions: Sequence[int],
     layers: Sequence[int],
     *,
-    hook: str = "resid_post",
+    hook: str | HookPoint = HookPoint.RESID_POST,
     spans: Sequence[tuple[int, int]] | None = None,
 ) -> Captured:
     """Residual activations of each sequence at one position, at the given layers.
@@ -172,7 +136,7 @@ def capture_positions(
         torch.Size([1, 1, 576])
     """
     layers = check_layers(model, layers)
-    attach = hook_point(hook)
+    point = HookPoint.parse(hook, field="hook")
     hf = model.original_model
     device = next(hf.parameters()).device
     pad = model.tokenizer.pad_token_id or 0
@@ -191,7 +155,7 @@ def capture_positions(
     mean: dict[int, torch.Tensor] = {}
     last = max(layers)
 
-    def reader(layer: int) -> HookFn:
+    def reader(layer: int) -> Callable[[torch.Tensor], None]:
         def fn(h: torch.Tensor) -> None:
             at[layer] = h[rows, pos].float()
             if span_mask is not None:
@@ -202,17 +166,12 @@ def capture_positions(
 
         return fn
 
-    blocks = decoder_layers(model)
-    handles = [attach(blocks[layer], reader(layer)) for layer in sorted(set(layers))]
     try:
-        positions_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hf(input_ids=ids, attention_mask=mask, position_ids=positions_ids, use_cache=False,
-           logits_to_keep=1)  # activations only: skip the vocabulary projection
+        with layer_hooks(model, {layer: reader(layer) for layer in sorted(set(layers))}, point):
+            hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+               use_cache=False, logits_to_keep=1)  # activations only: no vocabulary projection
     except _Stop:
         pass
-    finally:
-        for h in handles:
-            h.remove()
     out = torch.stack([at[layer].to(device) for layer in layers], dim=1)
     avg = torch.stack([mean[layer].to(device) for layer in layers], dim=1) if mean else None
     return Captured(out, avg)
@@ -235,7 +194,7 @@ def capture_pairs(
     pairs: Sequence[Any],
     layers: Sequence[int],
     *,
-    hook: str = "resid_post",
+    hook: str | HookPoint = HookPoint.RESID_POST,
     mean: bool = False,
     system_prompt: SystemPrompt | None = None,
 ) -> PairActivations:

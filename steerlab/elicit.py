@@ -9,7 +9,7 @@ from steerlab.client import EndpointClient
 from steerlab.errors import SteerlabError
 from steerlab.traits import Trait
 
-__all__ = ["generate_trait", "artefact_schema"]
+__all__ = ["elicit_trait", "artefact_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def artefact_schema(n_instructions: int, n_questions: int, n_held_out: int) -> d
     }
 
 
-def generate_trait(
+def elicit_trait(
     client: EndpointClient,
     trait: Trait,
     *,
@@ -64,7 +64,7 @@ def generate_trait(
         n_held_out: questions kept for evaluating steering.
 
     Example:
-        >>> t = generate_trait(client, Trait("playful", "The assistant is playful ..."))
+        >>> t = elicit_trait(client, Trait("playful", "The assistant is playful ..."))
         >>> t.save("traits/playful.json")
     """
     prompt = _PROMPT.format(name=trait.name, instruction=trait.trait_instruction,

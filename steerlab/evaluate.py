@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -30,14 +30,13 @@ import torch
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
 from steerlab.files import write_json_atomic
-from steerlab.generate import generate, left_pad
+from steerlab.generate import generate, left_pad, position_ids
 from steerlab.progress import progress_bar
-from steerlab.scorers import distinct_n
+from steerlab.scorers import Scorer, distinct_n
 from steerlab.steer import steer
 from steerlab.vectors import SteeringVector, random_like
 
-Scorer = Callable[[str], float]
-__all__ = ["AnswerJudge", "Setting", "SteeringEval", "answer_nll", "distinct_n",
+__all__ = ["AnswerRater", "Setting", "SteeringEval", "answer_nll", "distinct_n",
            "evaluate_steering"]
 
 
@@ -58,8 +57,8 @@ def answer_nll(model: Any, prompts: Sequence[Sequence[int]],
                 zip(prompts[at : at + batch_size], answers[at : at + batch_size], strict=True)]
         ids, mask = left_pad(rows, pad, device)
         logp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask,
-                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-                                    ).logits.float().to(device), -1)
+                                    position_ids=position_ids(mask)).logits.float().to(device),
+                                 -1)
         for i, a in enumerate(answers[at : at + batch_size]):
             if not a:
                 out.append(float("nan"))
@@ -78,7 +77,7 @@ class Setting:
     ``trait`` is the mean trait score of all answers, ``coherence`` the share of coherent
     answers, ``coherent_trait`` the mean score with incoherent answers counted as 0, ``distinct``
     the mean distinct-2, and ``nll`` the mean of the NLLs the verdicts used (see
-    :meth:`AnswerJudge.nll`).
+    :meth:`AnswerRater.nll`).
     """
 
     layer: int
@@ -113,47 +112,18 @@ class SteeringEval:
         """Write the whole evaluation as JSON (atomically)."""
         write_json_atomic(path, asdict(self))
 
-    def figure(self) -> Any:
-        """Plotly figure: coherent trait, raw trait and coherence against strength, one line
-        per layer, with the unsteered and prompted references and the random control."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        keys = (("coherent_trait", "coherent trait score"), ("trait", "trait score (all)"),
-                ("coherence", "coherence"))
-        fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
-        for layer in sorted({s.layer for s in self.sweep}):
-            pts = [s for s in self.sweep if s.layer == layer]
-            for col, (key, _) in enumerate(keys, 1):
-                fig.add_trace(go.Scatter(x=[s.alpha for s in pts], y=[getattr(s, key)
-                                         for s in pts], mode="lines+markers",
-                                         name=f"layer {layer}", legendgroup=str(layer),
-                                         showlegend=col == 1), row=1, col=col)
-        for col, (key, _) in enumerate(keys, 1):
-            for s, name, dash in ((self.unsteered, "unsteered", "dot"),
-                                  (self.prompted, "prompted", "dash")):
-                fig.add_hline(y=getattr(s, key), line_dash=dash, annotation_text=name,
-                              row=1, col=col)
-        fig.add_hline(y=self.min_coherence * self.unsteered.coherence, line_dash="dot",
-                      line_color="red", annotation_text="min coherence", row=1, col=3)
-        fig.add_trace(go.Scatter(x=[self.random.alpha], y=[self.random.coherent_trait],
-                                 mode="markers", marker_symbol="x", marker_size=10,
-                                 name="random vector"), row=1, col=1)
-        fig.update_xaxes(title_text="alpha (x vector)")
-        return fig
-
 
 @dataclass(frozen=True)
-class AnswerJudge:
-    """Scores a batch of answers to ``questions``: trait by the scorer, coherence per answer.
+class AnswerRater:
+    """Rates a batch of answers to ``questions``: trait by the scorer, coherence per answer.
 
     ``contexts`` are the token ids the likelihood is taken under (the best one counts);
     ``nll_ref`` is the unsteered answers' mean NLL (see :meth:`calibrate`).
 
     Example:
-        >>> judge = AnswerJudge.for_questions(model, questions, scorer, trait_instruction)
-        >>> judge = judge.calibrate(unsteered_tokens)
-        >>> judge(tokens, texts).coherence
+        >>> rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction)
+        >>> rater = rater.calibrate(unsteered_tokens)
+        >>> rater(tokens, texts).coherence
     """
 
     model: Any
@@ -165,16 +135,16 @@ class AnswerJudge:
 
     @classmethod
     def for_questions(cls, model: Any, questions: Sequence[str], scorer: Scorer,
-                      trait_instruction: str, **kwargs: float) -> AnswerJudge:
-        """A judge whose contexts are the plain questions and the trait-prompted questions."""
+                      trait_instruction: str, **kwargs: float) -> AnswerRater:
+        """A rater whose contexts are the plain questions and the trait-prompted questions."""
         tok = model.tokenizer
         plain = [encode_chat(tok, q) for q in questions]
         prompted = [encode_chat(tok, [{"role": "system", "content": trait_instruction},
                                       {"role": "user", "content": q}]) for q in questions]
         return cls(model, scorer, (plain, prompted), **kwargs)
 
-    def calibrate(self, tokens: list[list[int]]) -> AnswerJudge:
-        """This judge with ``nll_ref`` set from reference (unsteered) answers, plain context."""
+    def calibrate(self, tokens: list[list[int]]) -> AnswerRater:
+        """This rater with ``nll_ref`` set from reference (unsteered) answers, plain context."""
         nll = answer_nll(self.model, self.contexts[0], tokens)
         return replace(self, nll_ref=_mean(nll))
 
@@ -199,7 +169,7 @@ class AnswerJudge:
     def __call__(self, tokens: list[list[int]], texts: list[str], layer: int = -1,
                  alpha: float = 0.0) -> Setting:
         if math.isnan(self.nll_ref):
-            raise SteerlabError("the judge is not calibrated; call calibrate() first")
+            raise SteerlabError("the rater is not calibrated; call calibrate() first")
         d = [distinct_n(t) for t in tokens]
         nll = self.nll(tokens)
         ok = tuple(not math.isnan(x) and di >= self.min_distinct
@@ -266,9 +236,9 @@ def evaluate_steering(
         raise SteerlabError(f"the vector has no direction for layers {missing}; it has "
                             f"{list(vector.layers)}", field="layers")
     tok = model.tokenizer
-    judge = AnswerJudge.for_questions(model, questions, scorer, trait_instruction,
+    rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction,
                                       min_distinct=min_distinct, nll_margin=nll_margin)
-    prompts, prompted_in = judge.contexts
+    prompts, prompted_in = rater.contexts
 
     def run(rows: list[list[int]]) -> tuple[list[list[int]], list[str]]:
         g = generate(model, rows, max_new_tokens=max_new_tokens)
@@ -276,9 +246,9 @@ def evaluate_steering(
 
     with progress_bar(len(layers) + 3, "steering eval", enabled=progress) as bar:
         toks, texts = run(prompts)
-        judge = judge.calibrate(toks)
-        unsteered = judge(toks, texts)
-        prompted = judge(*run(prompted_in))
+        rater = rater.calibrate(toks)
+        unsteered = rater(toks, texts)
+        prompted = rater(*run(prompted_in))
         bar.update(2)
         sweep = []
         n = len(prompts)
@@ -288,7 +258,7 @@ def evaluate_steering(
                 toks, texts = run(prompts * len(strengths))
             for i, a in enumerate(strengths):
                 part = slice(i * n, (i + 1) * n)
-                sweep.append(judge(toks[part], texts[part], layer, float(a)))
+                sweep.append(rater(toks[part], texts[part], layer, float(a)))
             bar.update()
         floor = min_coherence * unsteered.coherence
         ok = [s for s in sweep if s.coherence >= floor]
@@ -297,6 +267,6 @@ def evaluate_steering(
         with steer(model, random_like(vector, seed), best.alpha, layers=[best.layer],
                    positions=positions):
             toks, texts = run(prompts)
-        rand = judge(toks, texts, best.layer, best.alpha)
+        rand = rater(toks, texts, best.layer, best.alpha)
         bar.update()
     return SteeringEval(unsteered, prompted, tuple(sweep), best, rand, min_coherence)

@@ -19,16 +19,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from steerlab.capture import HOOK_POINTS, capture_pairs
+from steerlab.capture import capture_pairs
 from steerlab.errors import SteerlabError
+from steerlab.layers import HookPoint
 from steerlab.personas import SystemPrompt
 from steerlab.placement import ModelOptions
 from steerlab.progress import progress_bar
-from steerlab.store import ActivationFile, PartWriter, Rows, StoreMeta, concat_files
+from steerlab.store import ActivationFile, PartWriter, Rows, Site, StoreMeta, concat_files
 
 log = logging.getLogger(__name__)
-
-POSITIONS = ("divergence", "mean")
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class ExtractConfig:
     output: Path
     model: ModelOptions = ModelOptions()  # keys model, device, dtype, device_map, n_devices,
     layers: tuple[int, ...] | None = None  # attn_implementation; layers None: every layer
-    hook: str = "resid_post"
+    hook: HookPoint = HookPoint.RESID_POST
     positions: tuple[str, ...] = ("divergence",)
     batch_size: int = 8
     flush_every: int = 64
@@ -93,13 +92,10 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if isinstance(positions, str):
         positions = [positions]
     if not isinstance(positions, list) or "divergence" not in positions or \
-            not set(positions) <= set(POSITIONS):
+            not set(positions) <= {str(site) for site in Site}:
         raise SteerlabError(f"got {positions!r}; expected [divergence] or [divergence, mean]",
                             source=src, field="positions")
-    hook = need("hook", str, "resid_post")
-    if hook not in HOOK_POINTS:
-        raise SteerlabError(f"got {hook!r}; expected one of {sorted(HOOK_POINTS)}",
-                            source=src, field="hook")
+    hook = HookPoint.parse(need("hook", str, "resid_post"), field="hook", source=src)
     for name in ("batch_size", "flush_every"):
         value = need(name, int, 1)
         if value < 1:
@@ -182,7 +178,7 @@ def extract(
     output: str | os.PathLike,
     *,
     layers: Sequence[int] | None = None,
-    hook: str = "resid_post",
+    hook: str | HookPoint = HookPoint.RESID_POST,
     mean: bool = False,
     batch_size: int = 8,
     flush_every: int = 64,
@@ -222,7 +218,8 @@ def extract(
     n_layers = model.cfg.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
     where = provenance(model)
-    meta = StoreMeta(model_id=model_id(model), hook=hook, layers=layers,
+    hook = HookPoint.parse(hook, field="hook")
+    meta = StoreMeta(model_id=model_id(model), hook=str(hook), layers=layers,
                      d_model=int(model.cfg.d_model), dtype=where["dtype"], mean=mean,
                      steerlab_version=steerlab.__version__, pairs_file=str(pairs_file),
                      n_pairs=len(pairs), attn_implementation=where["attn_implementation"],

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.vectors import Provenance, SteeringVector
 
@@ -156,24 +157,29 @@ class LogisticProbe(_Collect):
         return Fit(_scaled(torch.stack(units), chosen - rejected), n, torch.tensor(acc))
 
 
-FITTERS: dict[str, Callable[[], Any]] = {
-    "mean-diff": MeanDifference,
-    "pca": PCADifference,
-    "probe": LogisticProbe,
-}
+class Method(Choice):
+    """The fitting methods by name (as on the command line and in provenance)."""
+
+    MEAN_DIFF = "mean-diff"
+    PCA = "pca"
+    PROBE = "probe"
+
+    def new(self) -> Fitter:
+        """A new, empty fitter of this method."""
+        kinds: dict[Method, Callable[[], Fitter]] = {
+            Method.MEAN_DIFF: MeanDifference, Method.PCA: PCADifference,
+            Method.PROBE: LogisticProbe}
+        return kinds[self]()
 
 
-def fitter(name: str) -> Fitter:
+def fitter(method: str | Method) -> Fitter:
     """A new fitter by method name (``mean-diff``, ``pca``, ``probe``)."""
-    if name not in FITTERS:
-        raise SteerlabError(f"unknown method {name!r}; expected one of {sorted(FITTERS)}",
-                            field="method")
-    return FITTERS[name]()
+    return Method.parse(method, field="method").new()
 
 
 def fit_vector(
     source: Any,
-    method: Fitter | str = "mean-diff",
+    method: Fitter | str | Method = Method.MEAN_DIFF,
     *,
     layers: list[int] | None = None,
     batch_size: int = 256,
@@ -183,7 +189,7 @@ def fit_vector(
 
     Args:
         source: an :class:`steerlab.store.ActivationFile` or a path to one.
-        method: a fitter instance or a name from :data:`FITTERS`.
+        method: a fitter instance or a :class:`Method` (or its name).
         layers: a subset of the file's layers (default all).
         batch_size: rows read at a time.
         mean: fit on the response means instead of the divergence point.
@@ -192,10 +198,10 @@ def fit_vector(
         >>> vector, fit = fit_vector("acts.h5", "probe")
         >>> fit.accuracy
     """
-    from steerlab.store import ActivationFile
+    from steerlab.store import ActivationFile, Site
 
     acts = source if isinstance(source, ActivationFile) else ActivationFile(source)
-    f = fitter(method) if isinstance(method, str) else method
+    f = fitter(method) if isinstance(method, str) else method  # a Method is a str
     idx = None
     if layers is not None:
         missing = sorted(set(layers) - set(acts.layers))
@@ -203,7 +209,8 @@ def fit_vector(
             raise SteerlabError(f"layers {missing} were not captured; the file has "
                                 f"{list(acts.layers)}", source=str(acts.path), field="layers")
         idx = [acts.layers.index(x) for x in layers]
-    for chosen, rejected in acts.iter_batches(batch_size, which="_mean" if mean else ""):
+    site = Site.MEAN if mean else Site.DIVERGENCE
+    for chosen, rejected in acts.iter_batches(batch_size, site=site):
         if idx is not None:
             chosen, rejected = chosen[:, idx], rejected[:, idx]
         f.update(chosen, rejected)

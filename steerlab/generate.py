@@ -1,18 +1,22 @@
-"""Fast batched generation on the bridge's HF model: left padding, KV cache, per-row stop."""
+"""Generation primitives (no file I/O): batched decoding on the bridge's HF model with left
+padding, a KV cache, per-row stops and per-row seeded sampling (:func:`generate`), and the same
+with per-token entropy, top-k mass and logit-lens metrics (:func:`generate_with_metrics`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
 from steerlab.compat import cache_keyword, ensure_bridge_reads_cache, output_cache
 from steerlab.errors import SteerlabError
+from steerlab.lens import LastPositionRecorder, lens_metrics
+from steerlab.metrics import token_metrics
 
 
 @dataclass(frozen=True)
@@ -41,21 +45,48 @@ class StepState:
     in_output: Bool[torch.Tensor, " batch"]
 
 
-_STATE: ContextVar[StepState | None] = ContextVar("steerlab_generation_state", default=None)
+@runtime_checkable
+class StepListener(Protocol):
+    """Told the state of each forward pass :func:`generate` runs (``None``: not generating).
+
+    Interventions that act on some positions only (steering the generated tokens, monitoring)
+    register with :func:`listen` and are told before every forward pass."""
+
+    def on_step(self, state: StepState | None) -> None: ...
 
 
-def generation_state() -> StepState | None:
-    """The state of the generation step being run, or ``None`` outside :func:`generate`."""
-    return _STATE.get()
+_LISTENERS = "_steerlab_step_listeners"
+
+
+def _listeners(model: Any) -> list[StepListener]:
+    """The step listeners registered on ``model`` (kept on the bridge object itself)."""
+    found = model.__dict__.get(_LISTENERS)
+    if found is None:
+        found = []
+        object.__setattr__(model, _LISTENERS, found)
+    return found
 
 
 @contextmanager
-def _publish(state: StepState) -> Iterator[None]:
-    token = _STATE.set(state)
+def listen(model: Any, listener: StepListener) -> Iterator[StepListener]:
+    """Tell ``listener`` the step state of every :func:`generate` call on ``model`` inside."""
+    registered = _listeners(model)
+    registered.append(listener)
+    listener.on_step(None)
     try:
-        yield
+        yield listener
     finally:
-        _STATE.reset(token)
+        registered.remove(listener)
+
+
+def _announce(model: Any, state: StepState | None) -> None:
+    for listener in _listeners(model):
+        listener.on_step(state)
+
+
+def position_ids(mask: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
+    """Position ids of left-padded rows: 0 at each row's first real token (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 StepObserver = Callable[
@@ -191,44 +222,103 @@ def generate(
     marker = list(think_marker)
     in_output_rows = in_output.tolist()
     past, step_ids = None, ids
-    for step in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        state = StepState(prefill=step == 0, generated=active.clone(), in_output=in_output.clone())
-        with _publish(state):
+    try:
+        for step in range(max_new_tokens):
+            _announce(model, StepState(prefill=step == 0, generated=active.clone(),
+                                       in_output=in_output.clone()))
             result = hf(
                 input_ids=step_ids,
                 attention_mask=mask,
-                position_ids=positions,
+                position_ids=position_ids(mask)[:, -step_ids.shape[1] :],
                 use_cache=True,
                 logits_to_keep=1,  # the prefill needs the last position only
                 **{cache_kw: past},
             )
-        past = output_cache(result)
-        # a split model's logits come out on the last GPU; the row state lives on the first
-        logits = result.logits[:, -1, :].float().to(device)
-        if observer is not None:
-            observer(step, logits, active)
-        if seeds is not None:
-            nxt = sample(logits, temperature, seeds, step)
-        else:
-            nxt = logits.argmax(-1)
-        is_stop = torch.isin(nxt, stops) & active
-        hit_stop |= is_stop
-        emitted = active & ~is_stop
-        # One device-to-host copy per step (not one per row): matters on GPUs at batch 256.
-        new_ids, emitted_rows = nxt.tolist(), emitted.tolist()
-        reported: list[int | None] = []
-        for row in range(batch):
-            if emitted_rows[row]:
-                out[row].append(new_ids[row])
-                if marker and not in_output_rows[row] and out[row][-len(marker) :] == marker:
-                    in_output[row] = in_output_rows[row] = True
-                reported.append(new_ids[row])
+            past = output_cache(result)
+            # a split model's logits come out on the last GPU; the row state lives on the first
+            logits = result.logits[:, -1, :].float().to(device)
+            if observer is not None:
+                observer(step, logits, active)
+            if seeds is not None:
+                nxt = sample(logits, temperature, seeds, step)
             else:
-                reported.append(None)
-        active = emitted
-        if (on_token is not None and on_token(reported)) or not bool(active.any()):
-            break
-        step_ids = torch.where(active, nxt, torch.full_like(nxt, pad_id)).unsqueeze(-1)
-        mask = torch.cat([mask, active.long().unsqueeze(-1)], dim=-1)
+                nxt = logits.argmax(-1)
+            is_stop = torch.isin(nxt, stops) & active
+            hit_stop |= is_stop
+            emitted = active & ~is_stop
+            # One device-to-host copy per step (not one per row): matters on GPUs at batch 256.
+            new_ids, emitted_rows = nxt.tolist(), emitted.tolist()
+            reported: list[int | None] = []
+            for row in range(batch):
+                if emitted_rows[row]:
+                    out[row].append(new_ids[row])
+                    if marker and not in_output_rows[row] and out[row][-len(marker) :] == marker:
+                        in_output[row] = in_output_rows[row] = True
+                    reported.append(new_ids[row])
+                else:
+                    reported.append(None)
+            active = emitted
+            if (on_token is not None and on_token(reported)) or not bool(active.any()):
+                break
+            step_ids = torch.where(active, nxt, torch.full_like(nxt, pad_id)).unsqueeze(-1)
+            mask = torch.cat([mask, active.long().unsqueeze(-1)], dim=-1)
+    finally:
+        _announce(model, None)
     return Generation(tokens=out, stopped=hit_stop.tolist())
+
+
+@dataclass(frozen=True)
+class RowMetrics:
+    """One generated reply with its per-token metrics (arrays align with ``tokens``)."""
+
+    tokens: list[int]
+    stopped: bool
+    entropy: np.ndarray
+    top_k_mass: np.ndarray
+    lens_entropy: np.ndarray | None = None  # [n_tokens, n_layers]
+    lens_top_k_mass: np.ndarray | None = None
+
+
+def generate_with_metrics(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    k: int = 5,
+    temperature: float = 0.0,
+    seed: int | Sequence[int] | None = None,
+    lens: bool = False,
+    think_marker: Sequence[int] = (),
+    on_token: Callable[[list[int | None]], bool | None] | None = None,
+    stop_ids: set[int] | None = None,
+) -> list[RowMetrics]:
+    """:func:`steerlab.generate` that records entropy and top-k mass of every generated token.
+
+    Example:
+        >>> rows = generate_with_metrics(model, [ids], max_new_tokens=64, lens=True)
+        >>> rows[0].entropy.mean(), rows[0].lens_entropy.shape
+    """
+    steps: list[tuple[torch.Tensor, ...]] = []
+    recorder = LastPositionRecorder(model) if lens else None
+
+    def observe(step: int, logits: torch.Tensor, active: torch.Tensor) -> None:
+        metrics = token_metrics(logits, k)
+        if recorder is not None:
+            ent, mass = lens_metrics(model, recorder.residuals(), k)
+            metrics = (*metrics, ent.T, mass.T)
+        steps.append(metrics)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                  observer=observe, think_marker=think_marker, on_token=on_token,
+                  stop_ids=stop_ids)
+    if recorder is None:
+        gen = generate(model, prompts, **kwargs)
+    else:
+        with recorder.recording():
+            gen = generate(model, prompts, **kwargs)
+    stacked = [torch.stack(parts, 1).float().cpu().numpy() for parts in zip(*steps, strict=True)]
+    rows = []
+    for row, tokens in enumerate(gen.tokens):
+        cut = [a[row, : len(tokens)] for a in stacked]
+        rows.append(RowMetrics(tokens, gen.stopped[row], *cut))
+    return rows

@@ -13,21 +13,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
 from steerlab.extract import shard_batches
 from steerlab.files import write_json_atomic
-from steerlab.generate import generate
-from steerlab.lens import LastPositionRecorder, lens_metrics
-from steerlab.metrics import section_averages, split_sections, token_metrics
+from steerlab.generate import RowMetrics, generate_with_metrics
+from steerlab.metrics import section_averages, split_sections
 from steerlab.personas import Persona, system_prompt_style
 from steerlab.results import LOG, RESULTS, RunStore
 from steerlab.runs import open_run, per_token_attrs, write_marker
@@ -96,63 +94,6 @@ def make_tasks(prompts: Sequence[str], personae: Sequence[Persona], n_reps: int)
     """All (persona, prompt, rep) tasks, grouped by persona, with stable ids."""
     combos = [(p, i, r) for p in personae for i in range(len(prompts)) for r in range(n_reps)]
     return [Task(k, p, i, prompts[i], r) for k, (p, i, r) in enumerate(combos)]
-
-
-@dataclass(frozen=True)
-class RowMetrics:
-    """One generated reply with its per-token metrics (arrays align with ``tokens``)."""
-
-    tokens: list[int]
-    stopped: bool
-    entropy: np.ndarray
-    top_k_mass: np.ndarray
-    lens_entropy: np.ndarray | None = None  # [n_tokens, n_layers]
-    lens_top_k_mass: np.ndarray | None = None
-
-
-def generate_with_metrics(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    k: int = 5,
-    temperature: float = 0.0,
-    seed: int | Sequence[int] | None = None,
-    lens: bool = False,
-    think_marker: Sequence[int] = (),
-    on_token: Callable[[list[int | None]], bool | None] | None = None,
-    stop_ids: set[int] | None = None,
-) -> list[RowMetrics]:
-    """:func:`steerlab.generate` that records entropy and top-k mass of every generated token.
-
-    Example:
-        >>> rows = generate_with_metrics(model, [ids], max_new_tokens=64, lens=True)
-        >>> rows[0].entropy.mean(), rows[0].lens_entropy.shape
-    """
-    steps: list[tuple[torch.Tensor, ...]] = []
-    recorder = LastPositionRecorder(model) if lens else None
-
-    def observe(step: int, logits: torch.Tensor, active: torch.Tensor) -> None:
-        metrics = token_metrics(logits, k)
-        if recorder is not None:
-            ent, mass = lens_metrics(model, recorder.residuals(), k)
-            metrics = (*metrics, ent.T, mass.T)
-        steps.append(metrics)
-
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                  observer=observe, think_marker=think_marker, on_token=on_token,
-                  stop_ids=stop_ids)
-    if recorder is None:
-        gen = generate(model, prompts, **kwargs)
-    else:
-        with recorder.recording():
-            gen = generate(model, prompts, **kwargs)
-    stacked = [torch.stack(parts, 1).float().cpu().numpy() for parts in zip(*steps, strict=True)]
-    rows = []
-    for row, tokens in enumerate(gen.tokens):
-        cut = [a[row, : len(tokens)] for a in stacked]
-        rows.append(RowMetrics(tokens, gen.stopped[row], *cut))
-    return rows
 
 
 def make_record(task: Task, row: RowMetrics, tokenizer: Any, marker: Sequence[int]) -> dict:

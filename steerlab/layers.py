@@ -1,13 +1,14 @@
-"""Access to a bridge's decoder layers for plain torch hooks (the fast path)."""
+"""A bridge's decoder layers: index checks and the one hook-registration path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 
 
@@ -43,16 +44,63 @@ def replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+# A residual hook sees the residual tensor [batch, pos, d_model] at its point and returns a
+# replacement, or None to leave it unchanged.
+ResidualHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class HookPoint(Choice):
+    """Where in a decoder layer a hook reads (and may replace) the residual stream.
+
+    ``resid_post``: the layer's output (= HF ``hidden_states[L + 1]``); ``resid_pre``: its
+    input; ``resid_mid``: between attention and MLP (bridges with ``hook_resid_mid`` only).
+    """
+
+    RESID_POST = "resid_post"
+    RESID_PRE = "resid_pre"
+    RESID_MID = "resid_mid"
+
+    def attach(self, block: torch.nn.Module, fn: ResidualHook) -> Any:
+        """Register ``fn`` at this point of ``block``; returns the removable torch handle."""
+        if self is HookPoint.RESID_POST:
+            def post(module: Any, args: Any, output: Any) -> Any:
+                new = fn(hidden_of(output))
+                return None if new is None else replace_hidden(output, new)
+
+            return block.register_forward_hook(post)
+        if self is HookPoint.RESID_PRE:
+            def pre(module: Any, args: Any, kwargs: Any) -> Any:
+                if args:
+                    new = fn(args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                new = fn(kwargs["hidden_states"])
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+            return block.register_forward_pre_hook(pre, with_kwargs=True)
+        point = getattr(block, "hook_resid_mid", None)
+        if point is None:
+            raise SteerlabError("this model's blocks have no hook_resid_mid", field="hook")
+        return point.register_forward_hook(lambda module, args, output: fn(output))
+
+
 @contextmanager
-def layer_hooks(
-    model: Any, hooks: dict[int, Callable[[torch.nn.Module, Any, Any], Any]]
-) -> Iterator[None]:
-    """Register torch forward hooks on decoder layers; always removed on exit."""
+def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
+                point: HookPoint = HookPoint.RESID_POST) -> Iterator[None]:
+    """Residual hooks on decoder layers (``{layer: fn}``) while inside; always removed.
+
+    The one way steerlab hooks a model: steering, monitoring, capture and the logit lens all
+    register through here, so they act on bridge forwards and on :func:`steerlab.generate`.
+
+    Example:
+        >>> seen = {}
+        >>> with layer_hooks(model, {10: lambda h: seen.setdefault(10, h.shape)}):
+        ...     model.original_model(input_ids=ids)
+    """
     blocks = decoder_layers(model)
     handles = []
     try:
         for layer, fn in hooks.items():
-            handles.append(blocks[layer].register_forward_hook(fn))
+            handles.append(point.attach(blocks[layer], fn))
         yield
     finally:
         for h in handles:

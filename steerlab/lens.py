@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from steerlab.layers import hidden_of, layer_hooks
+from steerlab.layers import layer_hooks
 from steerlab.metrics import token_metrics
 
 DEFAULT_MAX_ELEMENTS = 2**25  # logits per chunk: 128 MB in float32
@@ -78,8 +78,8 @@ class LastPositionRecorder:
         self._last: dict[int, torch.Tensor] = {}
 
     def _hook(self, layer: int) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            self._last[layer] = hidden_of(output)[:, -1, :].detach()
+        def hook(h: torch.Tensor) -> None:
+            self._last[layer] = h[:, -1, :].detach()
 
         return hook
 
@@ -106,7 +106,7 @@ def logit_lens(
     hidden: dict[int, torch.Tensor] = {}
 
     def grab(layer: int) -> Any:
-        return lambda m, a, out: hidden.__setitem__(layer, hidden_of(out)[0].detach())
+        return lambda h: hidden.__setitem__(layer, h[0].detach())
 
     n = model.cfg.n_layers
     hf = model.original_model

@@ -14,7 +14,7 @@ from steerlab.personas import ASSISTANT, Persona, no_system_prompt, you_are_a
 
 __all__ = ["Responder", "EndpointResponder", "LocalResponder", "encode_messages"]
 
-Reply = str | BaseException
+Outcome = str | BaseException  # an answer's text, or why it failed
 
 
 @runtime_checkable
@@ -26,7 +26,7 @@ class Responder(Protocol):
 
     name: str
 
-    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]: ...
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]: ...
 
 
 def _messages(system_prompt: str | None, question: str) -> list[dict[str, str]]:
@@ -67,7 +67,7 @@ class EndpointResponder:
     extra_body: dict | None = None
     name: str = "endpoint"
 
-    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]:
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]:
         def one(q: str) -> str:
             return self.client.chat(_messages(self.system_prompt, q), max_tokens=self.max_tokens,
                                     temperature=self.temperature, extra_body=self.extra_body)
@@ -110,7 +110,7 @@ class LocalResponder:
         return encode_messages(self.model.tokenizer, _messages(self.system_prompt, question),
                                self.persona)
 
-    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Reply]]:
+    def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]:
         from steerlab.generate import generate
 
         tok = self.model.tokenizer

@@ -20,8 +20,9 @@ from typing import Any
 from steerlab.errors import SteerlabError
 from steerlab.personas import ASSISTANT, Persona
 from steerlab.responders import encode_messages
+from steerlab.steer import Steering
 
-__all__ = ["make_server", "steering_context", "RequestError"]
+__all__ = ["make_server", "parse_steering", "RequestError"]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,18 @@ def _number(v: Any, name: str, lo: float, hi: float) -> float:
     return float(v)
 
 
-def steering_context(model: Any, spec: Any) -> contextlib.AbstractContextManager:
-    """The steering intervention a request asks for (a no-op context when ``spec`` is None).
+def parse_steering(model: Any, spec: Any) -> Steering | None:
+    """The :class:`steerlab.steer.Steering` a request's ``steering`` field asks for.
 
     Args:
-        model: the served bridge.
-        spec: ``{"vector": path, "alpha": float, "layers": [int] | null}``.
+        model: the served bridge (layers and width are checked against it).
+        spec: ``{"vector": path, "alpha": float, "layers": [int] | null}``, or None (none).
 
     Raises:
-        RequestError: the field is malformed or the vector cannot be loaded.
+        RequestError: the field is malformed, the vector cannot be loaded or does not fit.
     """
     if spec is None:
-        return contextlib.nullcontext()
+        return None
     if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers"}:
         raise RequestError("'steering' must be an object with 'vector' (path), 'alpha' "
                            "(number) and optional 'layers' (list of ints or null)")
@@ -58,14 +59,16 @@ def steering_context(model: Any, spec: Any) -> contextlib.AbstractContextManager
     if layers is not None and (not isinstance(layers, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in layers)):
         raise RequestError("'steering.layers' must be a list of integers or null")
-    from steerlab.steer import steer
     from steerlab.vectors import SteeringVector
 
     try:
         vector = SteeringVector.load(spec["vector"])
     except (SteerlabError, OSError) as err:
         raise RequestError(f"'steering.vector': {err}") from None
-    return steer(model, vector, alpha, layers=layers)
+    try:
+        return Steering.create(model, vector, alpha, layers=layers)
+    except SteerlabError as err:
+        raise RequestError(f"'steering': {err}") from None
 
 
 def _persona(v: Any) -> Persona:
@@ -182,20 +185,13 @@ class _Server(ThreadingHTTPServer):
             raise RequestError(str(err)) from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": self.model_name}
-        ctx = steering_context(self.model, req["steering"])  # reads the vector file
-        with self.lock:
-            try:
-                ctx.__enter__()  # checks layers and width against the model
-            except SteerlabError as err:
-                raise RequestError(f"'steering': {err}") from None
-            try:
-                # a stream answers 200 at once: open it only after every check has passed
-                stream = _Stream(h, tok, head) if req["stream"] else None
-                gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
-                               temperature=req["temperature"], seed=req["seed"],
-                               on_token=stream.on_token if stream else None)
-            finally:
-                ctx.__exit__(None, None, None)
+        steering = parse_steering(self.model, req["steering"])  # reads the vector file
+        with self.lock, (steering.apply(self.model) if steering else contextlib.nullcontext()):
+            # a stream answers 200 at once: open it only after every check has passed
+            stream = _Stream(h, tok, head) if req["stream"] else None
+            gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
+                           temperature=req["temperature"], seed=req["seed"],
+                           on_token=stream.on_token if stream else None)
         text = gen.texts(tok)[0]
         finish = "stop" if gen.stopped[0] else "length"
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(gen.tokens[0]),

@@ -1,55 +1,172 @@
 """Steering: add ``alpha * v`` to the residual stream at chosen layers; projection monitoring.
 
-Both are context managers over torch forward hooks on :func:`steerlab.layers.decoder_layers`,
-so they act on bridge forwards and on the fast path :func:`steerlab.generate.generate` alike,
-and the hooks are removed in ``finally``.
+:class:`Steering` is the one steering value (vector, layers, strengths, positions), validated
+once by :meth:`Steering.create`; :func:`steer` and :func:`monitor` are context managers over
+:func:`steerlab.layers.layer_hooks`, so they act on bridge forwards and on
+:func:`steerlab.generate.generate` alike, and the hooks are removed on exit. Rules that depend
+on the generation step (steer only generated tokens, NaN for finished rows) are told each
+step's state by ``generate`` (:func:`steerlab.generate.listen`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
+from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
-from steerlab.generate import generation_state
-from steerlab.layers import check_layers, decoder_layers, hidden_of, replace_hidden
+from steerlab.generate import StepState, listen
+from steerlab.layers import check_layers, layer_hooks
 from steerlab.vectors import SteeringVector
 
-# A position rule gives a [batch] row mask for this forward pass, None for "every row and
-# position", or False for "nothing in this pass".
-PositionRule = Callable[[], "torch.Tensor | None | bool"]
+
+class Positions(Choice):
+    """Which positions a steering vector is added at.
+
+    ``all``: every position of every forward pass (prompt included); ``generated``: only the
+    tokens :func:`steerlab.generate.generate` produces; ``output``: generated tokens after
+    ``</think>`` (all generated ones when the model is not thinking). Outside ``generate`` the
+    last two steer nothing.
+    """
+
+    ALL = "all"
+    GENERATED = "generated"
+    OUTPUT = "output"
+
+    def rows(self, state: StepState | None) -> torch.Tensor | None | bool:
+        """A ``[batch]`` row mask for the forward pass ``state`` describes, ``None`` for every
+        row and position, or ``False`` for nothing."""
+        if self is Positions.ALL:
+            return None
+        if state is None or state.prefill:
+            return False
+        return state.generated if self is Positions.GENERATED else \
+            state.generated & state.in_output
 
 
-def _all() -> torch.Tensor | None | bool:
-    return None
+def _strength(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SteerlabError(f"got {value!r}; expected a finite number", field="alpha")
+    return float(value)
 
 
-def _generated() -> torch.Tensor | None | bool:
-    state = generation_state()
-    if state is None or state.prefill:
-        return False
-    return state.generated
+def _strengths(alpha: Any) -> float | tuple[float, ...]:
+    """A strength, or one per batch row (a sequence or ``[batch]`` tensor), as finite floats."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.ndim > 1:
+            raise SteerlabError(f"alpha must be a number or one per batch row; got shape "
+                                f"{tuple(alpha.shape)}", field="alpha")
+        alpha = alpha.tolist()
+    if isinstance(alpha, (list, tuple)):
+        return tuple(_strength(a) for a in alpha)
+    return _strength(alpha)
 
 
-def _output() -> torch.Tensor | None | bool:
-    state = generation_state()
-    if state is None or state.prefill:
-        return False
-    return state.generated & state.in_output
+@dataclass(frozen=True)
+class Steering:
+    """One steering intervention: ``alpha * vector.direction(L)`` added at each layer ``L``.
+
+    The single steering value of the package (the CLI, chat, server, evaluation and
+    :func:`steer` all build one); made by :meth:`create`, which validates it against the
+    model once, and applied with :meth:`apply`. ``alpha`` is a strength in units of the
+    vector's stored scale, or a tuple with one strength per batch row.
+
+    Example:
+        >>> s = Steering.create(model, vector, 4.0, layers=[10])
+        >>> with s.apply(model):
+        ...     generate(model, prompts, max_new_tokens=40)
+        >>> s.with_alpha(-2.0)   # a new value; the old one is unchanged
+    """
+
+    vector: SteeringVector
+    alpha: float | tuple[float, ...]
+    layers: tuple[int, ...]
+    positions: Positions = Positions.ALL
+
+    @classmethod
+    def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,
+               layers: Sequence[int] | None = None,
+               positions: str | Positions = Positions.ALL) -> Steering:
+        """A checked steering value: finite strengths, layers that the model and the vector
+        both have (negative ones count from the end), the vector's width equal to the model's."""
+        if not isinstance(vector, SteeringVector):
+            raise SteerlabError(f"got {type(vector).__name__}; expected a SteeringVector",
+                                field="vector")
+        d_model = model.cfg.d_model
+        if vector.d_model != d_model:
+            raise SteerlabError(f"the vector has d_model {vector.d_model}; the model "
+                                f"{d_model}", field="vector")
+        chosen = check_layers(model, list(vector.layers if layers is None else layers))
+        if not chosen:
+            raise SteerlabError("no layers to steer; give e.g. 10 or 10,12", field="layers")
+        missing = [x for x in chosen if x not in vector.layers]
+        if missing:
+            raise SteerlabError(f"the vector has no layer {missing[0]}; it has "
+                                f"{list(vector.layers)}", field="layers")
+        return cls(vector, _strengths(alpha), tuple(chosen),
+                   Positions.parse(positions, field="positions"))
+
+    def with_alpha(self, alpha: Any) -> Steering:
+        """The same steering at another strength (checked)."""
+        return replace(self, alpha=_strengths(alpha))
+
+    @property
+    def active(self) -> bool:
+        """False when every strength is 0 (applying it leaves the model untouched)."""
+        values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        return any(a != 0.0 for a in values)
+
+    @contextmanager
+    def apply(self, model: Any) -> Iterator[Steering]:
+        """Add the vector while inside (hooks removed on exit, also on errors)."""
+        if not self.active:
+            yield self  # nothing to add: leave the model untouched
+            return
+        hooks = _SteeringHooks(self)
+        with listen(model, hooks), layer_hooks(model, {
+                layer: hooks.hook(self.vector.direction(layer)) for layer in self.layers}):
+            yield self
 
 
-POSITIONS: dict[str, PositionRule] = {"all": _all, "generated": _generated, "output": _output}
+class _SteeringHooks:
+    """The forward hooks of one :class:`Steering`, told each generation step's rows."""
 
+    def __init__(self, steering: Steering):
+        self.steering = steering
+        self.per_row = isinstance(steering.alpha, tuple)
+        self.rows: torch.Tensor | None | bool = steering.positions.rows(None)
 
-def _rule(positions: str) -> PositionRule:
-    if positions not in POSITIONS:
-        raise SteerlabError(f"unknown positions {positions!r}; expected one of "
-                            f"{sorted(POSITIONS)}", field="positions")
-    return POSITIONS[positions]
+    def on_step(self, state: StepState | None) -> None:
+        self.rows = self.steering.positions.rows(state)
+
+    def hook(self, direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        cache: dict[tuple[Any, Any], torch.Tensor] = {}
+        alpha = self.steering.alpha
+
+        def add(h: torch.Tensor) -> torch.Tensor | None:
+            rows = self.rows
+            if rows is False:
+                return None
+            if self.per_row and len(alpha) != h.shape[0]:
+                raise SteerlabError(f"alpha has {len(alpha)} rows, the batch {h.shape[0]}",
+                                    field="alpha")
+            key = (h.device, h.dtype)
+            if key not in cache:  # alpha * direction once per device/dtype, not per step
+                v = direction.to(device=h.device, dtype=h.dtype)
+                cache[key] = (torch.tensor(alpha, device=h.device, dtype=h.dtype)[:, None, None]
+                              * v if self.per_row else alpha * v)
+            delta = cache[key]
+            if rows is not None:
+                delta = delta * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
+            return h + delta
+
+        return add
 
 
 @contextmanager
@@ -59,70 +176,25 @@ def steer(
     alpha: float | Float[torch.Tensor, " batch"],
     *,
     layers: Sequence[int] | None = None,
-    positions: str = "all",
+    positions: str | Positions = "all",
 ) -> Iterator[None]:
     """Add ``alpha * vector.direction(L)`` to ``resid_post`` of each layer ``L`` while inside.
+
+    Shorthand for ``Steering.create(model, vector, alpha, ...).apply(model)``.
 
     Args:
         model: a bridge (hooks sit on its decoder layers, shared with its HF model).
         vector: the steering vector; its stored scale is the unit of ``alpha``.
-        alpha: strength, or one strength per batch row (a ``[batch]`` tensor).
+        alpha: strength, or one strength per batch row (a ``[batch]`` tensor or sequence).
         layers: which of the vector's layers to steer (default all of them).
-        positions: ``"all"`` positions of every forward pass; ``"generated"``: only tokens
-            produced by :func:`steerlab.generate.generate` (not the prompt); ``"output"``:
-            generated tokens after ``</think>`` (all generated ones for non-thinking runs).
-            Outside ``generate`` the last two steer nothing.
+        positions: ``"all"``, ``"generated"`` or ``"output"`` (see :class:`Positions`).
 
     Example:
         >>> with steer(model, vector, 4.0, layers=[10]):
         ...     replies = generate(model, prompts, max_new_tokens=40)
     """
-    rule = _rule(positions)
-    layers = check_layers(model, list(vector.layers if layers is None else layers))
-    dirs = {layer: vector.direction(layer) for layer in layers}
-    if dirs and next(iter(dirs.values())).shape[-1] != model.cfg.d_model:
-        raise SteerlabError(f"vector has d_model {vector.d_model}, the model "
-                            f"{model.cfg.d_model}", field="vector")
-    per_row = isinstance(alpha, torch.Tensor)
-    if per_row and alpha.ndim != 1:
-        raise SteerlabError(f"alpha must be a float or a [batch] tensor; got shape "
-                            f"{tuple(alpha.shape)}", field="alpha")
-    if not per_row and float(alpha) == 0.0:
-        yield  # nothing to add: leave the model untouched
-        return
-
-    def hook_for(direction: torch.Tensor) -> Callable[..., Any]:
-        cache: dict[tuple[Any, Any], torch.Tensor] = {}
-
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            rows = rule()
-            if rows is False:
-                return None
-            h = hidden_of(output)
-            if per_row and alpha.shape[0] != h.shape[0]:
-                raise SteerlabError(f"alpha has {alpha.shape[0]} rows, the batch "
-                                    f"{h.shape[0]}", field="alpha")
-            key = (h.device, h.dtype)
-            if key not in cache:  # alpha * direction once per device/dtype, not per step
-                v = direction.to(device=h.device, dtype=h.dtype)
-                cache[key] = (alpha.to(device=h.device, dtype=h.dtype)[:, None, None] * v
-                              if per_row else float(alpha) * v)
-            add = cache[key]
-            if rows is not None:
-                add = add * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
-            return replace_hidden(output, h + add)
-
-        return hook
-
-    blocks = decoder_layers(model)
-    handles = []
-    try:
-        for layer, direction in dirs.items():
-            handles.append(blocks[layer].register_forward_hook(hook_for(direction)))
+    with Steering.create(model, vector, alpha, layers=layers, positions=positions).apply(model):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class ProjectionMonitor:
@@ -135,6 +207,10 @@ class ProjectionMonitor:
     def __init__(self, layers: Sequence[int]):
         self.layers = list(layers)
         self._steps: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self.state: StepState | None = None
+
+    def on_step(self, state: StepState | None) -> None:
+        self.state = state
 
     def trace(self, layer: int) -> Float[torch.Tensor, "batch step"]:
         """``[batch, step]`` projections at a layer."""
@@ -162,25 +238,17 @@ def monitor(model: Any, vector: SteeringVector, *, layers: Sequence[int] | None 
     mon = ProjectionMonitor(layers)
     vec = vector.normalise() if normalise else vector
 
-    def hook_for(layer: int) -> Callable[..., Any]:
+    def hook_for(layer: int) -> Callable[[torch.Tensor], None]:
         direction = vec.direction(layer)
 
-        def hook(module: Any, args: Any, output: Any) -> None:
-            h = hidden_of(output)[:, -1].float()
-            p = h @ direction.to(h)
-            state = generation_state()
+        def record(h: torch.Tensor) -> None:
+            p = h[:, -1].float() @ direction.to(h.device, torch.float32)
+            state = mon.state
             if state is not None and not state.prefill:
                 p = torch.where(state.generated.to(p.device), p, torch.nan)
             mon._steps[layer].append(p.detach().cpu())
 
-        return hook
+        return record
 
-    blocks = decoder_layers(model)
-    handles = []
-    try:
-        for layer in layers:
-            handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
+    with listen(model, mon), layer_hooks(model, {layer: hook_for(layer) for layer in layers}):
         yield mon
-    finally:
-        for h in handles:
-            h.remove()

@@ -20,12 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.files import PartsDir, atomic_path, h5py, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT = "steerlab.activations/1"
+
+
+class Site(Choice):
+    """Which activations of a pair: at the divergence token, or averaged over the response
+    (the ``positions`` of an extraction config)."""
+
+    DIVERGENCE = "divergence"
+    MEAN = "mean"
+
+    def datasets(self) -> tuple[str, str]:
+        """The file's ``(chosen, rejected)`` dataset names for this site."""
+        suffix = "_mean" if self is Site.MEAN else ""
+        return f"chosen{suffix}", f"rejected{suffix}"
+
 ACTS = ("chosen", "rejected", "chosen_mean", "rejected_mean")
 INDEX = ("divergence", "chosen_length", "rejected_length", "response_start")
 
@@ -308,19 +323,20 @@ class ActivationFile:
                 vals = {n: (f[n][sl] if n in f else None) for n in (*ACTS, *INDEX)}
                 yield Rows(ids, **vals)
 
-    def iter_batches(self, batch_size: int = 256, *, which: str = "") -> Iterator[
+    def iter_batches(self, batch_size: int = 256, *, site: Site = Site.DIVERGENCE) -> Iterator[
             tuple[torch.Tensor, torch.Tensor]]:
         """``(chosen, rejected)`` float tensors ``[batch, layer, d_model]``, streamed.
 
         Args:
             batch_size: rows per batch.
-            which: ``""`` for divergence-point activations, ``"_mean"`` for response means.
+            site: divergence-point activations, or response means (files captured with mean).
         """
-        if which and not self.meta.mean:
+        site = Site.parse(site, field="site")
+        chosen, rejected = site.datasets()
+        if site is Site.MEAN and not self.meta.mean:
             raise SteerlabError("this file has no response means (captured with mean: false)",
                                 source=str(self.path), field="chosen_mean")
         with h5py().File(self.path, "r") as f:
             for at in range(0, self.n_pairs, batch_size):
                 sl = slice(at, min(at + batch_size, self.n_pairs))
-                yield (torch.from_numpy(f["chosen" + which][sl]),
-                       torch.from_numpy(f["rejected" + which][sl]))
+                yield torch.from_numpy(f[chosen][sl]), torch.from_numpy(f[rejected][sl])

@@ -114,3 +114,41 @@ def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
     fig.update_layout(title=title, xaxis_title="generated token", yaxis_title="layer",
                       height=max(300, 14 * z.shape[0] + 120))
     return fig
+
+
+def steering_figure(ev: Any) -> Any:
+    """Plotly figure of a :class:`steerlab.evaluate.SteeringEval`: coherent trait, raw trait
+    and coherence against strength, one line per layer (one colour per layer in every
+    panel), with the unsteered and prompted references and the random control.
+
+    Example:
+        >>> steering_figure(evaluate_steering(model, v, ...)).show()
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    keys = (("coherent_trait", "coherent trait score"), ("trait", "trait score (all)"),
+            ("coherence", "coherence"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
+    palette = qualitative.Plotly
+    for i, layer in enumerate(sorted({s.layer for s in ev.sweep})):
+        pts = [s for s in ev.sweep if s.layer == layer]
+        colour = palette[i % len(palette)]
+        for col, (key, _) in enumerate(keys, 1):
+            fig.add_trace(go.Scatter(x=[s.alpha for s in pts], y=[getattr(s, key)
+                                     for s in pts], mode="lines+markers",
+                                     name=f"layer {layer}", legendgroup=str(layer),
+                                     line_color=colour, showlegend=col == 1), row=1, col=col)
+    for col, (key, _) in enumerate(keys, 1):
+        for s, name, dash in ((ev.unsteered, "unsteered", "dot"),
+                              (ev.prompted, "prompted", "dash")):
+            fig.add_hline(y=getattr(s, key), line_dash=dash, annotation_text=name,
+                          row=1, col=col)
+    fig.add_hline(y=ev.min_coherence * ev.unsteered.coherence, line_dash="dot",
+                  line_color="red", annotation_text="min coherence", row=1, col=3)
+    fig.add_trace(go.Scatter(x=[ev.random.alpha], y=[ev.random.coherent_trait],
+                             mode="markers", marker_symbol="x", marker_size=10,
+                             name="random vector"), row=1, col=1)
+    fig.update_xaxes(title_text="alpha (x vector)")
+    return fig

@@ -17,7 +17,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from steerlab.chat_session import ChatSession, Reply
+from steerlab.chat_session import ChatReply, ChatSession
 from steerlab.errors import SteerlabError
 from steerlab.vectors import SteeringVector
 
@@ -95,7 +95,7 @@ class SteeringChat(w.VBox):
         self.projection_view = w.HTML()
         self.status = w.HTML()
         self.last_chunks: list[str] = []
-        self.last_reply: Reply | None = None
+        self.last_reply: ChatReply | None = None
         self.vector_picker.observe(self._on_vector, names="value")
         self.send_button.on_click(lambda _: self._send_message())
         self.clear_button.on_click(lambda _: self.clear())
@@ -108,15 +108,16 @@ class SteeringChat(w.VBox):
         ])
 
     # --- programmatic API -------------------------------------------------------------------
-    def send(self, text: str) -> Reply:
+    def send(self, text: str) -> ChatReply:
         """Send a message with the current control values; the reply streams into the output."""
         s = self.session
         s.set_persona(self.persona_box.value or "assistant")
         s.system = self.system_box.value.strip() or None
-        s.max_tokens, s.thinking = int(self.max_tokens.value), bool(self.thinking.value)
+        s.set_max_tokens(int(self.max_tokens.value))
+        s.thinking = bool(self.thinking.value)
         vector = self.selected_vector()
         if vector is None:
-            s.vector, s.alpha, s.layers = None, 0.0, None
+            s.clear_steering()
         else:
             layer = self.layer_picker.value
             s.set_steering(vector, self.strength.value, None if layer is None else [layer])
@@ -133,7 +134,8 @@ class SteeringChat(w.VBox):
         reply = s.reply(text, on_text=on_text, projection_layer=watch)
         self.output.append_stdout("\n")
         self.last_reply = reply
-        steering = f"{self.vector_picker.value} × {s.alpha:g}" if s.alpha and vector else "off"
+        on = s.steering is not None and s.steering.active
+        steering = f"{self.vector_picker.value} × {s.steering.alpha:g}" if on else "off"
         self.status.value = f"<small>{reply.n_tokens} tokens · steering {steering}</small>"
         self.projection_view.value = (
             self._projection_html(reply, watch) if reply.projection is not None else "")
@@ -141,7 +143,7 @@ class SteeringChat(w.VBox):
 
     def clear(self) -> None:
         """Forget the conversation and empty the output."""
-        self.session.history.clear()
+        self.session.clear()
         self.output.outputs = ()
         self.projection_view.value = ""
 
@@ -176,7 +178,7 @@ class SteeringChat(w.VBox):
         self.layer_picker.options = [("all", None), *((str(x), x) for x in layers)]
         self.layer_picker.value = None
 
-    def _projection_html(self, reply: Reply, layer: int) -> str:
+    def _projection_html(self, reply: ChatReply, layer: int) -> str:
         tok = self.session.model.tokenizer
         values = reply.projection or []
         scale = max((abs(v) for v in values), default=1.0) or 1.0

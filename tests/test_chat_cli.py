@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from steerlab.chat_session import ChatSession, Command, StreamDecoder, parse_command
+from steerlab.chat_session import ChatSession, StreamDecoder
+from steerlab.cli.chat import Command, parse_command, run_command
 from steerlab.errors import SteerlabError
 from steerlab.personas import ASSISTANT
 from steerlab.vectors import SteeringVector
@@ -37,38 +38,45 @@ def test_parse_command():
 def test_commands_change_state(tiny_model, tmp_path):
     s = ChatSession(tiny_model)
     s.history.append({"role": "user", "content": "x"})
-    assert "cleared" in s.apply(Command("clear")) and s.history == []
-    s.apply(Command("persona", "Captain Flint"))
+    assert "cleared" in run_command(s, Command("clear")) and s.history == []
+    run_command(s, Command("persona", "Captain Flint"))
     assert s.persona.persona == "Captain Flint"
-    s.apply(Command("persona", "assistant"))
+    run_command(s, Command("persona", "assistant"))
     assert s.persona == ASSISTANT
-    s.apply(Command("system", "Be brief."))
+    run_command(s, Command("system", "Be brief."))
     assert s.system_prompt()(ASSISTANT) == "Be brief."
-    s.apply(Command("system"))
+    run_command(s, Command("system"))
     assert s.system is None
-    s.apply(Command("thinking"))
+    run_command(s, Command("thinking"))
     assert s.thinking
-    s.apply(Command("nothinking"))
+    run_command(s, Command("nothinking"))
     assert not s.thinking
-    s.apply(Command("tokens", "7"))
+    run_command(s, Command("tokens", "7"))
     assert s.max_tokens == 7
     for bad in ("0", "x", ""):
         with pytest.raises(SteerlabError, match="usage: /tokens"):
-            s.apply(Command("tokens", bad))
-    assert "/steer" in s.apply(Command("help"))
+            run_command(s, Command("tokens", bad))
+    assert "/steer" in run_command(s, Command("help"))
     path = _vector(64, (1, 2), 5.0).save(tmp_path / "v")
-    assert "steering with" in s.apply(Command("steer", f"{path} 3 2"))
-    assert s.alpha == 3.0 and s.steered_layers() == [2]
-    s.apply(Command("steer", "-1.5"))
-    assert s.alpha == -1.5 and s.vector is not None
+    assert "steering with" in run_command(s, Command("steer", f"{path} 3 2"))
+    assert s.steering.alpha == 3.0 and s.steered_layers() == [2]
+    first = s.steering
+    run_command(s, Command("steer", "-1.5"))
+    assert s.steering.alpha == -1.5 and s.steering.vector is first.vector
+    assert first.alpha == 3.0  # a Steering is a frozen value: changing strength makes a new one
+    for bad in ("nan", "inf"):
+        with pytest.raises(SteerlabError, match="finite"):
+            run_command(s, Command("steer", bad))
     with pytest.raises(SteerlabError, match="no layer 0"):
-        s.apply(Command("steer", f"{path} 3 0"))
+        run_command(s, Command("steer", f"{path} 3 0"))
     with pytest.raises(SteerlabError, match="missing"):
-        s.apply(Command("steer", f"{tmp_path / 'nope'} 3"))
+        run_command(s, Command("steer", f"{tmp_path / 'nope'} 3"))
     with pytest.raises(SteerlabError, match="d_model"):
         s.set_steering(_vector(32, (1,), 1.0), 1.0)
-    s.apply(Command("unsteer"))
-    assert s.vector is None and s.alpha == 0.0
+    run_command(s, Command("unsteer"))
+    assert s.steering is None and s.steered_layers() == []
+    with pytest.raises(SteerlabError, match="no steering vector"):
+        s.set_strength(2.0)
 
 
 def test_stream_decoder_never_splits_characters(tokenizer):
@@ -92,17 +100,29 @@ def test_reply_streams_and_keeps_history(tiny_model):
     assert r2.interrupted and r2.n_tokens == 1 and len(s.history) == 4
 
 
-def test_steering_changes_reply_and_projection(tiny_model):
+def test_steered_reply_equals_steered_generate(tiny_model):
+    """The session's steered reply and projections are those of the library path on the same
+    prompt ids: ``generate`` under ``steer`` and ``monitor`` (greedy: exact token equality)."""
+    from steerlab.generate import generate
+    from steerlab.steer import monitor, steer
+
+    vec = _vector(64, (1,), 50.0)
     s = ChatSession(tiny_model, max_tokens=10)
-    plain = s.reply("Hello").text
+    ids = s.prompt_ids("Hello")
+    plain = generate(tiny_model, [ids], max_new_tokens=10).tokens[0]
+    with steer(tiny_model, vec, 1.0), monitor(tiny_model, vec, layers=[1]) as mon:
+        want = generate(tiny_model, [ids], max_new_tokens=10).tokens[0]
+    assert tuple(plain) == s.reply("Hello").tokens
     s.history.clear()
-    s.set_steering(_vector(64, (1,), 50.0), 1.0)
+    s.set_steering(vec, 1.0)
     steered = s.reply("Hello", projection_layer=1)
-    assert steered.text != plain
-    assert steered.projection is not None and len(steered.projection) == steered.n_tokens
+    assert steered.tokens == tuple(want)
+    # float32 projections of the same residuals: equal up to summation order (1e-5 relative)
+    torch.testing.assert_close(torch.tensor(steered.projection),
+                               mon.trace(1)[0, : len(want)], rtol=1e-5, atol=1e-5)
     s.history.clear()
-    s.alpha = 0.0
-    assert s.reply("Hello").text == plain
+    s.set_strength(0.0)  # strength 0 leaves the model untouched
+    assert s.reply("Hello").tokens == tuple(plain)
 
 
 # --- the terminal program -----------------------------------------------------------------

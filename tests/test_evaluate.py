@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from steerlab.chat import encode_chat
-from steerlab.evaluate import AnswerJudge, Setting, SteeringEval, answer_nll, distinct_n
+from steerlab.evaluate import AnswerRater, Setting, SteeringEval, answer_nll, distinct_n
+from steerlab.viz import steering_figure
 
 
 def test_distinct_n_catches_repetition():
@@ -36,7 +37,7 @@ def test_gap_and_figure():
     assert ev.gap_closed(ev.best) == pytest.approx(0.5)
     assert ev.gap_closed(ev.random) == pytest.approx(0.025)
     # coherent trait, raw trait and coherence for the one layer, and the random control
-    assert len(ev.figure().data) == 4
+    assert len(steering_figure(ev).data) == 4
 
 
 # --- coherence on the embedded model --------------------------------------------------------
@@ -51,7 +52,7 @@ def judged(embedded_model):
     from steerlab.traits import load_trait
 
     t = load_trait("pirate")
-    judge = AnswerJudge.for_questions(embedded_model, QUESTIONS, t.build_scorer(),
+    judge = AnswerRater.for_questions(embedded_model, QUESTIONS, t.build_scorer(),
                                       t.trait_instruction)
     tok = embedded_model.tokenizer
     g = generate(embedded_model, judge.contexts[0], max_new_tokens=32)
@@ -59,12 +60,24 @@ def judged(embedded_model):
 
 
 @pytest.mark.slow
-def test_unsteered_answers_are_coherent(judged):
+def test_verdicts_follow_their_definition(judged, embedded_model):
+    """Each verdict, recomputed from its definition: distinct-2 >= min_distinct and the best
+    NLL over both contexts <= the unsteered mean + margin (the rater skips the second context
+    where the first already decides; the verdicts must not change)."""
     judge, tokens, texts = judged
     s = judge(tokens, texts)
-    assert s.coherence == 1.0
-    assert s.nll <= judge.nll_ref + 1e-6  # the best of two contexts, one of them the reference's
-    assert s.coherent == (True,) * len(QUESTIONS)
+    plain = answer_nll(embedded_model, judge.contexts[0], tokens)
+    prompted = answer_nll(embedded_model, judge.contexts[1], tokens)
+    assert judge.nll_ref == pytest.approx(sum(plain) / len(plain), rel=1e-6)
+    bound = judge.nll_ref + judge.nll_margin
+    want = tuple(distinct_n(t) >= judge.min_distinct and min(a, b) <= bound
+                 for t, a, b in zip(tokens, plain, prompted, strict=True))
+    assert s.coherent == want
+    scores = [judge.scorer(t) for t in texts]
+    assert s.coherence == pytest.approx(sum(want) / len(want))
+    assert s.coherent_trait == pytest.approx(sum(x * k for x, k in zip(scores, want,
+                                                                       strict=True)) / len(want))
+    assert s.nll <= sum(plain) / len(plain) + 1e-6  # per answer the lower of two contexts
 
 
 @pytest.mark.slow
@@ -85,7 +98,7 @@ def test_coherence_catches_loops_and_gibberish(judged, embedded_model):
 def test_uncalibrated_judge_refuses(tiny_model):
     from steerlab.errors import SteerlabError
 
-    judge = AnswerJudge.for_questions(tiny_model, ["Hi"], lambda t: 0.0, "Be a pirate.")
+    judge = AnswerRater.for_questions(tiny_model, ["Hi"], lambda t: 0.0, "Be a pirate.")
     with pytest.raises(SteerlabError, match="calibrate"):
         judge([[1, 2, 3]], ["x"])
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.resources import files
 
 import h5py
 import numpy as np
@@ -16,10 +17,13 @@ import torch
 from conftest import run_cli
 
 from steerlab.chat import encode_chat, think_end_marker
-from steerlab.infer import InferConfig, generate_with_metrics, load_prompts, run_inference
+from steerlab.generate import generate_with_metrics
+from steerlab.infer import InferConfig, load_prompts, run_inference
 from steerlab.personas import Persona
 from steerlab.results import load_results, read_per_token
 
+DATA = files("steerlab.builtin") / "data"  # the built-in prompts and personae
+PROMPTS_JSON, PERSONAE_JSON = str(DATA / "prompts.json"), str(DATA / "personae.json")
 PERSONAE = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character")]
 PROMPTS = ["Who are you?", "Name a colour.", "Count to three."]
 
@@ -150,7 +154,7 @@ def test_bad_prompts_file_is_exit_2_and_writes_nothing(name, tmp_path, capsys):
     bad = tmp_path / name
     bad.write_text(text)
     out = tmp_path / "out"
-    code = run_cli("infer", "--prompts-json", str(bad), "--personae-json", "data/personae.json",
+    code = run_cli("infer", "--prompts-json", str(bad), "--personae-json", PERSONAE_JSON,
                 "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and expect in err
@@ -172,7 +176,7 @@ def test_bad_personae_file_is_exit_2_and_writes_nothing(text, field, expect, tmp
     bad = tmp_path / "personae.json"
     bad.write_text(text)
     out = tmp_path / "out"
-    code = run_cli("infer", "--prompts-json", "data/prompts.json", "--personae-json", str(bad),
+    code = run_cli("infer", "--prompts-json", PROMPTS_JSON, "--personae-json", str(bad),
                 "--output-dir", str(out), "--model", str(tmp_path / "never-loaded"))
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and expect in err
@@ -201,8 +205,8 @@ def test_infer_options_and_defaults_are_those_of_the_spec():
 
 
 def test_bad_option_value_is_exit_2(tmp_path, capsys):
-    code = run_cli("infer", "--prompts-json", "data/prompts.json", "--personae-json",
-                "data/personae.json", "--batch-size", "0", "--output-dir", str(tmp_path / "o"))
+    code = run_cli("infer", "--prompts-json", PROMPTS_JSON, "--personae-json",
+                PERSONAE_JSON, "--batch-size", "0", "--output-dir", str(tmp_path / "o"))
     assert code == 2 and "batch_size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -210,8 +214,8 @@ def test_bad_option_value_is_exit_2(tmp_path, capsys):
 def test_shipped_data_files_are_valid():
     from steerlab.personas import load_personae
 
-    assert len(load_prompts("data/prompts.json")) >= 20
-    personae = load_personae("data/personae.json")
+    assert len(load_prompts(PROMPTS_JSON)) >= 20
+    personae = load_personae(PERSONAE_JSON)
     assert len(personae) >= 12 and len({p.category for p in personae}) >= 4
 
 

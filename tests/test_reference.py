@@ -21,8 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steerlab.chat import encode_chat
 from steerlab.chat_session import ChatSession
 from steerlab.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_filled
-from steerlab.generate import generate, stop_token_ids
-from steerlab.infer import generate_with_metrics
+from steerlab.generate import generate, generate_with_metrics, stop_token_ids
 from steerlab.layers import hidden_of, replace_hidden
 from steerlab.models import load_model
 from steerlab.personas import Persona

@@ -1,22 +1,152 @@
-"""``steerlab chat``: a streaming terminal chat with personas, thinking and steering."""
+"""``steerlab chat``: a streaming terminal chat with personas, thinking and steering.
+
+The ``/command`` grammar of the terminal lives here: :func:`parse_command` turns a line into a
+:class:`Command`, :func:`run_command` applies it to a :class:`steerlab.ChatSession` through
+the session's typed setters and returns the one line to show.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import select
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import model_flags
+from steerlab.cli._parse import number_list
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
 
 ESC = b"\x1b"
+
+HELP = """commands:
+  /clear               forget the conversation
+  /persona NAME        talk to NAME (relabels the assistant turn); /persona assistant resets
+  /system TEXT         use TEXT as the system prompt; /system alone restores the persona's
+  /thinking            thinking mode on (templates that support it, e.g. Qwen3)
+  /nothinking          thinking mode off
+  /tokens N            at most N new tokens per reply
+  /steer PATH ALPHA [LAYERS]  steer with a vector file at strength ALPHA (layers: 10,12)
+  /steer ALPHA         change the strength of the loaded vector
+  /unsteer             stop steering
+  /help                this text
+Esc (or Ctrl-C) stops a reply; Ctrl-D or /quit leaves."""
+
+COMMANDS = ("clear", "persona", "system", "thinking", "nothinking", "tokens", "steer",
+            "unsteer", "help", "quit", "exit")
+STEER_USAGE = "usage: /steer PATH ALPHA [LAYERS] (e.g. /steer vectors/pirate 4 10,12)"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed ``/name arg`` line; ``arg`` is the rest of the line, stripped."""
+
+    name: str
+    arg: str = ""
+
+
+def parse_command(line: str) -> Command | None:
+    """``Command`` for a ``/command`` line, ``None`` for an ordinary message.
+
+    Unknown commands raise :class:`SteerlabError` with a one-line hint.
+
+    Example:
+        >>> parse_command("/tokens 50")
+        Command(name='tokens', arg='50')
+    """
+    text = line.strip()
+    if not text.startswith("/") or text.startswith("//"):
+        return None
+    name, _, arg = text[1:].partition(" ")
+    name = name.lower()
+    if name not in COMMANDS:
+        raise SteerlabError(f"unknown command /{name}; type /help for the list")
+    return Command(name, arg.strip())
+
+
+@contextlib.contextmanager
+def _usage(usage: str) -> Iterator[None]:
+    """Re-raise a setter's error with the command's usage line."""
+    try:
+        yield
+    except SteerlabError as err:
+        raise SteerlabError(f"{usage} ({err})") from None
+
+
+def _alpha(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SteerlabError(f"{STEER_USAGE}; ALPHA must be a number (got {text!r})") from None
+
+
+def load_steering(session: Any, path: str, alpha: float, layers: str = "") -> str:
+    """Steer ``session`` with the vector file ``path`` at ``alpha`` on ``layers`` ("10,12";
+    "" for the vector's own); returns the confirmation line."""
+    from steerlab.vectors import SteeringVector
+
+    chosen = number_list(layers, int, "layers") or None
+    steering = session.set_steering(SteeringVector.load(path), alpha, chosen)
+    return f"steering with {path} at {steering.alpha:g} on layers {list(steering.layers)}"
+
+
+def _steer(session: Any, arg: str) -> str:
+    try:
+        parts = shlex.split(arg)
+    except ValueError:
+        raise SteerlabError(STEER_USAGE) from None
+    if len(parts) == 1 and session.steering is not None:
+        return f"steering strength {session.set_strength(_alpha(parts[0])).alpha:g}"
+    if len(parts) not in (2, 3):
+        raise SteerlabError(STEER_USAGE)
+    with _usage(STEER_USAGE):
+        return load_steering(session, parts[0], _alpha(parts[1]), *parts[2:])
+
+
+def run_command(session: Any, command: Command) -> str:
+    """Apply ``command`` to ``session``; the one-line confirmation (bad arguments raise a hint).
+
+    Example:
+        >>> run_command(session, parse_command("/persona Hamlet"))
+        'persona: Hamlet'
+    """
+    name, arg = command.name, command.arg
+    if name == "clear":
+        session.clear()
+        return "conversation cleared"
+    if name == "persona":
+        with _usage("usage: /persona NAME (one line, e.g. /persona Hamlet)"):
+            session.set_persona(arg)
+        return f"persona: {session.persona.persona}"
+    if name == "system":
+        session.system = arg or None
+        return f"system prompt: {arg}" if arg else "system prompt: the persona's default"
+    if name in ("thinking", "nothinking"):
+        session.thinking = name == "thinking"
+        return f"thinking {'on' if session.thinking else 'off'}"
+    if name == "tokens":
+        usage = f"usage: /tokens N with N a whole number >= 1 (got {arg!r})"
+        try:
+            n = int(arg)
+        except ValueError:
+            raise SteerlabError(usage) from None
+        with _usage(usage):
+            session.set_max_tokens(n)
+        return f"max tokens per reply: {session.max_tokens}"
+    if name == "steer":
+        return _steer(session, arg)
+    if name == "unsteer":
+        session.clear_steering()
+        return "steering off"
+    return HELP
 
 
 class _StopKeys:
@@ -84,15 +214,17 @@ def chat(
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
-    from steerlab.chat_session import ChatSession, parse_command
+    from steerlab.chat_session import ChatSession
+
     if max_tokens < 1:
         raise SteerlabError(f"got {max_tokens}; expected >= 1", field="max-tokens")
+    number_list(layers, int, "layers")  # checked before the model loads
     bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed)
     session.set_persona(persona)
     if vector:
-        session.steer_from_args(f"{vector!r} {alpha} {layers}".strip())
+        load_steering(session, vector, alpha, layers)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     keys = _StopKeys()
@@ -111,7 +243,7 @@ def chat(
             if command is not None:
                 if command.name in ("quit", "exit"):
                     return
-                _out(session.apply(command) + "\n")
+                _out(run_command(session, command) + "\n")
                 continue
         except SteerlabError as err:
             _out(f"! {err}\n")

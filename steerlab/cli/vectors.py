@@ -9,27 +9,12 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import model_flags
+from steerlab.cli._parse import number_list
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
 
 sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
 app.add_typer(sub, name="vectors")
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SteerlabError(f"got {text!r}; expected comma-separated integers",
-                            field=name) from None
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SteerlabError(f"got {text!r}; expected comma-separated numbers",
-                            field=name) from None
 
 
 @sub.command("fit")
@@ -44,7 +29,7 @@ def fit(
     """Fit a steering vector from captured activations (probe: prints held-out accuracy)."""
     from steerlab.fitters import fit_vector
 
-    vec, result = fit_vector(activations, method, layers=_ints(layers, "layers") or None,
+    vec, result = fit_vector(activations, method, layers=number_list(layers, int, "layers") or None,
                              mean=mean)
     if normalise:
         vec = vec.normalise()
@@ -71,6 +56,7 @@ def evaluate(
     from steerlab.evaluate import evaluate_steering
     from steerlab.traits import load_trait
     from steerlab.vectors import SteeringVector
+    from steerlab.viz import steering_figure
 
     vec = SteeringVector.load(vector)
     t = load_trait(trait)
@@ -81,13 +67,13 @@ def evaluate(
     bridge = model.load()
     ev = evaluate_steering(bridge, vec, questions, t.build_scorer(),
                            trait_instruction=t.trait_instruction,
-                           layers=_ints(layers, "layers") or list(vec.layers),
-                           strengths=_floats(strengths, "strengths"),
+                           layers=number_list(layers, int, "layers") or list(vec.layers),
+                           strengths=number_list(strengths, float, "strengths"),
                            max_new_tokens=max_tokens)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     ev.save(out.with_name(out.name + ".json"))
-    ev.figure().write_html(out.with_name(out.name + ".html"))
+    steering_figure(ev).write_html(out.with_name(out.name + ".html"))
     for s in ev.sweep:
         typer.echo(f"layer {s.layer:3d} alpha {s.alpha:6.2f}  trait {s.trait:5.1f}  "
                    f"coherent trait {s.coherent_trait:5.1f}  coherence {s.coherence:.2f}")
