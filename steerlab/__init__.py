@@ -32,8 +32,7 @@ from steerlab.steer import Positions, Steering, monitor, steer
 from steerlab.store import ActivationFile
 from steerlab.traits import Trait, load_trait
 from steerlab.vectors import SteeringVector
-
-__version__ = "0.1.0"
+from steerlab.version import __version__
 
 __all__ = [
     "ASSISTANT",

@@ -22,13 +22,13 @@ import numpy as np
 
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
-from steerlab.extract import shard_batches
 from steerlab.files import write_json_atomic
 from steerlab.generate import RowMetrics, generate_with_metrics
 from steerlab.metrics import section_averages, split_sections
 from steerlab.personas import Persona, system_prompt_style
 from steerlab.results import LOG, RESULTS, RunStore
 from steerlab.runs import open_run, per_token_attrs, write_marker
+from steerlab.shards import shard_batches
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def run_inference(
         personae: persona records (see :func:`steerlab.load_personae`).
         output_dir: the run folder; created, or resumed if it holds the same run.
         config: generation and metric settings.
-        shard: ``(i, n)``, 0-based; see :func:`steerlab.extract.parse_shard`.
+        shard: ``(i, n)``, 0-based; see :func:`steerlab.shards.parse_shard`.
         progress: show a rich progress bar with tokens/s.
         extra_config: more provenance for ``config.json`` (e.g. input file names).
 

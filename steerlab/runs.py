@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
-from steerlab.extract import shard_batches
 from steerlab.files import create_exclusive, flock, read_json, write_json_atomic
 from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore
+from steerlab.shards import shard_batches
 
 log = logging.getLogger(__name__)
 

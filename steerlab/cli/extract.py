@@ -39,10 +39,11 @@ def extract(
 
     The model flags, where given, override the config's model keys."""
     from steerlab.extract import extract as run
-    from steerlab.extract import load_config, parse_shard
+    from steerlab.extract import load_config
     from steerlab.layers import check_layers
     from steerlab.pairs import load_pairs
     from steerlab.personas import system_prompt_style
+    from steerlab.shards import parse_shard
 
     cfg = load_config(config, overrides=model)
     part = parse_shard(shard)

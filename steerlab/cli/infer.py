@@ -42,9 +42,9 @@ def infer(
     import os
 
     from steerlab.errors import SteerlabError
-    from steerlab.extract import parse_shard
     from steerlab.infer import InferConfig, default_output_dir, load_prompts, run_inference
     from steerlab.personas import load_personae
+    from steerlab.shards import parse_shard
 
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
