@@ -33,7 +33,7 @@ from steerlab.files import write_json_atomic
 from steerlab.generate import generate, left_pad, position_ids
 from steerlab.progress import progress_bar
 from steerlab.scorers import Scorer, distinct_n
-from steerlab.steer import steer
+from steerlab.steer import Positions, Steering
 from steerlab.vectors import SteeringVector, random_like
 
 __all__ = ["AnswerRater", "Setting", "SteeringEval", "answer_nll", "distinct_n",
@@ -198,7 +198,7 @@ def evaluate_steering(
     min_coherence: float = 0.8,
     min_distinct: float = 0.5,
     nll_margin: float = 1.0,
-    positions: str = "all",
+    positions: str | Positions = Positions.ALL,
     seed: int = 0,
     progress: bool = True,
 ) -> SteeringEval:
@@ -231,10 +231,10 @@ def evaluate_steering(
     """
     if not questions or not layers or not strengths:
         raise SteerlabError("questions, layers and strengths must all be non-empty")
-    missing = sorted(set(layers) - set(vector.layers))
-    if missing:
-        raise SteerlabError(f"the vector has no direction for layers {missing}; it has "
-                            f"{list(vector.layers)}", field="layers")
+    # one checked steering per layer (width, layers, finite strengths) before any generation
+    per_layer = {layer: Steering.create(model, vector, 0.0, layers=[layer], positions=positions)
+                 for layer in layers}
+    alphas = list(per_layer[layers[0]].with_alpha(list(strengths)).alpha)  # finite, as floats
     tok = model.tokenizer
     rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction,
                                       min_distinct=min_distinct, nll_margin=nll_margin)
@@ -253,8 +253,8 @@ def evaluate_steering(
         sweep = []
         n = len(prompts)
         for layer in layers:
-            alphas = torch.tensor([float(a) for a in strengths for _ in range(n)])
-            with steer(model, vector, alphas, layers=[layer], positions=positions):
+            rows = [a for a in alphas for _ in range(n)]  # all strengths of a layer, one batch
+            with per_layer[layer].with_alpha(rows).apply(model):
                 toks, texts = run(prompts * len(strengths))
             for i, a in enumerate(strengths):
                 part = slice(i * n, (i + 1) * n)
@@ -264,8 +264,9 @@ def evaluate_steering(
         ok = [s for s in sweep if s.coherence >= floor]
         best = (max(ok, key=lambda s: (s.coherent_trait, -abs(s.alpha))) if ok
                 else max(sweep, key=lambda s: s.coherence))
-        with steer(model, random_like(vector, seed), best.alpha, layers=[best.layer],
-                   positions=positions):
+        control = Steering.create(model, random_like(vector, seed), best.alpha,
+                                  layers=[best.layer], positions=positions)
+        with control.apply(model):
             toks, texts = run(prompts)
         rand = rater(toks, texts, best.layer, best.alpha)
         bar.update()

@@ -17,7 +17,8 @@ import torch
 from conftest import run_cli
 
 from steerlab.errors import SteerlabError
-from steerlab.extract import extract, merge_shards, parse_shard
+from steerlab.extract import extract, merge_shards
+from steerlab.shards import parse_shard
 from steerlab.infer import InferConfig, run_identity, run_inference
 from steerlab.personas import Persona
 from steerlab.placement import provenance

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from steerlab.errors import SteerlabError
-from steerlab.extract import extract, merge_shards, parse_shard, shard_path, shard_range
+from steerlab.extract import extract, merge_shards
+from steerlab.shards import parse_shard, shard_path, shard_range
 from steerlab.store import ActivationFile
 
 DATASETS = ("chosen", "rejected", "chosen_mean", "rejected_mean", "divergence",
