@@ -128,6 +128,11 @@ def test_steered_reply_equals_steered_generate(tiny_model):
 # --- the terminal program -----------------------------------------------------------------
 
 
+def _words(text: str) -> str:
+    """Text with whitespace runs collapsed (the terminal turns newlines into CR LF)."""
+    return " ".join(text.split())
+
+
 class _Term:
     """`steerlab chat` in a pseudo-terminal."""
 
@@ -156,24 +161,27 @@ class _Term:
 
 
 @pytest.mark.slow
-def test_terminal_chat(tmp_path):
+def test_terminal_chat(tmp_path, embedded_model):
     import pexpect
 
     vec = _vector(576, (8,), 60.0).save(tmp_path / "random")
+    # references: the library's replies on the same weights, unsteered and steered
+    ref = ChatSession(embedded_model, max_tokens=12)
+    want_plain = ref.reply("Hi there").text
+    ref.clear()
+    ref.set_steering(SteeringVector.load(vec), 1.0)
+    want_steered = ref.reply("Hi there").text
     t = _Term("--max-tokens", "12")
     assert "/persona NAME" in t.command("/help")
     assert "max tokens per reply: 12" in t.command("/tokens 12")
-    first = t.say("Hi there", "assistant")
-    assert first
+    assert _words(t.say("Hi there", "assistant")) == _words(want_plain)
     assert "cleared" in t.command("/clear")
-    assert t.say("Hi there", "assistant") == first  # greedy: same history, same reply
     assert "steering with" in t.command(f"/steer {vec} 1")
     t.command("/clear")
-    steered = t.say("Hi there", "assistant")
-    assert steered and steered != first
+    assert _words(t.say("Hi there", "assistant")) == _words(want_steered)
     assert "steering off" in t.command("/unsteer")
     t.command("/clear")
-    assert t.say("Hi there", "assistant") == first
+    assert _words(t.say("Hi there", "assistant")) == _words(want_plain)
     assert "persona: Hamlet" in t.command("/persona Hamlet")
     assert t.say("Who are you?", "Hamlet")
     assert "system prompt: Be terse." in t.command("/system Be terse.")
