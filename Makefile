@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.steerlab-installed
 LOCK := requirements.lock
-EXTRAS := dev,notebooks,serve
+EXTRAS := dev,notebooks
 # torch's version comes from the lock (CPU build on these machines). On a GPU node pick the
 # CUDA build of the same version, e.g. make TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
@@ -38,8 +38,9 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Long end-to-end runs kept out of `make test` (~11 min): `steerlab demo --quick` as a user runs
-# it, the full `make demo` run held to its steering targets, and the GPU benchmark's CPU smoke.
+# Long end-to-end runs kept out of `make test` (a few minutes): `steerlab demo --quick` as a user
+# runs it (from a freshly built wheel, structure only) and the GPU benchmark's CPU smoke. The full
+# demo is `make demo`'s job: its steering outcome is its report, not a test assertion.
 test-extended: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -m extended $(PYTEST_ARGS)
 

@@ -215,7 +215,7 @@ def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, 
     import plotly.io as pio
 
     from steerlab.report import write_page
-    from steerlab.viz import html_table, summary_figures
+    from steerlab.viz import html_table, steering_figure, summary_figures
 
     probe = go.Figure(go.Bar(x=[str(k) for k in accuracy], y=list(accuracy.values())))
     probe.update_layout(title="Probe accuracy on held-out pairs", xaxis_title="layer",
@@ -223,7 +223,7 @@ def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, 
     examples = [{"question": q, "unsteered": u, "steered": s, "prompted": p}
                 for q, u, s, p in zip(questions, ev.unsteered.answers, ev.best.answers,
                                       ev.prompted.answers, strict=False)][:8]
-    figs = [ev.figure(), probe, *summary_figures(records).values()]
+    figs = [steering_figure(ev), probe, *summary_figures(records).values()]
     plots = [pio.to_html(f, include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figs)]
     body = (f"<h1>steerlab demo: {html.escape(summary.trait)} on "
             f"{html.escape(summary.model)}</h1><pre>"

@@ -14,7 +14,7 @@ SystemPrompt = Callable[["Persona"], "str | None"]
 
 @dataclass(frozen=True)
 class Persona:
-    """A persona record as in ``data/personae.json``.
+    """A persona record, as in a personae file (the demo's: ``builtin/data/personae.json``).
 
     Attributes:
         persona: the name the assistant turn is relabelled with, e.g. ``"Hamlet"``.

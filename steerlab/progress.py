@@ -1,7 +1,12 @@
-"""Progress bars for long loops: rich, the one progress library; ``enabled=False`` shows none."""
+"""Progress bars for long loops: rich, the one progress library; ``enabled=False`` shows none.
+
+:func:`quiet_hf` makes the bars and logs of transformers and huggingface_hub (e.g. their
+"Loading weights" bar) follow the same settings.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,3 +40,29 @@ def progress_bar(total: int, description: str, *, enabled: bool = True,
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not enabled) as progress:
         yield Bar(progress, progress.add_task(description, total=total, completed=completed))
+
+
+def quiet_hf(progress: bool, level: int) -> None:
+    """Make transformers' and huggingface_hub's progress bars and logs follow steerlab's.
+
+    Without ``progress`` their tqdm bars (weight loading, downloads) are turned off; with it
+    they are left as they are. Their loggers are set to ``INFO`` when steerlab logs at
+    ``DEBUG`` (``--verbose``) and to ``ERROR`` otherwise, so their info messages and warnings
+    only show when asked for. The CLI calls this (steerlab.cli._app); library code never does.
+
+    Args:
+        progress: whether progress bars are wanted.
+        level: steerlab's log level, e.g. ``logging.INFO``.
+
+    Example:
+        >>> quiet_hf(False, logging.INFO)  # no bars, only errors from transformers
+    """
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    hf_level = logging.INFO if level <= logging.DEBUG else logging.ERROR
+    hf_logging.set_verbosity(hf_level)
+    huggingface_hub.utils.logging.set_verbosity(hf_level)
+    if not progress:
+        hf_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -10,6 +11,89 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, eps_units: float) -> None:
+    """``got == want`` to ``eps_units`` float32 epsilons of the largest magnitude in the same row
+    (last axis: one position's residual or logits) of ``want``.
+
+    Two float32 paths that sum the same products in another order (another batch shape,
+    padding, kernel) differ by a few eps of the scale of the sums, not of each element: an
+    element near zero carries the rounding of its row's large terms. The caller's comment says
+    why that many eps.
+    """
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+    scale = want.detach().abs().double().amax(-1, keepdim=True) * EPS32
+    err = (got.detach().double() - want.detach().double()).abs()
+    units = torch.where(err == 0, 0.0, err / scale)
+    worst = float(units.max())
+    assert worst <= eps_units, f"off by {worst:.3g} eps of the row's scale; allowed {eps_units}"
+
+
+def assert_same_tokens(model, prompt, got, want, *, eps_units: float, temperature: float = 0.0,
+                       seed: int | None = None, stop_ids=()) -> None:
+    """Tokens generated from ``prompt`` by two paths are equal, or part at a tie.
+
+    Two paths whose logits differ by up to ``eps_units`` eps of their scale (float32
+    reordering) may pick different tokens where the top two logits (greedy) or the step's
+    uniform and a CDF boundary (sampling with ``seed``, see :func:`steerlab.generate.sample`)
+    are closer than that. At the first step where ``got`` and ``want`` differ, the unpadded
+    reference logits of ``prompt + want[:t]`` must show such a tie for both picks (a row that
+    stopped picked one of ``stop_ids``); later tokens follow other prefixes and are not
+    compared. Code that picks wrongly parts away from ties and fails; rounding alone cannot.
+    """
+    got, want = [int(x) for x in got], [int(x) for x in want]
+    if got == want:
+        return
+    t = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+             min(len(got), len(want)))
+    hf = model.original_model
+    ids = torch.tensor([[*prompt, *want[:t]]], device=next(hf.parameters()).device)
+    with torch.inference_mode():
+        logits = hf(input_ids=ids).logits[0, -1].double().cpu()
+    atol = eps_units * EPS32 * float(logits.abs().max())
+    for seq in (got, want):
+        picks = [seq[t]] if t < len(seq) else sorted(stop_ids)
+        if temperature == 0:
+            # each path's logits are within atol of these: a tie is a gap <= 2 atol
+            ok = [p for p in picks if logits[p] >= logits.max() - 2 * atol]
+        else:
+            from steerlab.generate import row_uniforms
+
+            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+            u = float(row_uniforms(torch.tensor([seed]), t)[0] * cdf[-1])
+            # logits within atol of these move each probability by <= ~2 atol / T relative, so
+            # every CDF value (<= 1) by as much; 2x for the first-order expansion
+            slack = 4 * atol / temperature
+            ok = [p for p in picks if float(cdf[p - 1] if p else 0.0) - slack <= u
+                  <= float(cdf[p]) + slack]
+        assert ok, (f"tokens part at step {t} without a tie: got {got[t:t + 3]}, "
+                    f"want {want[t:t + 3]}")
+
+
+def metric_tolerances(logits: torch.Tensor, k: int, delta: float = 0.0) -> tuple[dict, dict]:
+    """``assert_close`` tolerances for (entropy, top-k mass) of ``softmax(logits)`` computed by
+    two float32 paths whose logits differ by at most ``delta``.
+
+    Each path's log-softmax rounds its logsumexp, shifting every log-probability by up to
+    e ~ eps (max|z| + ln V): H moves by e |1 - H| and every probability by e relative; its
+    V-term sum adds ~log2(V) eps relative (pairwise), the k-term mass ~k eps. A logit error
+    <= delta moves H by <= 2 max|z| delta (dH = -sum p (log p + H) dz, and |log p + H| =
+    |z - E_p z|) and a mass by <= 2 delta relative. Two paths: each term twice.
+    """
+    z, v = float(logits.abs().max()), logits.shape[-1]
+    e = EPS32 * (z + math.log(v))
+    h = dict(rtol=2 * (e + math.log2(v) * EPS32), atol=2 * e + 2 * z * delta)
+    m = dict(rtol=2 * (e + (k + 1) * EPS32) + 2 * delta, atol=0.0)
+    return h, m
+
+
+def matmul_delta(x: torch.Tensor, w: torch.Tensor) -> float:
+    """Largest difference between two float32 evaluations of ``x @ w.T`` in any summation
+    orders: a K-term dot product is within K (eps / 2) sum|x w| of exact, whatever the order."""
+    return x.shape[-1] * EPS32 * float((x.detach().abs() @ w.detach().abs().T).max())
 
 
 def run_cli(*args: str) -> int:
@@ -52,7 +136,6 @@ def make_tiny_hf(tokenizer, n_layers: int = 3, seed: int = 0):
     """A tiny random HF Llama (d_model 64) with the real tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -66,7 +149,11 @@ def make_tiny_hf(tokenizer, n_layers: int = 3, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(cfg).eval()
+    # HF initialises from torch's global generator: seed it for these weights only, so the model
+    # is the same whatever ran before and the tests after it see the global state they had.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).eval()
 
 
 def make_tiny_model(tokenizer, n_layers: int = 3, seed: int = 0):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,7 +13,7 @@ import pytest
 
 from steerlab.client import Endpoint, EndpointClient, parse_json_reply, validate_json
 from steerlab.collect import collect, collected_pairs
-from steerlab.elicit import generate_trait
+from steerlab.elicit import elicit_trait
 from steerlab.errors import SteerlabError
 from steerlab.files import read_jsonl
 from steerlab.judge import filter_pairs, judge, rubric_judge
@@ -28,7 +27,8 @@ class FaultServer(ThreadingHTTPServer):
     """Chat completions whose reply depends on the user message: 'fail500' always fails with a
     body echoing the Authorization header, '429once' and 'slowonce' fail the first time,
     'garbage' returns a malformed body, anything else answers 'answer to <q>'. ``heal()``
-    turns every fault off."""
+    turns every fault off. The slow reply waits for ``release`` (set when the test ends), so it
+    times out on any machine, however loaded, and however long the client's timeout."""
 
     daemon_threads = True
 
@@ -39,6 +39,7 @@ class FaultServer(ThreadingHTTPServer):
         self.reject_format = False  # answer 400 to response_format requests
         self.replies: dict[str, str] = {}  # user message -> fixed reply content
         self.lock = threading.Lock()
+        self.release = threading.Event()
 
     @property
     def url(self) -> str:
@@ -80,7 +81,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
                 return self._send(429, b'{"error": {"message": "slow down"}}',
                                   [("Retry-After", "0")])
             if "slowonce" in q and n == 1:
-                time.sleep(1.0)
+                s.release.wait(30)
             if "garbage" in q:
                 return self._send(200, b'{"choices": [oops')
         content = s.replies.get(q, f"answer to {q}")
@@ -94,13 +95,17 @@ class _FaultHandler(BaseHTTPRequestHandler):
 def server(monkeypatch):
     monkeypatch.setenv("STEERLAB_TEST_KEY", KEY)
     srv = FaultServer()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
 
-def _client(server, retries=2, timeout=0.4, concurrency=4):
+# A local reply takes milliseconds; 1 s leaves a loaded machine room not to time out where a
+# test expects an answer (only the slow reply, which never comes in time, must time out).
+def _client(server, retries=2, timeout=1.0, concurrency=4):
     return EndpointClient(Endpoint(server.url, "fake", "STEERLAB_TEST_KEY", timeout=timeout,
                                    max_retries=retries, backoff=0.01, concurrency=concurrency))
 
@@ -181,7 +186,7 @@ def test_rubric_judge_records_malformed_outputs(server, tmp_path):
     assert [(p.id, p.chosen_score, p.rejected_score) for p in pairs] == [("a", 90.0, 10.0)]
 
 
-def test_generate_trait_with_structured_output(server):
+def test_elicit_trait_with_structured_output(server):
     art = {"positive_instructions": ["Be playful!"], "negative_instructions": ["Be dry."],
            "questions": ["How?", "Why?", "How?"], "held_out_questions": ["Why?", "When?"],
            "evaluation_prompt": "Q: {question} A: {answer} 0-100?"}
@@ -194,7 +199,7 @@ def test_generate_trait_with_structured_output(server):
     prompt = _PROMPT.format(name="playful", instruction=t0.trait_instruction, n_inst=1,
                             n_q=2, n_h=1)
     server.replies[prompt] = json.dumps(art)
-    t = generate_trait(c, t0, n_instructions=1, n_questions=2, n_held_out=1)
+    t = elicit_trait(c, t0, n_instructions=1, n_questions=2, n_held_out=1)
     assert t.questions == ("How?", "Why?") and t.held_out_questions == ("When?",)
     assert t.positive_instructions == ("Be playful!",) and "{answer}" in t.evaluation_prompt
 

@@ -38,6 +38,7 @@ def _config(embedded_dir) -> dict:
 def test_trait_vectors_notebook(tmp_path, embedded_dir):
     from steerlab.pairs import load_pairs
     from steerlab.store import ActivationFile
+    from steerlab.traits import load_trait
     from steerlab.vectors import SteeringVector
 
     nb = _run("02_trait_vectors.ipynb", {
@@ -46,7 +47,11 @@ def test_trait_vectors_notebook(tmp_path, embedded_dir):
         "STEERLAB_NB_DIR": str(tmp_path)})
     cfg = _config(embedded_dir)
     pairs = load_pairs(tmp_path / "pairs.jsonl")
-    assert len(pairs) >= 4
+    # which pairs pass depends on what the model wrote; what must hold is the filter's rule
+    # (filter_pairs' default threshold) on the notebook's questions
+    questions = set(load_trait("pirate").questions[:12])
+    assert all(p.chosen_score - p.rejected_score >= 40 for p in pairs)
+    assert {p.prompt for p in pairs} <= questions
     vector = SteeringVector.load(tmp_path / "pirate")
     assert vector.d_model == cfg["hidden_size"]
     assert vector.layers == tuple(range(cfg["num_hidden_layers"]))
@@ -81,4 +86,6 @@ def test_logit_lens_notebook(embedded_dir):
     assert all(len(t["y"]) == n_layers for t in lines)
     text = "".join(o.get("text", "") for o in _outputs(nb))
     gap = re.search(r"max \|lens - model\| entropy at the last layer: (\S+)", text)
-    assert gap and float(gap.group(1)) < 1e-3  # the last layer's lens is the model itself
+    # the last layer's lens is the model itself: the same float32 logits through another
+    # matmul shape (measured 4e-6 nats; test_metrics bounds it); 1e-3 is 1e-4 of ln V
+    assert gap and float(gap.group(1)) < 1e-3

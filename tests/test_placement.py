@@ -7,17 +7,19 @@ that puts weights on ``cuda:0``, and the placement check runs after it.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import EPS32, assert_close_to_scale, assert_same_tokens
 
 from steerlab.capture import capture_pairs
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
-from steerlab.infer import generate_with_metrics
+from steerlab.generate import generate_with_metrics, stop_token_ids
 from steerlab.models import load_model
 from steerlab.pairs import Pair
 from steerlab.placement import (
@@ -129,9 +131,15 @@ def eager_model():
 
 QUESTIONS = ["What is the capital of France?", "Name two rivers.",
              "Write a short line about autumn leaves falling slowly."]
+# The two kernels sum the same products in another order: on this float32 model logits and
+# residuals differ by up to 18 and 15 eps of each position's largest entry (measured); 128 eps
+# leaves ~7x headroom.
+KERNEL_EPS = 128
 
 
-def test_sdpa_and_eager_agree_on_logits_of_a_padded_batch(embedded_model, eager_model):
+@pytest.fixture(scope="module")
+def padded_logits(embedded_model, eager_model):
+    """Both models' logits at the real positions of a left-padded batch of QUESTIONS."""
     from steerlab.generate import left_pad
 
     tok = embedded_model.tokenizer
@@ -141,23 +149,34 @@ def test_sdpa_and_eager_agree_on_logits_of_a_padded_batch(embedded_model, eager_
         a, b = (m.original_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
                 for m in (embedded_model, eager_model))
     real = mask.bool()
-    # The two kernels sum the same products in another order: on this float32 model the real
-    # positions differ by ~1e-4 in logits up to ~40 (measured 6.6e-5); 2e-3 is the tolerance
-    # of the HF reference tests.
-    gap = float((a[real] - b[real]).abs().max())
-    assert torch.allclose(a[real], b[real], atol=2e-3, rtol=0), gap
+    return a[real], b[real]
 
 
-def test_sdpa_and_eager_agree_on_generation_metrics(embedded_model, eager_model):
+def test_sdpa_and_eager_agree_on_logits_of_a_padded_batch(padded_logits):
+    assert_close_to_scale(*padded_logits, KERNEL_EPS)
+
+
+def test_sdpa_and_eager_agree_on_generation_metrics(embedded_model, eager_model, padded_logits):
     tok = embedded_model.tokenizer
     prompts = [encode_chat(tok, q) for q in QUESTIONS]
     a, b = (generate_with_metrics(m, prompts, max_new_tokens=8)
             for m in (embedded_model, eager_model))
-    for x, y in zip(a, b, strict=True):
-        assert x.tokens == y.tokens
-        # entropy moves by at most logit error x sum p|log p + H| (a few units): 1e-2 nats
-        assert np.abs(x.entropy - y.entropy).max() < 1e-2
-        assert np.abs(x.top_k_mass - y.top_k_mass).max() < 1e-3
+    # Logits off by delta <= KERNEL_EPS eps of their scale (|z| <= ~41 on these prompts) move
+    # H by <= delta sum p|log p + H| <= 2 H delta and a top-k mass by <= 2 delta relative; each
+    # path's log-softmax adds e ~ eps (max|z| + ln V) (its logsumexp's rounding) and its
+    # V-term sums ~log2(V) eps relative. Measured: < 0.4% of these bounds.
+    z, vocab = float(padded_logits[0].abs().max()), embedded_model.cfg.d_vocab
+    delta, e = KERNEL_EPS * EPS32 * z, EPS32 * (z + math.log(vocab))
+    h_tol = dict(rtol=2 * delta + 2 * (e + math.log2(vocab) * EPS32), atol=2 * e)
+    m_tol = dict(rtol=2 * delta + 2 * (e + 6 * EPS32), atol=0)
+    stops = stop_token_ids(tok, embedded_model.original_model)
+    for p, x, y in zip(prompts, a, b, strict=True):
+        assert_same_tokens(embedded_model, p, x.tokens, y.tokens, eps_units=KERNEL_EPS,
+                           stop_ids=stops)
+        n = next((i for i, (s, t) in enumerate(zip(x.tokens, y.tokens, strict=False)) if s != t),
+                 min(len(x.tokens), len(y.tokens)))  # metrics of the common prefix
+        np.testing.assert_allclose(x.entropy[:n], y.entropy[:n], **h_tol)
+        np.testing.assert_allclose(x.top_k_mass[:n], y.top_k_mass[:n], **m_tol)
 
 
 def test_sdpa_and_eager_agree_on_captures(embedded_model, eager_model):
@@ -166,9 +185,7 @@ def test_sdpa_and_eager_agree_on_captures(embedded_model, eager_model):
     a, b = (capture_pairs(m, pairs, [4, 12, 29], mean=True)
             for m in (embedded_model, eager_model))
     for name in ("chosen", "rejected", "chosen_mean", "rejected_mean"):
-        x, y = getattr(a, name), getattr(b, name)
-        # residual norms grow to ~1e2 in the last layers; relative 1e-4 is ~20x the gap seen
-        assert torch.allclose(x, y, rtol=1e-4, atol=1e-3), (name, float((x - y).abs().max()))
+        assert_close_to_scale(getattr(a, name), getattr(b, name), KERNEL_EPS)
 
 
 # --- every model-loading command checks its device before anything else --------------------

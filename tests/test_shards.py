@@ -14,16 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_same_tokens, run_cli
 
 from steerlab.errors import SteerlabError
 from steerlab.extract import extract, merge_shards
-from steerlab.shards import parse_shard
 from steerlab.infer import InferConfig, run_identity, run_inference
 from steerlab.personas import Persona
 from steerlab.placement import provenance
 from steerlab.results import load_results
 from steerlab.runs import merge_run, open_run
+from steerlab.shards import parse_shard
 
 PERSONAE = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character")]
 PROMPTS = ["Who are you?", "Name a colour.", "Count to three."]
@@ -32,12 +32,13 @@ CFG = InferConfig(max_tokens=6, batch_size=2)
 STEERLAB = Path(sys.executable).with_name("steerlab")
 
 
-
-
 def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
     """Same records and per-token arrays. The shards compute the same batches through the same
-    kernels, so values are bit-identical in one process; between processes, floats may differ
-    in the last bits (thread scheduling inside BLAS reductions), hence rtol 1e-6 on floats."""
+    kernels, so values are bit-identical in one process (``exact``); between processes with the
+    same thread count, floats may differ in the last bits (thread scheduling inside BLAS
+    reductions): rtol 1e-6 (8 eps), and an atol of 1e-6 of each array's largest value for the
+    entries near zero, which carry the rounding of their logits' scale (a low entropy moves by
+    the log-softmax's rounding, ~eps (max|z| + ln V) ~ 6e-6 nats, not by eps of itself)."""
     ra, rb = load_results(a), load_results(b)
     if exact:
         assert ra == rb
@@ -53,10 +54,12 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
     with h5py.File(a / "per_token.h5") as fa, h5py.File(b / "per_token.h5") as fb:
         assert sorted(fa) == sorted(fb)
         for name in fa:
-            if fa[name].dtype.kind == "f":
-                np.testing.assert_allclose(fa[name][:], fb[name][:], rtol=1e-6, err_msg=name)
+            x, y = fa[name][:], fb[name][:]
+            if x.dtype.kind == "f" and not exact:
+                atol = 1e-6 * float(np.abs(y).max(initial=0.0))
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol, err_msg=name)
             else:
-                assert np.array_equal(fa[name][:], fb[name][:]), name
+                assert np.array_equal(x, y), name
         assert dict(fa.attrs) == dict(fb.attrs)
 
 
@@ -151,12 +154,25 @@ def test_sampled_shards_equal_one_process_per_task_seeds(embedded_model, tmp_pat
     one = run_inference(embedded_model, prompts, PERSONAE, tmp_path / "one", cfg,
                         progress=False)
     assert_same_run(tmp_path / "sh", one)
-    # Task t samples with seed + t whatever batch it is in: other batches, same replies.
+    # Task t samples with seed + t whatever batch it is in. Other batches pad the rows
+    # otherwise, so the logits differ in the last bits (measured: 2e-5, 5 eps of logits up to
+    # ~40): the same tokens, up to a tie between the uniform and a CDF boundary (64 eps: 13x).
+    from steerlab.generate import stop_token_ids
+    from steerlab.infer import make_tasks
+    from steerlab.personas import system_prompt_style
+    from steerlab.results import read_per_token
+
     other = run_inference(embedded_model, prompts, PERSONAE, tmp_path / "b3",
                           InferConfig(max_tokens=6, batch_size=3, temperature=1.0, seed=11),
                           progress=False)
-    assert [r["response"] for r in load_results(other)] == \
-        [r["response"] for r in load_results(one)]
+    tok, style = embedded_model.tokenizer, system_prompt_style(cfg.system_prompt_style)
+    stops = stop_token_ids(tok, embedded_model.original_model)
+    for task in make_tasks(prompts, PERSONAE, 1):
+        ids = encode_chat(tok, task.prompt, persona=task.persona, system_prompt=style,
+                          enable_thinking=cfg.thinking_mode)
+        got, want = (read_per_token(run, task.id)["tokens"] for run in (other, one))
+        assert_same_tokens(embedded_model, ids, got, want, eps_units=64, temperature=1.0,
+                           seed=cfg.seed + task.id, stop_ids=stops)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from steerlab.scorers import (
     regex_scorer,
     scorer_from_spec,
 )
-from steerlab.traits import Trait, load_trait
+from steerlab.traits import Trait, list_traits, load_trait, trait_dirs
 
 
 @pytest.mark.parametrize("name", ["pirate", "emoji", "playful", "formatting"])
@@ -34,6 +34,50 @@ def test_pirate_has_enough_questions_and_a_lexicon():
     score = t.build_scorer()
     assert score("Arr, ahoy matey! Ye be a fine sailor, aye.") == 100.0
     assert score("The weather today is mostly sunny with a light breeze.") == 0.0
+
+
+BUILTIN = ["emoji", "formatting", "pirate", "playful"]
+
+
+def test_builtin_traits_are_package_data_and_cwd_traits_come_first(tmp_path, monkeypatch):
+    from importlib.resources import files
+
+    monkeypatch.chdir(tmp_path)  # no ./traits: only the built-in ones
+    builtin = files("steerlab.builtin") / "traits"
+    assert trait_dirs() == [tmp_path / "traits", builtin]
+    assert list_traits() == {name: builtin / f"{name}.json" for name in BUILTIN}
+    Trait("pirate", "talks like a parrot").save(tmp_path / "traits" / "pirate.json")
+    Trait("mine", "does mine").save(tmp_path / "traits" / "mine.json")
+    (tmp_path / "traits" / "notes.txt").write_text("not a trait")
+    found = list_traits()
+    assert list(found) == sorted([*BUILTIN, "mine"])
+    assert found["pirate"] == tmp_path / "traits" / "pirate.json"  # hides the built-in
+    assert found["emoji"] == builtin / "emoji.json"
+    assert load_trait("pirate").trait_instruction == "talks like a parrot"
+    assert load_trait("mine").name == "mine"
+    with pytest.raises(SteerlabError, match="known traits: .*'mine'"):
+        load_trait("nope")
+
+
+def test_traits_list_command(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    Trait("mine", "does mine", questions=("a?", "b?")).save(tmp_path / "traits" / "mine.json")
+    (tmp_path / "traits" / "bad.json").write_text("{")
+    assert run_cli("traits", "list") == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert list(rows) == sorted([*BUILTIN, "mine", "bad"])
+    for name, row in rows.items():
+        assert str(list_traits()[name]) in row
+        if name != "bad":
+            assert row.endswith(str(list_traits()[name]))
+            t = load_trait(name)
+            assert f"{len(t.questions)} questions" in row
+            assert f"{len(t.held_out_questions)} held out" in row
+    assert "scorer lexicon" in rows["pirate"] and "scorer llm-rubric" in rows["playful"]
+    assert "2 questions   0 held out  scorer none" in rows["mine"]
+    assert "invalid" in rows["bad"] and "line 1" in rows["bad"]
 
 
 def test_save_load_round_trip(tmp_path):

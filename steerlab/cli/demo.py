@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from steerlab.cli._app import app
+from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
 from steerlab.placement import ModelOptions
 
@@ -18,7 +18,7 @@ def demo(
     model: ModelOptions,
     output_dir: Annotated[Path, typer.Option(
         help="Run folder; rerun with the same folder to resume.")] = Path("logs/steerlab-demo"),
-    trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
+    trait: str = typer.Option("pirate", help=TRAIT_HELP),
     quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""``steerlab traits generate|collect|judge|filter|merge``: the trait data pipeline."""
+"""``steerlab traits list|generate|collect|judge|filter|merge``: the trait data pipeline."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.cli._app import app
+from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
 
-sub = typer.Typer(help="Trait data pipeline: generate, collect, judge, filter, merge.",
+sub = typer.Typer(help="Trait data pipeline: list, generate, collect, judge, filter, merge.",
                   no_args_is_help=True)
 app.add_typer(sub, name="traits")
 
@@ -39,9 +39,28 @@ def _system(flag: str | None, default: tuple[str, ...], field: str) -> str | Non
     return default[0]
 
 
+@sub.command("list")
+def list_() -> None:
+    """List the traits a name finds: ./traits first, then the built-in ones.
+
+    One line each: name, questions, held-out questions, scorer kind and the file it loads.
+    """
+    from steerlab.traits import list_traits, load_trait
+
+    for name, path in list_traits().items():
+        try:
+            t = load_trait(name)
+        except SteerlabError as err:
+            typer.echo(f"{name:<14} invalid: {err}")
+            continue
+        kind = t.scorer["type"] if t.scorer else "llm-rubric" if t.evaluation_prompt else "none"
+        typer.echo(f"{name:<14} {len(t.questions):>3} questions {len(t.held_out_questions):>3} "
+                   f"held out  scorer {kind:<12} {path}")
+
+
 @sub.command()
 def generate(
-    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    trait: Annotated[str, typer.Argument(help=TRAIT_HELP)],
     base_url: str = typer.Option(..., help="OpenAI-compatible base URL of a capable model."),
     model: str = typer.Option(..., help="Model name at that endpoint."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help=KEY_HELP),
@@ -52,7 +71,7 @@ def generate(
     force: bool = typer.Option(False, help="Regenerate artefacts the trait already has."),
 ) -> None:
     """Have an LLM write instructions, questions and a 0-100 rubric for a trait."""
-    from steerlab.elicit import generate_trait
+    from steerlab.elicit import elicit_trait
     from steerlab.traits import load_trait
 
     t = load_trait(trait)
@@ -60,7 +79,7 @@ def generate(
     if t.questions and t.positive_instructions and not force:
         typer.echo(f"{t.name} already has artefacts; pass --force to regenerate")
         return
-    new = generate_trait(_client(base_url, model, api_key_env, 1, 4, 300.0), t,
+    new = elicit_trait(_client(base_url, model, api_key_env, 1, 4, 300.0), t,
                          n_questions=n_questions, n_held_out=n_held_out)
     typer.echo(f"wrote {new.save(out)}: {len(new.questions)} questions, "
                f"{len(new.held_out_questions)} held out")
@@ -87,7 +106,7 @@ def _responder(side: str, t: Any, url: str | None, model_name: str, key_env: str
 @model_flags
 def collect(
     model: ModelOptions,
-    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    trait: Annotated[str, typer.Argument(help=TRAIT_HELP)],
     run_dir: RunDir = None,
     chosen_url: Annotated[str | None, typer.Option(help="Endpoint of the chosen responder "
                                                    "[default: the local model].")] = None,
@@ -136,7 +155,7 @@ def collect(
 
 @sub.command()
 def judge(
-    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    trait: Annotated[str, typer.Argument(help=TRAIT_HELP)],
     run_dir: RunDir = None,
     rubric_url: Annotated[str | None, typer.Option(help="Judge with the trait's LLM rubric at "
                           "this endpoint [default: the trait's built-in scorer].")] = None,
@@ -167,7 +186,7 @@ def judge(
 
 @sub.command("filter")
 def filter_(
-    trait: Annotated[str, typer.Argument(help="Trait name (traits/<name>.json) or path.")],
+    trait: Annotated[str, typer.Argument(help=TRAIT_HELP)],
     run_dir: RunDir = None,
     threshold: float = typer.Option(40.0, help="Minimum chosen - rejected score difference."),
     min_distinct: float = typer.Option(

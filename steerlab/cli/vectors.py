@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from steerlab.cli._app import app
+from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
 from steerlab.cli._parse import number_list
 from steerlab.errors import SteerlabError
@@ -45,7 +45,7 @@ def fit(
 def evaluate(
     model: ModelOptions,
     vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
-    trait: str = typer.Option("pirate", help="Trait name (traits/<name>.json) or path."),
+    trait: str = typer.Option("pirate", help=TRAIT_HELP),
     layers: str = typer.Option("", help="Layers to sweep (default: the vector's)."),
     strengths: str = typer.Option("1,2,4,6", help="Strengths (x the vector) to sweep."),
     max_tokens: int = typer.Option(40, help="New tokens per answer."),
