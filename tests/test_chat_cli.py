@@ -139,7 +139,8 @@ class _Term:
     def __init__(self, *args: str):
         import pexpect
 
-        env = {**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float sums as here
         self.child = pexpect.spawn(sys.executable, ["-m", "steerlab.cli", "chat", *args],
                                    env=env, encoding="utf-8", timeout=120,
                                    dimensions=(40, 300))

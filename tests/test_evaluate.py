@@ -72,7 +72,11 @@ def test_verdicts_follow_their_definition(judged, embedded_model):
     bound = judge.nll_ref + judge.nll_margin
     want = tuple(distinct_n(t) >= judge.min_distinct and min(a, b) <= bound
                  for t, a, b in zip(tokens, plain, prompted, strict=True))
-    assert s.coherent == want
+    # the rater batches the second context over fewer answers (other padding): NLLs agree to
+    # ~1e-6, so a verdict may only differ for an answer that close to the bound
+    close = [abs(min(a, b) - bound) < 1e-4 for a, b in zip(plain, prompted, strict=True)]
+    assert all(g == w or c for g, w, c in zip(s.coherent, want, close, strict=True))
+    want = s.coherent
     scores = [judge.scorer(t) for t in texts]
     assert s.coherence == pytest.approx(sum(want) / len(want))
     assert s.coherent_trait == pytest.approx(sum(x * k for x, k in zip(scores, want,

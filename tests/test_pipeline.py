@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from steerlab.collect import collect, collected_pairs
-from steerlab.files import read_jsonl
+from steerlab.collect import ROLES, collect, collected_pairs
+from steerlab.files import append_jsonl, read_jsonl
 from steerlab.judge import filter_pairs, judge, scorer_judge
-from steerlab.pairs import load_pairs
+from steerlab.pairs import load_pairs, prompt_id
 from steerlab.responders import LocalResponder
 from steerlab.traits import load_trait
 
@@ -34,10 +34,17 @@ def pirate_run(tmp_path_factory, embedded_model):
 
 
 @pytest.mark.slow
-def test_pirate_yields_enough_pairs(pirate_run):
+def test_filter_keeps_exactly_the_separated_pairs(pirate_run):
+    """The kept pairs are the questions whose two answers, rescored from collected.jsonl,
+    differ by >= 40 (recomputed here, not a count that moves with the model's text)."""
     pairs, t = pirate_run["pairs"], pirate_run["trait"]
-    assert len(pairs) >= 30, f"only {len(pairs)} of {len(t.questions)} pairs pass"
     score = t.build_scorer()
+    texts = {(r["id"], r["role"]): r["text"] for r in
+             read_jsonl(pirate_run["dir"] / "collected.jsonl") if "text" in r}
+    want = [q for q in t.questions if all((prompt_id(q), side) in texts for side in ROLES)
+            and score(texts[prompt_id(q), "chosen"]) - score(texts[prompt_id(q), "rejected"])
+            >= 40]
+    assert [p.prompt for p in pairs] == want and pairs
     for p in pairs:
         assert p.chosen_score - p.rejected_score >= 40
         assert score(p.chosen) == p.chosen_score and score(p.rejected) == p.rejected_score
@@ -118,5 +125,13 @@ def test_filter_drops_repetition_loops(pirate_run):
     want = [p for p in pirate_run["pairs"]
             if min(text_distinct(p.chosen), text_distinct(p.rejected)) >= 0.5]
     assert clean == want
-    # the embedded model loops on the strong pirate instruction: the filter has work to do
-    assert 0 < len(clean) < len(pirate_run["pairs"])
+    # and the filter has work to do: a constructed looping pair is dropped, its twin kept
+    loop = "Arr, aye, aye, aye, aye, aye, aye, aye, aye, aye, aye, aye!"
+    d2 = d / "loops"
+    with append_jsonl(d2 / "c.jsonl") as w, append_jsonl(d2 / "j.jsonl") as j:
+        for qid, chosen in (("loop", loop), ("fine", "Ahoy matey, the sea be calm today.")):
+            for role, text, sc in (("chosen", chosen, 90), ("rejected", "Hello there.", 0)):
+                w({"id": qid, "prompt": qid, "role": role, "responder": "x", "text": text})
+                j({"id": qid, "role": role, "score": sc})
+    kept = filter_pairs(d2 / "c.jsonl", d2 / "j.jsonl", min_distinct=0.5)
+    assert [p.id for p in kept] == ["fine"]

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from steerlab.client import Endpoint, EndpointClient
 from steerlab.collect import collect, collected_pairs
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",  # same threads: same float sums as here
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "steerlab.cli", "serve", "--port", "0",
                              "--device", "cpu"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
