@@ -160,7 +160,7 @@ def filter_pairs(
         if not all(k in texts and k in scores for k in keys):
             continue
         (c, r), (cs, rs) = ([texts[k]["text"] for k in keys],
-                            [scores[k]["score"] for k in keys])
+                            [float(scores[k]["score"]) for k in keys])
         if cs - rs >= threshold and min(text_distinct(c), text_distinct(r)) >= min_distinct:
             keep.append(Pair(qid, texts[keys[0]]["prompt"], c, r, cs, rs))
     if path is not None:
