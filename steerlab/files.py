@@ -43,6 +43,12 @@ def h5py() -> Any:
     return module
 
 
+def _temporary(target: Path) -> Path:
+    """A unique hidden name beside ``target`` (several processes may write side by side),
+    not created here, so the writer creates it with the usual permissions."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed over ``path`` when the block succeeds.
@@ -56,9 +62,7 @@ def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path
     target = Path(path)
     if mkdir:
         target.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name (several processes may write beside each other), created by the writer
-    # so the file gets the usual permissions
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(target)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -94,13 +98,15 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     hard-linked to the final name, which fails when the name exists.
     """
     target = Path(path)
-    with atomic_path(target.with_name(f".{target.name}.new"), mkdir=False) as tmp:
+    tmp = _temporary(target)
+    try:
         tmp.write_text(text, encoding="utf-8")
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-    return True
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
