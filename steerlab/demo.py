@@ -3,12 +3,14 @@
 :func:`run_demo` runs the whole pipeline on one model (the embedded one by default) into a
 folder, stage by stage, each stage resuming from what an interrupted run left:
 
-1. ``pairs/``: collect answers with the trait's positive vs negative instruction, judge them with
-   the trait's scorer, keep pairs with a score difference >= ``threshold`` and no repetition loop;
+1. ``pairs/``: collect several answers per question with the trait's positive vs negative
+   instruction (the first greedy, the rest sampled), judge them with the trait's scorer, keep
+   each question's best-separated loop-free pair with a score difference >= ``threshold``;
 2. ``activations.h5``: capture both answers at the divergence token and their response means;
 3. ``vector.safetensors``: difference of the response means; ``probe``: held-out accuracy of a
    logistic probe per layer;
-4. ``steering-eval.json``: layers x strengths on the held-out questions with a random control;
+4. ``steering-eval.json|.html``: the automatic strength search per layer (norm units) on the
+   held-out questions, random and shuffled-label controls, the validation report;
 5. ``personae/``: a small persona-entropy run (prompts x personae of every category);
 6. ``report.html`` and ``summary.json``.
 """
@@ -26,6 +28,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
+from steerlab.calibrate import Search
 from steerlab.errors import SteerlabError
 from steerlab.files import write_json_atomic
 from steerlab.placement import ModelOptions
@@ -45,10 +48,12 @@ class DemoConfig:
     n_questions: int | None = None  # None: all of the trait's questions
     n_held_out: int | None = None  # None: all held-out questions
     max_tokens: int = 48  # answers collected for the pairs
+    samples: int = 4  # answers per question and side (the first greedy)
     threshold: float = 40.0
     min_distinct: float = 0.5
-    layers: tuple[int, ...] = (10, 12, 14, 16)
-    strengths: tuple[float, ...] = (0.75, 1.0, 1.25)
+    layers: tuple[int, ...] = (10, 12, 14, 16)  # captured; steered in runs of three
+    strengths: tuple[float, ...] | None = None  # None: the automatic search (norm units)
+    search: Search = Search()
     eval_tokens: int = 40
     n_prompts: int = 4  # persona-entropy run: prompts from the built-in prompts.json ...
     personae_per_category: int = 2  # ... times this many personae of each category
@@ -57,7 +62,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """A small run (about 2 minutes on 2 cores) that exercises every stage."""
-        return cls(n_held_out=8, layers=(12, 16), strengths=(1.0,),
+        return cls(n_held_out=8, samples=2, layers=(12, 16), search=Search(refine=1),
                    eval_tokens=24, n_prompts=2, personae_per_category=1, persona_tokens=24)
 
 
@@ -69,15 +74,21 @@ class DemoSummary:
     trait: str
     pairs_collected: int
     pairs_kept: int
-    best_layer: int
+    best_layers: str
     best_alpha: float
+    units: str
     trait_unsteered: float
     trait_prompted: float
     trait_steered: float
     coherence_unsteered: float
     coherence_steered: float
     gap_closed: float
+    gap_low: float
+    gap_high: float
     random_gap_closed: float
+    shuffled_gap_closed: float
+    passed: bool
+    verdict: str
     probe_accuracy: float
     persona_results: int
     report: str
@@ -87,15 +98,18 @@ class DemoSummary:
         """The printed summary, one line per fact."""
         return [
             f"pairs kept: {self.pairs_kept} of {self.pairs_collected} questions",
-            f"best setting: layer {self.best_layer}, strength {self.best_alpha:g}",
+            f"best setting: layer {self.best_layers}, strength {self.best_alpha:.3g} "
+            f"({self.units} units)",
             f"trait score (coherent answers): unsteered {self.trait_unsteered:.1f}, steered "
-            f"{self.trait_steered:.1f}, prompted with the trait instruction "
+            f"{self.trait_steered:.1f}, prompted with the positive instruction "
             f"{self.trait_prompted:.1f}",
-            f"gap closed: {self.gap_closed:.0%} (random vector of equal norm: "
-            f"{self.random_gap_closed:.0%})",
+            f"gap closed: {self.gap_closed:.0%} [95% CI {self.gap_low:.0%}, "
+            f"{self.gap_high:.0%}] (random vector of equal norm: {self.random_gap_closed:.0%}, "
+            f"shuffled labels: {self.shuffled_gap_closed:.0%})",
             f"coherence: unsteered {self.coherence_unsteered:.2f}, steered "
             f"{self.coherence_steered:.2f}",
-            f"probe accuracy at layer {self.best_layer} (held out): {self.probe_accuracy:.2f}",
+            f"probe accuracy at layer {self.best_layers} (held out): {self.probe_accuracy:.2f}",
+            ("PASS: " if self.passed else "FAIL: ") + self.verdict,
             f"persona-entropy results: {self.persona_results}",
             f"report: {self.report}",
         ]
@@ -126,16 +140,17 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         >>> print("\\n".join(s.lines()))
     """
     from steerlab.collect import collect
-    from steerlab.evaluate import evaluate_steering
+    from steerlab.evaluate import EvalConfig, evaluate_steering
     from steerlab.extract import extract
     from steerlab.files import read_jsonl
-    from steerlab.fitters import fit_vector
+    from steerlab.fitters import fit_vector, shuffled_control
     from steerlab.infer import InferConfig, load_prompts, run_inference
     from steerlab.judge import filter_pairs, judge, scorer_judge
     from steerlab.personas import load_personae
     from steerlab.responders import LocalResponder
     from steerlab.results import load_results
     from steerlab.traits import load_trait
+    from steerlab.validation import validation_report, write_validation_html
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -158,7 +173,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     pd.mkdir(exist_ok=True)
     pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens)
     neg = LocalResponder(bridge, trait.negative_instructions[0], max_tokens=config.max_tokens)
-    collect(questions, pos, neg, pd / "collected.jsonl", progress=progress)
+    collect(questions, pos, neg, pd / "collected.jsonl", samples=config.samples,
+            progress=progress)
     judge(pd / "collected.jsonl", pd / "judged.jsonl", scorer_judge(trait.build_scorer()),
           progress=progress)
     pairs = filter_pairs(pd / "collected.jsonl", pd / "judged.jsonl", pd / "pairs.jsonl",
@@ -181,10 +197,15 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
 
     log.info("demo: 4/6 steering sweep")
     ev = evaluate_steering(bridge, vector, held_out, trait.build_scorer(),
-                           trait_instruction=trait.trait_instruction, layers=config.layers,
-                           strengths=config.strengths, max_new_tokens=config.eval_tokens,
-                           progress=progress)
+                           trait_instruction=trait.prompted_instruction,  # spread groups
+                           strengths=config.strengths,
+                           config=EvalConfig(search=config.search,
+                                             max_new_tokens=config.eval_tokens),
+                           shuffled=shuffled_control(vector, h5),
+                           resume=out / "steering-eval.points.jsonl", progress=progress)
     ev.save(out / "steering-eval.json")
+    validation = validation_report(ev, trait=trait.name)
+    write_validation_html(out / "steering-eval.html", ev, validation)
 
     log.info("demo: 5/6 persona entropy")
     run_inference(bridge, prompts, personae, out / "personae",
@@ -193,23 +214,27 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     records = load_results(out / "personae")
 
     log.info("demo: 6/6 report")
-    b = ev.best
+    b, steered = ev.best, validation.row("steered")
     summary = DemoSummary(
         model=config.model.model, trait=trait.name, pairs_collected=collected,
-        pairs_kept=len(pairs), best_layer=b.layer, best_alpha=b.alpha,
+        pairs_kept=len(pairs), best_layers=b.label, best_alpha=b.alpha, units=ev.units,
         trait_unsteered=ev.unsteered.coherent_trait, trait_prompted=ev.prompted.coherent_trait,
         trait_steered=b.coherent_trait, coherence_unsteered=ev.unsteered.coherence,
-        coherence_steered=b.coherence, gap_closed=ev.gap_closed(b),
-        random_gap_closed=ev.gap_closed(ev.random), probe_accuracy=accuracy[b.layer],
+        coherence_steered=b.coherence, gap_closed=steered.gap_closed,
+        gap_low=steered.gap_low, gap_high=steered.gap_high,
+        random_gap_closed=validation.row("random").gap_closed,
+        shuffled_gap_closed=validation.row("shuffled").gap_closed,
+        passed=validation.passed, verdict="; ".join(validation.reasons),
+        probe_accuracy=sum(accuracy[x] for x in b.layers) / len(b.layers),
         persona_results=len(records), report=str(out / "report.html"),
         seconds=round(time.perf_counter() - t0, 1))
-    write_report(out / "report.html", summary, ev, accuracy, records, held_out)
+    write_report(out / "report.html", summary, ev, validation, accuracy, records)
     write_json_atomic(out / "summary.json", asdict(summary))
     return summary
 
 
-def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, float],
-                 records: Sequence[dict], questions: Sequence[str]) -> Path:
+def write_report(path: Path, summary: DemoSummary, ev: Any, validation: Any,
+                 accuracy: dict[int, float], records: Sequence[dict]) -> Path:
     """Write the demo's standalone HTML page (plotly inlined once, no network needed)."""
     import plotly.graph_objects as go
     import plotly.io as pio
@@ -221,14 +246,16 @@ def write_report(path: Path, summary: DemoSummary, ev: Any, accuracy: dict[int, 
     probe.update_layout(title="Probe accuracy on held-out pairs", xaxis_title="layer",
                         yaxis_range=[0, 1], height=320)
     examples = [{"question": q, "unsteered": u, "steered": s, "prompted": p}
-                for q, u, s, p in zip(questions, ev.unsteered.answers, ev.best.answers,
+                for q, u, s, p in zip(ev.questions, ev.unsteered.answers, ev.best.answers,
                                       ev.prompted.answers, strict=False)][:8]
     figs = [steering_figure(ev), probe, *summary_figures(records).values()]
     plots = [pio.to_html(f, include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figs)]
     body = (f"<h1>steerlab demo: {html.escape(summary.trait)} on "
             f"{html.escape(summary.model)}</h1><pre>"
             + html.escape("\n".join(summary.lines())) + "</pre>"
-            "<h2>Steering sweep</h2>" + plots[0] + plots[1]
+            "<h2>Steering validation</h2><pre>" + html.escape("\n".join(validation.lines()))
+            + "</pre><p>Every setting and example: <a href='steering-eval.html'>"
+            "steering-eval.html</a></p>" + plots[0] + plots[1]
             + "<h2>Answers at the best setting</h2>" + html_table(examples)
             + "<h2>Persona entropy</h2>" + "".join(plots[2:]))
     return write_page(path, "steerlab demo", body)

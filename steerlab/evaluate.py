@@ -1,99 +1,82 @@
-"""Steering evaluation: sweep layers x strengths on held-out questions, score trait and coherence.
+"""Steering evaluation: rate unsteered, prompted and steered answers on held-out questions,
+search the strength per layer group, choose the best coherent setting, run the controls.
 
-Coherence catches what steering breaks, answer by answer. An answer is *coherent* when
-
-* it is not a repetition loop: its *distinct-2* (share of distinct token bigrams) is at least
-  ``min_distinct`` (unsteered answers of the embedded model sit near 0.94, "aye, aye, aye" loops
-  below 0.3), and
-* it is not gibberish: its mean negative log-likelihood per token under the unsteered model is at
-  most ``nll_margin`` nats above the unsteered answers' mean. The likelihood is the better of two
-  contexts, the plain question and the question under the trait instruction, so that an answer is
-  not called gibberish merely for speaking in the trait's register.
-
-A setting's *coherence* is the share of coherent answers; its *coherent trait* is the mean trait
-score with incoherent answers counted as 0. The best setting maximises the coherent trait among
-settings whose coherence is at least ``min_coherence`` times the unsteered coherence, and the gap
-closed is measured on the coherent trait, from unsteered answers to answers prompted with the
-trait instruction.
+How answers are rated (trait score, coherence) is :mod:`steerlab.rating`; how strengths are
+searched is :mod:`steerlab.calibrate`; the report with confidence intervals is
+:mod:`steerlab.validation`.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from steerlab.chat import encode_chat
+from steerlab.calibrate import Candidate, Search
 from steerlab.errors import SteerlabError
-from steerlab.files import write_json_atomic
-from steerlab.generate import generate, left_pad, position_ids
+from steerlab.files import append_jsonl, flock, read_json, read_jsonl, write_json_atomic
+from steerlab.generate import generate
 from steerlab.progress import progress_bar
-from steerlab.scorers import Scorer, distinct_n
-from steerlab.steer import Positions, Steering
+from steerlab.rating import AnswerRater, Setting
+from steerlab.scorers import Scorer
+from steerlab.steer import Positions, Steering, Units
 from steerlab.vectors import SteeringVector, random_like
 
-__all__ = ["AnswerRater", "Setting", "SteeringEval", "answer_nll", "distinct_n",
-           "evaluate_steering"]
-
-
-@torch.inference_mode()
-def answer_nll(model: Any, prompts: Sequence[Sequence[int]],
-               answers: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
-    """Mean negative log-likelihood per answer token under ``model`` (no hooks should be on).
-
-    Example:
-        >>> answer_nll(model, [encode_chat(tok, "Hi")], [tok("Hello!")["input_ids"]])
-    """
-    hf = model.original_model
-    device = next(hf.parameters()).device
-    pad = model.tokenizer.pad_token_id or 0
-    out: list[float] = []
-    for at in range(0, len(prompts), batch_size):
-        rows = [list(p) + list(a) for p, a in
-                zip(prompts[at : at + batch_size], answers[at : at + batch_size], strict=True)]
-        ids, mask = left_pad(rows, pad, device)
-        logp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask,
-                                    position_ids=position_ids(mask)).logits.float().to(device),
-                                 -1)
-        for i, a in enumerate(answers[at : at + batch_size]):
-            if not a:
-                out.append(float("nan"))
-                continue
-            w = ids.shape[1]
-            pos = torch.arange(w - len(a) - 1, w - 1, device=device)
-            tgt = torch.tensor(list(a), device=device)
-            out.append(float(-logp[i, pos, tgt].mean()))
-    return out
+__all__ = ["EvalConfig", "SteeringEval", "evaluate_steering", "spread_groups"]
 
 
 @dataclass(frozen=True)
-class Setting:
-    """Means over the questions for one condition (``layer`` -1 and ``alpha`` 0: no steering).
+class EvalConfig:
+    """How :func:`evaluate_steering` steers, generates and judges.
 
-    ``trait`` is the mean trait score of all answers, ``coherence`` the share of coherent
-    answers, ``coherent_trait`` the mean score with incoherent answers counted as 0, ``distinct``
-    the mean distinct-2, and ``nll`` the mean of the NLLs the verdicts used (see
-    :meth:`AnswerRater.nll`).
+    Args:
+        units: strength units (``"norm"``: fractions of the residual norm; ``"raw"``).
+        positions: where to steer (see :class:`steerlab.steer.Positions`).
+        preserve_norm: keep each steered residual's norm (see :meth:`Steering.create`).
+        search: the automatic strength search (used when no fixed strengths are given).
+        max_new_tokens: answer length.
+        min_coherence: coherence floor of the best setting, relative to unsteered.
+        min_distinct: distinct-2 below which an answer counts as a repetition loop.
+        nll_margin: nats above the unsteered mean NLL beyond which an answer is gibberish.
+        seed: seed of the random control vector.
+        batch_size: most rows per generation batch.
     """
 
-    layer: int
-    alpha: float
-    trait: float
-    coherence: float
-    distinct: float
-    nll: float
-    coherent_trait: float = float("nan")
-    answers: tuple[str, ...] = field(default=(), repr=False)
-    coherent: tuple[bool, ...] = field(default=(), repr=False)
+    units: Units | str = Units.NORM
+    positions: Positions | str = Positions.ALL
+    preserve_norm: bool = False
+    search: Search = Search()
+    max_new_tokens: int = 40
+    min_coherence: float = 0.8
+    min_distinct: float = 0.5
+    nll_margin: float = 1.0
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", Units.parse(self.units, field="units"))
+        object.__setattr__(self, "positions", Positions.parse(self.positions,
+                                                              field="positions"))
+        for name, lo in (("max_new_tokens", 1), ("batch_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SteerlabError(f"got {v!r}; expected an integer >= {lo}", field=name)
+        for name in ("min_coherence", "min_distinct"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise SteerlabError(f"got {v!r}; expected a number in [0, 1]", field=name)
 
 
 @dataclass(frozen=True)
 class SteeringEval:
-    """Result of :func:`evaluate_steering`: baselines, sweep, the chosen setting and control."""
+    """Result of :func:`evaluate_steering`: baselines, every rated setting, the chosen one and
+    the controls (a random vector of equal norm and, when given, a shuffled-label vector), all
+    on the same held-out questions. ``units`` is what the strengths are in."""
 
     unsteered: Setting
     prompted: Setting
@@ -101,6 +84,15 @@ class SteeringEval:
     best: Setting
     random: Setting
     min_coherence: float
+    shuffled: Setting | None = None
+    units: str = Units.NORM.value
+    questions: tuple[str, ...] = field(default=(), repr=False)
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def floor(self) -> float:
+        """The coherence a setting needs to be chosen (``min_coherence`` x unsteered)."""
+        return self.min_coherence * self.unsteered.coherence
 
     def gap_closed(self, s: Setting) -> float:
         """Share of the coherent-trait gap (unsteered -> prompted with the trait instruction)
@@ -112,77 +104,20 @@ class SteeringEval:
         """Write the whole evaluation as JSON (atomically)."""
         write_json_atomic(path, asdict(self))
 
-
-@dataclass(frozen=True)
-class AnswerRater:
-    """Rates a batch of answers to ``questions``: trait by the scorer, coherence per answer.
-
-    ``contexts`` are the token ids the likelihood is taken under (the best one counts);
-    ``nll_ref`` is the unsteered answers' mean NLL (see :meth:`calibrate`).
-
-    Example:
-        >>> rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction)
-        >>> rater = rater.calibrate(unsteered_tokens)
-        >>> rater(tokens, texts).coherence
-    """
-
-    model: Any
-    scorer: Scorer
-    contexts: tuple[list[list[int]], ...]
-    min_distinct: float = 0.5
-    nll_margin: float = 1.0
-    nll_ref: float = float("nan")
-
     @classmethod
-    def for_questions(cls, model: Any, questions: Sequence[str], scorer: Scorer,
-                      trait_instruction: str, **kwargs: float) -> AnswerRater:
-        """A rater whose contexts are the plain questions and the trait-prompted questions."""
-        tok = model.tokenizer
-        plain = [encode_chat(tok, q) for q in questions]
-        prompted = [encode_chat(tok, [{"role": "system", "content": trait_instruction},
-                                      {"role": "user", "content": q}]) for q in questions]
-        return cls(model, scorer, (plain, prompted), **kwargs)
-
-    def calibrate(self, tokens: list[list[int]]) -> AnswerRater:
-        """This rater with ``nll_ref`` set from reference (unsteered) answers, plain context."""
-        nll = answer_nll(self.model, self.contexts[0], tokens)
-        return replace(self, nll_ref=_mean(nll))
-
-    def nll(self, tokens: list[list[int]]) -> list[float]:
-        """Per answer, the lowest mean NLL over the contexts (answers repeat the questions).
-
-        Later contexts are only tried for answers the earlier ones leave above the gibberish
-        bound, which gives the same verdicts at a fraction of the forward passes."""
-        bound = self.nll_ref + self.nll_margin
-        best = [float("nan")] * len(tokens)
-        todo = list(range(len(tokens)))
-        for ctx in self.contexts:
-            got = answer_nll(self.model, [ctx[i % len(ctx)] for i in todo],
-                             [tokens[i] for i in todo])
-            for i, x in zip(todo, got, strict=True):
-                best[i] = x if math.isnan(best[i]) else min(best[i], x)
-            todo = [i for i in todo if not best[i] <= bound]
-            if not todo:
-                break
-        return best
-
-    def __call__(self, tokens: list[list[int]], texts: list[str], layer: int = -1,
-                 alpha: float = 0.0) -> Setting:
-        if math.isnan(self.nll_ref):
-            raise SteerlabError("the rater is not calibrated; call calibrate() first")
-        d = [distinct_n(t) for t in tokens]
-        nll = self.nll(tokens)
-        ok = tuple(not math.isnan(x) and di >= self.min_distinct
-                   and x <= self.nll_ref + self.nll_margin for di, x in zip(d, nll, strict=True))
-        scores = [float(self.scorer(t)) for t in texts]
-        share = _mean([float(k) for k in ok])
-        return Setting(layer, alpha, _mean(scores), share, _mean(d), _mean(nll),
-                       _mean([s * k for s, k in zip(scores, ok, strict=True)]), tuple(texts), ok)
-
-
-def _mean(xs: Sequence[float]) -> float:
-    good = [float(x) for x in xs if not math.isnan(x)]
-    return sum(good) / len(good) if good else float("nan")
+    def load(cls, path: str | os.PathLike) -> SteeringEval:
+        """Read an evaluation written by :meth:`save`."""
+        d = read_json(path, "steering evaluation")
+        try:
+            settings = {k: Setting.from_dict(d[k]) for k in ("unsteered", "prompted", "best",
+                                                             "random")}
+            return cls(**settings, sweep=tuple(Setting.from_dict(x) for x in d["sweep"]),
+                       min_coherence=float(d["min_coherence"]),
+                       shuffled=Setting.from_dict(d["shuffled"]) if d.get("shuffled") else None,
+                       units=str(d.get("units", Units.RAW.value)),
+                       questions=tuple(d.get("questions", ())), config=d.get("config", {}))
+        except (KeyError, TypeError) as err:
+            raise SteerlabError(f"not a steering evaluation ({err})", source=str(path)) from None
 
 
 def evaluate_steering(
@@ -192,82 +127,227 @@ def evaluate_steering(
     scorer: Scorer,
     *,
     trait_instruction: str,
-    layers: Sequence[int],
-    strengths: Sequence[float],
-    max_new_tokens: int = 40,
-    min_coherence: float = 0.8,
-    min_distinct: float = 0.5,
-    nll_margin: float = 1.0,
-    positions: str | Positions = Positions.ALL,
-    seed: int = 0,
+    layers: Sequence[int | Sequence[int]] | None = None,
+    strengths: Sequence[float] | None = None,
+    config: EvalConfig = EvalConfig(),
+    shuffled: SteeringVector | None = None,
+    resume: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> SteeringEval:
-    """Sweep layers x strengths, choose the best setting, and run a random-vector control.
+    """Rate unsteered, prompted and steered answers on held-out questions; choose the best
+    setting; run the controls at it.
 
-    All strengths of one layer run as one batch with per-row strengths (greedy decoding). See
-    the module docstring for how coherence and the coherent trait score are defined.
+    Without ``strengths`` the strength of every layer group is searched automatically
+    (:func:`steerlab.calibrate.search_strengths`: raised until coherence falls below the
+    floor, then refined); with them, every group x strength is rated (a fixed sweep). The best
+    setting has the highest coherent trait among settings whose coherence is at least
+    ``min_coherence`` x unsteered. All candidates of a round run as one batch of greedy
+    generations (per-row strengths; groups steer their own rows only).
 
     Args:
         model: a bridge.
-        vector: the steering vector (alpha is in units of its per-layer vector).
+        vector: the steering vector.
         questions: held-out questions.
         scorer: trait score 0..100 of an answer.
         trait_instruction: system prompt of the "prompted" reference answers.
-        layers: layers to try (one at a time).
-        strengths: alphas to try.
-        max_new_tokens: answer length.
-        min_coherence: coherence floor of the best setting, relative to unsteered.
-        min_distinct: distinct-2 below which an answer counts as a repetition loop.
-        nll_margin: nats above the unsteered mean NLL beyond which an answer is gibberish.
-        positions: see :func:`steerlab.steer.steer`.
-        seed: seed of the random control vector (same norm per layer as ``vector``).
-        progress: show a progress bar over the conditions.
+        layers: layer groups: ``12`` steers layer 12, ``(10, 12, 14)`` those three together at
+            one strength each (default: :func:`spread_groups` of the vector's layers, every
+            run of three adjacent layers, which kept coherence best in docs/validation.md).
+        strengths: a fixed list of strengths instead of the search (in ``config.units``).
+        config: units, positions, search, coherence thresholds, answer length.
+        shuffled: a shuffled-label vector (``fit_vector(..., shuffle_seed=0)``), the second
+            control.
+        resume: a JSONL file of rated settings: appended to as they finish; a rerun with the
+            same inputs skips what it holds (another evaluation's file is refused).
+        progress: show a progress bar.
 
     Example:
         >>> ev = evaluate_steering(model, v, trait.held_out_questions, trait.build_scorer(),
-        ...                        trait_instruction=trait.trait_instruction, layers=[12, 16],
-        ...                        strengths=[0.5, 1.0, 1.5])
-        >>> ev.best.layer, ev.best.alpha, ev.gap_closed(ev.best)
+        ...                        trait_instruction=trait.trait_instruction, layers=[12, 16])
+        >>> ev.best.label, ev.best.alpha, ev.gap_closed(ev.best)
     """
-    if not questions or not layers or not strengths:
-        raise SteerlabError("questions, layers and strengths must all be non-empty")
-    # one checked steering per layer (width, layers, finite strengths) before any generation
-    per_layer = {layer: Steering.create(model, vector, 0.0, layers=[layer], positions=positions)
-                 for layer in layers}
-    alphas = list(per_layer[layers[0]].with_alpha(list(strengths)).alpha)  # finite, as floats
-    tok = model.tokenizer
+    from steerlab.calibrate import search_strengths
+
+    if not questions:
+        raise SteerlabError("no held-out questions to evaluate on", field="questions")
+    groups = _groups(spread_groups(vector.layers) if layers is None else layers)
+    fixed = None if strengths is None else [float(a) for a in strengths]
+    if fixed is not None and not fixed:
+        raise SteerlabError("give at least one strength, or none to search", field="strengths")
+    # one checked steering per layer (width, layers, units, finite strengths) before generating
+    base = {layer: Steering.create(model, vector, 0.0, layers=[layer],
+                                   positions=config.positions, units=config.units,
+                                   preserve_norm=config.preserve_norm)
+            for layer in sorted({x for g in groups for x in g})}
+    if fixed is not None:
+        next(iter(base.values())).with_alpha(fixed)  # finite numbers
     rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction,
-                                      min_distinct=min_distinct, nll_margin=nll_margin)
+                                      min_distinct=config.min_distinct,
+                                      nll_margin=config.nll_margin)
     prompts, prompted_in = rater.contexts
+    n = len(prompts)
+    rows_per_batch = max(1, config.batch_size // n)
+    store = _Points(resume, _fingerprint(model, vector, questions, trait_instruction, config,
+                                         shuffled))
 
-    def run(rows: list[list[int]]) -> tuple[list[list[int]], list[str]]:
-        g = generate(model, rows, max_new_tokens=max_new_tokens)
-        return g.tokens, g.texts(tok)
+    def answers(rows: list[list[int]], per_layer: dict[int, Steering]
+                ) -> tuple[list[list[int]], list[str]]:
+        with ExitStack() as stack:
+            for s in per_layer.values():
+                stack.enter_context(s.apply(model))
+            g = generate(model, rows, max_new_tokens=config.max_new_tokens)
+        return g.tokens, g.texts(model.tokenizer)
 
-    with progress_bar(len(layers) + 3, "steering eval", enabled=progress) as bar:
-        toks, texts = run(prompts)
-        rater = rater.calibrate(toks)
-        unsteered = rater(toks, texts)
-        prompted = rater(*run(prompted_in))
-        bar.update(2)
-        sweep = []
-        n = len(prompts)
-        for layer in layers:
-            rows = [a for a in alphas for _ in range(n)]  # all strengths of a layer, one batch
-            with per_layer[layer].with_alpha(rows).apply(model):
-                toks, texts = run(prompts * len(strengths))
-            for i, a in enumerate(strengths):
+    def baseline(kind: str, rows: list[list[int]]) -> Setting:
+        return store.get(kind) or store.put(kind, rater(*answers(rows, {})))
+
+    def rate(cands: list[Candidate]) -> list[Setting]:
+        out: dict[Candidate, Setting] = {c: got for c in cands
+                                         if (got := store.get(_key(c))) is not None}
+        todo = [c for c in cands if c not in out]
+        for at in range(0, len(todo), rows_per_batch):
+            chunk = todo[at : at + rows_per_batch]
+            per_layer = {layer: base[layer].with_alpha(
+                [a if layer in g else 0.0 for g, a in chunk for _ in range(n)])
+                for layer in {x for g, _ in chunk for x in g}}
+            toks, texts = answers(prompts * len(chunk), per_layer)
+            for i, (g, a) in enumerate(chunk):
                 part = slice(i * n, (i + 1) * n)
-                sweep.append(rater(toks[part], texts[part], layer, float(a)))
-            bar.update()
-        floor = min_coherence * unsteered.coherence
+                out[(g, a)] = store.put(_key((g, a)), rater(toks[part], texts[part], g, a))
+        return [out[c] for c in cands]
+
+    search = config.search
+    total = 2 + (len(groups) * len(fixed) if fixed else search.most_points(len(groups))) + 2
+    with store, progress_bar(total, "steering eval", enabled=progress) as bar:
+        tokens = store.get("reference-tokens")
+        if tokens is None:
+            tokens = answers(prompts, {})[0]
+            store.put("reference-tokens", tokens)
+        rater = rater.calibrate(tokens)
+        unsteered = baseline("unsteered", prompts)
+        prompted = baseline("prompted", prompted_in)
+        bar.update(2)
+        floor = config.min_coherence * unsteered.coherence
+        if fixed is not None:
+            sweep = rate([(g, a) for g in groups for a in fixed])
+            bar.update(len(sweep))
+        else:
+            sweep = [r for _, r in search_strengths(rate, groups, floor, search, cost=n,
+                                                    on_round=bar.update)]
+        if not sweep:
+            raise SteerlabError(f"the budget ({search.budget} generations) does not cover one "
+                                f"strength per layer group ({n * len(groups)})",
+                                field="search.budget")
+        sweep = sorted(sweep, key=lambda s: (s.layers, s.alpha))
         ok = [s for s in sweep if s.coherence >= floor]
         best = (max(ok, key=lambda s: (s.coherent_trait, -abs(s.alpha))) if ok
                 else max(sweep, key=lambda s: s.coherence))
-        control = Steering.create(model, random_like(vector, seed), best.alpha,
-                                  layers=[best.layer], positions=positions)
-        with control.apply(model):
-            toks, texts = run(prompts)
-        rand = rater(toks, texts, best.layer, best.alpha)
-        bar.update()
-    return SteeringEval(unsteered, prompted, tuple(sweep), best, rand, min_coherence)
+        controls = {"random": random_like(vector, config.seed), "shuffled": shuffled}
+        done: dict[str, Setting | None] = {}
+        for kind, vec in controls.items():
+            if vec is None:
+                done[kind] = None
+                continue
+            got = store.get(kind)
+            if got is None:
+                steer_with = {x: Steering.create(
+                    model, vec, best.alpha, layers=[x], positions=config.positions,
+                    units=config.units, preserve_norm=config.preserve_norm) for x in best.layers}
+                got = store.put(kind, rater(*answers(prompts, steer_with), best.layers,
+                                            best.alpha))
+            done[kind] = got
+            bar.update()
+    return SteeringEval(unsteered, prompted, tuple(sweep), best, done["random"],
+                        config.min_coherence, done["shuffled"], config.units.value,
+                        tuple(questions), _config_dict(config))
+
+
+def spread_groups(layers: Sequence[int], width: int = 3) -> list[tuple[int, ...]]:
+    """Every run of ``width`` adjacent layers (in sorted order), e.g. ``[8, 10, 12, 14]`` gives
+    ``[(8, 10, 12), (10, 12, 14)]``; fewer layers than ``width`` give one group of them all.
+
+    Example:
+        >>> spread_groups([6, 8, 10, 12])
+        [(6, 8, 10), (8, 10, 12)]
+    """
+    ordered = sorted(int(x) for x in layers)
+    if len(ordered) <= width:
+        return [tuple(ordered)]
+    return [tuple(ordered[i : i + width]) for i in range(len(ordered) - width + 1)]
+
+
+def _groups(layers: Sequence[int | Sequence[int]]) -> list[tuple[int, ...]]:
+    out = []
+    for item in layers:
+        g = (item,) if isinstance(item, int) else tuple(item)
+        if not g or any(isinstance(x, bool) or not isinstance(x, int) for x in g):
+            raise SteerlabError(f"got {item!r}; expected a layer or a group of layers",
+                                field="layers")
+        out.append(tuple(g))
+    if not out or len(set(out)) != len(out):
+        raise SteerlabError(f"expected distinct layer groups; got {out}", field="layers")
+    return out
+
+
+def _key(c: Candidate) -> str:
+    return f"{'+'.join(map(str, c[0]))}@{c[1]!r}"
+
+
+def _config_dict(config: EvalConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["units"], d["positions"] = config.units.value, config.positions.value
+    return d
+
+
+def _fingerprint(model: Any, vector: SteeringVector, questions: Sequence[str],
+                 instruction: str, config: EvalConfig, shuffled: SteeringVector | None) -> str:
+    from steerlab.models import model_id
+
+    h = hashlib.sha256()
+    for v in (vector, shuffled):
+        if v is not None:
+            h.update(v.directions.detach().float().cpu().numpy().tobytes())
+            h.update(repr(v.layers).encode())
+    rest = {k: v for k, v in _config_dict(config).items() if k not in ("batch_size", "search")}
+    h.update(json.dumps([model_id(model), list(questions), instruction, rest]).encode())
+    return h.hexdigest()[:16]
+
+
+class _Points:
+    """Rated settings of one evaluation in a JSONL file (``None``: in memory only)."""
+
+    def __init__(self, path: str | os.PathLike | None, key: str):
+        self.path, self.key = (None if path is None else Path(path)), key
+        self.items: dict[str, Any] = {}
+        self._stack = ExitStack()
+        self._write: Any = None
+
+    def __enter__(self) -> _Points:
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        self._stack.enter_context(flock(lock, busy="another evaluation writes these points"))
+        for n, rec in enumerate(read_jsonl(self.path), 1):
+            if rec.get("key") != self.key:
+                raise SteerlabError(
+                    "holds the points of another evaluation (another vector, questions, model "
+                    "or settings); delete it or choose another output",
+                    source=f"{self.path}:{n}", field="key")
+            self.items[rec["name"]] = rec["value"]
+        self._write = self._stack.enter_context(append_jsonl(self.path))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def get(self, name: str) -> Any:
+        v = self.items.get(name)
+        return Setting.from_dict(v) if isinstance(v, dict) else v
+
+    def put(self, name: str, value: Any) -> Any:
+        stored = asdict(value) if isinstance(value, Setting) else value
+        self.items[name] = stored
+        if self._write is not None:
+            self._write({"key": self.key, "name": name, "value": stored})
+        return value

@@ -151,6 +151,7 @@ def extract(
     import json
 
     from steerlab.models import model_id
+    from steerlab.norms import residual_norms
     from steerlab.placement import provenance
 
     ids = [str(p.id) for p in pairs]
@@ -160,6 +161,9 @@ def extract(
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
     where = provenance(model)
     hook = HookPoint.parse(hook, field="hook")
+    # the unit of norm-unit steering strengths, carried into the fitted vector
+    norms = residual_norms(model, layers, point=hook)
+    where["resid_norms"] = {str(k): v for k, v in norms.items()}
     meta = StoreMeta(model_id=model_id(model), hook=str(hook), layers=layers,
                      d_model=int(model.cfg.d_model), dtype=where["dtype"], mean=mean,
                      steerlab_version=__version__, pairs_file=str(pairs_file),

@@ -177,6 +177,16 @@ def fitter(method: str | Method) -> Fitter:
     return Method.parse(method, field="method").new()
 
 
+def _swaps(n: int, seed: int | None) -> torch.Tensor | None:
+    """A ``[n]`` bool mask with exactly ``n // 2`` pairs to swap, or ``None`` (no shuffling)."""
+    if seed is None:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[: n // 2]] = True
+    return torch.from_numpy(mask)
+
+
 def fit_vector(
     source: Any,
     method: Fitter | str | Method = Method.MEAN_DIFF,
@@ -184,6 +194,7 @@ def fit_vector(
     layers: list[int] | None = None,
     batch_size: int = 256,
     mean: bool = False,
+    shuffle_seed: int | None = None,
 ) -> tuple[SteeringVector, Fit]:
     """Stream an activation file through a fitter into a :class:`SteeringVector`.
 
@@ -193,6 +204,9 @@ def fit_vector(
         layers: a subset of the file's layers (default all).
         batch_size: rows read at a time.
         mean: fit on the response means instead of the divergence point.
+        shuffle_seed: fit a *shuffled-label* control instead: chosen and rejected swapped in
+            exactly half of the pairs (a seeded draw), so the trait's share of the difference
+            cancels and what is left is the direction's noise (an evaluation control).
 
     Example:
         >>> vector, fit = fit_vector("acts.h5", "probe")
@@ -210,14 +224,38 @@ def fit_vector(
                                 f"{list(acts.layers)}", source=str(acts.path), field="layers")
         idx = [acts.layers.index(x) for x in layers]
     site = Site.MEAN if mean else Site.DIVERGENCE
+    swap = _swaps(acts.n_pairs, shuffle_seed)
+    at = 0
     for chosen, rejected in acts.iter_batches(batch_size, site=site):
         if idx is not None:
             chosen, rejected = chosen[:, idx], rejected[:, idx]
+        if swap is not None:
+            s = swap[at : at + chosen.shape[0]][:, None, None]
+            chosen, rejected = torch.where(s, rejected, chosen), torch.where(s, chosen, rejected)
+        at += chosen.shape[0]
         f.update(chosen, rejected)
     result = f.fit()
     m = acts.meta
-    prov = Provenance(model_id=m.model_id, hook=m.hook, method=f.method + ("+mean" * mean),
-                      n_pairs=result.n_pairs, source=str(acts.path),
-                      capture=json.loads(m.provenance) if m.provenance else {})
+    capture = json.loads(m.provenance) if m.provenance else {}
+    norms = capture.pop("resid_norms", {})
+    chosen = [str(x) for x in (layers or acts.layers)]
+    method_name = f.method + ("+mean" * mean) + (
+        f"+shuffled(seed={shuffle_seed})" if swap is not None else "")
+    prov = Provenance(model_id=m.model_id, hook=m.hook, method=method_name,
+                      n_pairs=result.n_pairs, source=str(acts.path), capture=capture,
+                      resid_norms={k: float(norms[k]) for k in chosen if k in norms})
     vec = SteeringVector(result.directions, tuple(layers or acts.layers), prov)
     return vec, result
+
+
+def shuffled_control(vector: SteeringVector, source: Any, seed: int = 0) -> SteeringVector:
+    """The shuffled-label control of a fitted vector: refitted from its activation file with
+    the same method, site and layers, chosen and rejected swapped in half of the pairs.
+
+    Example:
+        >>> control = shuffled_control(vector, "acts.h5")
+    """
+    method, *flags = vector.provenance.method.split("+")
+    vec, _ = fit_vector(source, method, layers=list(vector.layers), mean="mean" in flags,
+                        shuffle_seed=seed)
+    return vec

@@ -4,8 +4,11 @@ whose chosen answer out-scores the rejected one by a margin.
 A judge is ``(question, answer) -> score``: a built-in scorer (:func:`scorer_judge`) or an LLM
 rubric (:func:`rubric_judge`). Judge records are appended as they finish::
 
-    {"id": "...", "role": "chosen", "score": 87.0}
-    {"id": "...", "role": "rejected", "error": "MalformedResponse: ..."}
+    {"id": "...", "role": "chosen", "sample": 0, "score": 87.0}
+    {"id": "...", "role": "rejected", "sample": 1, "error": "MalformedResponse: ..."}
+
+The filter keeps, per question, the best-separated loop-free pair among its samples and says
+for every other question why it was dropped (:class:`Dropped`).
 """
 
 from __future__ import annotations
@@ -13,19 +16,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steerlab.client import EndpointClient, bounded_map
-from steerlab.collect import latest, question_order
+from steerlab.collect import ROLES, latest, question_order
 from steerlab.errors import SteerlabError
-from steerlab.files import append_jsonl, read_jsonl
+from steerlab.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from steerlab.pairs import Pair, save_pairs
 from steerlab.progress import progress_bar
 from steerlab.scorers import Scorer, text_distinct
 
-__all__ = ["Judge", "scorer_judge", "rubric_judge", "judge", "JudgeResult", "filter_pairs",
-           "SCORE_SCHEMA"]
+__all__ = ["Dropped", "Judge", "JudgeResult", "SCORE_SCHEMA", "Selection", "dropped_path",
+           "filter_pairs", "judge", "rubric_judge", "scorer_judge", "select_pairs"]
 
 log = logging.getLogger(__name__)
 Judge = Callable[[str, str], float]
@@ -109,8 +112,8 @@ def judge(
                                                      enabled=progress) as bar:
         for i, result in bounded_map(lambda kr: judge_fn(kr[1]["prompt"], kr[1]["text"]),
                                      todo, workers):
-            (qid, role), _ = todo[i]
-            rec: dict = {"id": qid, "role": role}
+            (qid, role, sample), _ = todo[i]
+            rec: dict = {"id": qid, "role": role, "sample": sample}
             if isinstance(result, BaseException):
                 rec["error"] = f"{type(result).__name__}: {result}"[:500]
                 failed += 1
@@ -127,6 +130,80 @@ def judge(
     return JudgeResult(Path(path), written, failed, len(answers) - len(todo))
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """A question the filter kept no pair of, and why (``best_difference``: the largest
+    chosen - rejected score difference among its loop-free pairs, ``None`` when it has none)."""
+
+    id: str
+    prompt: str
+    reason: str
+    best_difference: float | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_pairs` kept (one pair per question) and dropped."""
+
+    pairs: tuple[Pair, ...]
+    dropped: tuple[Dropped, ...]
+
+    def reasons(self) -> dict[str, int]:
+        """How many questions were dropped for each reason."""
+        out: dict[str, int] = {}
+        for d in self.dropped:
+            out[d.reason] = out.get(d.reason, 0) + 1
+        return out
+
+
+def select_pairs(collected: str | os.PathLike, judged: str | os.PathLike, *,
+                 threshold: float = 40.0, min_distinct: float = 0.0,
+                 samples: int | None = None) -> Selection:
+    """Per question, the loop-free (chosen, rejected) pair of samples with the largest score
+    difference, kept when the difference is at least ``threshold``.
+
+    Small models told to play a trait often loop ("Arr, aye, aye, aye..."); such answers make
+    steering vectors that teach looping. An answer whose
+    :func:`steerlab.scorers.text_distinct` (distinct word bigrams) is below ``min_distinct``
+    is never used. Ties go to the lowest sample numbers (greedy sample 0 first). ``samples``
+    limits the choice to the first samples of each side (``1``: the greedy answers only).
+
+    Example:
+        >>> sel = select_pairs("collected.jsonl", "judged.jsonl", min_distinct=0.5)
+        >>> len(sel.pairs), sel.reasons()
+    """
+    recs = read_jsonl(collected)
+    texts = latest(recs, "text")
+    scores = latest(read_jsonl(judged), "score")
+    answers: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    prompts: dict[str, str] = {}
+    for (qid, role, sample), rec in sorted(texts.items(), key=lambda kv: kv[0][2]):
+        prompts.setdefault(qid, rec["prompt"])
+        if (qid, role, sample) in scores and (samples is None or sample < samples):
+            answers.setdefault((qid, role), []).append(
+                (sample, rec["text"], float(scores[(qid, role, sample)]["score"])))
+    keep, dropped = [], []
+    for qid in question_order(recs):
+        sides = [answers.get((qid, role), []) for role in ROLES]
+        if not all(sides):
+            missing = [r for r, side in zip(ROLES, sides, strict=True) if not side]
+            dropped.append(Dropped(qid, prompts.get(qid, ""), f"no scored {missing[0]} answer"))
+            continue
+        clean = [[a for a in side if text_distinct(a[1]) >= min_distinct] for side in sides]
+        if not all(clean):
+            loops = [r for r, side in zip(ROLES, clean, strict=True) if not side]
+            dropped.append(Dropped(qid, prompts[qid], f"every {loops[0]} answer loops"))
+            continue
+        diff, c, r = max(((c[2] - r[2], c, r) for c in clean[0] for r in clean[1]),
+                         key=lambda t: (t[0], -t[1][0], -t[2][0]))
+        if diff >= threshold:
+            keep.append(Pair(qid, prompts[qid], c[1], r[1], c[2], r[2]))
+        else:
+            dropped.append(Dropped(qid, prompts[qid], f"score difference < {threshold:g}",
+                                   diff))
+    return Selection(tuple(keep), tuple(dropped))
+
+
 def filter_pairs(
     collected: str | os.PathLike,
     judged: str | os.PathLike,
@@ -135,36 +212,29 @@ def filter_pairs(
     threshold: float = 40.0,
     min_distinct: float = 0.0,
 ) -> list[Pair]:
-    """Pairs whose chosen score exceeds the rejected score by at least ``threshold``.
-
-    Small models told to play a trait often loop ("Arr, aye, aye, aye..."); such answers make
-    steering vectors that teach looping. ``min_distinct`` drops pairs whose chosen or rejected
-    answer has a :func:`steerlab.scorers.text_distinct` (distinct word bigrams) below it.
+    """The pairs :func:`select_pairs` keeps, saved to ``path`` (JSONL, atomically) with the
+    dropped questions and their reasons beside it (``<path stem>.dropped.jsonl``).
 
     Args:
         collected: the collect stage's JSONL.
         judged: the judge stage's JSONL.
-        path: where to save the kept pairs (JSONL, atomically); ``None`` to only return them.
+        path: where to save the kept pairs; ``None`` to only return them.
         threshold: minimum score difference (the original used 40).
         min_distinct: minimum distinct-2 of both answers (0: keep loops; the demo uses 0.5).
 
     Example:
         >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
     """
-    recs = read_jsonl(collected)
-    texts = latest(recs, "text")
-    scores = latest(read_jsonl(judged), "score")
-    keep = []
-    for qid in question_order(recs):
-        keys = [(qid, role) for role in ("chosen", "rejected")]
-        if not all(k in texts and k in scores for k in keys):
-            continue
-        (c, r), (cs, rs) = ([texts[k]["text"] for k in keys],
-                            [float(scores[k]["score"]) for k in keys])
-        if cs - rs >= threshold and min(text_distinct(c), text_distinct(r)) >= min_distinct:
-            keep.append(Pair(qid, texts[keys[0]]["prompt"], c, r, cs, rs))
+    sel = select_pairs(collected, judged, threshold=threshold, min_distinct=min_distinct)
     if path is not None:
-        save_pairs(keep, path)
-    log.info("filter: kept %d pairs (difference >= %g, distinct-2 >= %g)", len(keep), threshold,
-             min_distinct)
-    return keep
+        save_pairs(sel.pairs, path)
+        write_jsonl_atomic(dropped_path(path), (asdict(d) for d in sel.dropped))
+    log.info("filter: kept %d pairs (difference >= %g, distinct-2 >= %g); dropped %s",
+             len(sel.pairs), threshold, min_distinct, sel.reasons() or "none")
+    return list(sel.pairs)
+
+
+def dropped_path(pairs_path: str | os.PathLike) -> Path:
+    """Where :func:`filter_pairs` writes the dropped questions of a pairs file."""
+    p = Path(pairs_path)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".dropped.jsonl")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from steerlab.client import EndpointClient, bounded_map
 from steerlab.personas import ASSISTANT, Persona, no_system_prompt, you_are_a
 
-__all__ = ["Responder", "EndpointResponder", "LocalResponder", "encode_messages"]
+__all__ = ["Responder", "EndpointResponder", "LocalResponder", "encode_messages",
+           "question_seed"]
 
 Outcome = str | BaseException  # an answer's text, or why it failed
 
@@ -27,6 +28,23 @@ class Responder(Protocol):
     name: str
 
     def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]: ...
+
+    def sampled(self, temperature: float, seed: int) -> Responder:
+        """The same responder sampling at ``temperature``; each question draws with its own
+        seed, :func:`question_seed` ``(seed, question)``, where the backend honours seeds."""
+        ...
+
+
+def question_seed(seed: int, question: str) -> int:
+    """The sampling seed of one question under a responder's ``seed`` (stable, 31 bits).
+
+    Example:
+        >>> question_seed(1, "Who are you?") != question_seed(2, "Who are you?")
+        True
+    """
+    from steerlab.pairs import prompt_id
+
+    return (int(prompt_id(question), 16) + 1_000_003 * int(seed)) % (2**31 - 1)
 
 
 def _messages(system_prompt: str | None, question: str) -> list[dict[str, str]]:
@@ -66,13 +84,20 @@ class EndpointResponder:
     temperature: float = 0.0
     extra_body: dict | None = None
     name: str = "endpoint"
+    seed: int | None = None
 
     def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]:
         def one(q: str) -> str:
             return self.client.chat(_messages(self.system_prompt, q), max_tokens=self.max_tokens,
-                                    temperature=self.temperature, extra_body=self.extra_body)
+                                    temperature=self.temperature, extra_body=self.extra_body,
+                                    seed=None if self.seed is None else question_seed(self.seed, q))
 
         yield from bounded_map(one, questions, self.client.endpoint.concurrency)
+
+    def sampled(self, temperature: float, seed: int) -> EndpointResponder:
+        """This responder sampling at ``temperature``; each question sends
+        :func:`question_seed` ``(seed, question)``."""
+        return replace(self, temperature=temperature, seed=seed)
 
 
 @dataclass
@@ -86,7 +111,8 @@ class LocalResponder:
         max_tokens: new tokens per answer.
         batch_size: questions per :func:`steerlab.generate.generate` call.
         temperature: 0 for greedy decoding.
-        seed: sampling seed when ``temperature > 0``.
+        seed: sampling seed when ``temperature > 0``; each question draws with
+            :func:`question_seed` ``(seed, question)``.
         steering: ``model -> context manager`` applied around generation, e.g.
             ``lambda m: steer(m, vector, 4.0)``.
 
@@ -120,8 +146,16 @@ class LocalResponder:
                 prompts = [self.encode(q) for q in chunk]
                 ctx = self.steering(self.model) if self.steering else contextlib.nullcontext()
                 with ctx:
+                    seed = (None if self.seed is None else
+                            [question_seed(self.seed, q) for q in chunk])
                     texts = generate(self.model, prompts, max_new_tokens=self.max_tokens,
-                                     temperature=self.temperature, seed=self.seed).texts(tok)
+                                     temperature=self.temperature, seed=seed).texts(tok)
             except Exception as err:  # noqa: BLE001 - recorded by the caller, never fatal
                 texts = [err] * len(chunk)
             yield from enumerate(texts, start)
+
+    def sampled(self, temperature: float, seed: int) -> LocalResponder:
+        """This responder sampling at ``temperature``; each question draws with
+        :func:`question_seed` ``(seed, question)``, so an answer depends on neither its batch
+        nor the other questions (a resumed collect draws what an uninterrupted one would)."""
+        return replace(self, temperature=temperature, seed=seed)

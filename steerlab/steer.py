@@ -10,6 +10,7 @@ step's state by ``generate`` (:func:`steerlab.generate.listen`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,21 @@ from steerlab.errors import SteerlabError
 from steerlab.generate import StepState, listen
 from steerlab.layers import check_layers, layer_hooks
 from steerlab.vectors import SteeringVector
+
+log = logging.getLogger(__name__)
+
+
+class Units(Choice):
+    """What a steering strength ``alpha`` is measured in.
+
+    ``norm``: a fraction of the layer's typical residual norm (see :mod:`steerlab.norms`):
+    ``alpha * norm_L * v_L / ||v_L||`` is added, so a strength means the same push for every
+    vector, layer and model (0.1 is a tenth of a typical residual). ``raw``: a multiple of the
+    vector as stored, ``alpha * v_L`` (its size depends on how it was fitted).
+    """
+
+    NORM = "norm"
+    RAW = "raw"
 
 
 class Positions(Choice):
@@ -88,13 +104,26 @@ class Steering:
     alpha: float | tuple[float, ...]
     layers: tuple[int, ...]
     positions: Positions = Positions.ALL
+    units: Units = Units.RAW
+    scale: tuple[float, ...] = ()  # per layer: what alpha multiplies the direction by
+    preserve_norm: bool = False
 
     @classmethod
     def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,
                layers: Sequence[int] | None = None,
-               positions: str | Positions = Positions.ALL) -> Steering:
+               positions: str | Positions = Positions.ALL,
+               units: str | Units = Units.RAW,
+               preserve_norm: bool = False) -> Steering:
         """A checked steering value: finite strengths, layers that the model and the vector
-        both have (negative ones count from the end), the vector's width equal to the model's."""
+        both have (negative ones count from the end), the vector's width equal to the model's.
+
+        Args:
+            units: ``"raw"`` (alpha times the stored vector) or ``"norm"`` (a fraction of the
+                layer's residual norm: the norms stored with the vector, else measured now on
+                neutral prompts; see :class:`Units`).
+            preserve_norm: rescale each steered residual to its norm before steering, so only
+                its direction turns (a remedy against steering that breaks the model).
+        """
         if not isinstance(vector, SteeringVector):
             raise SteerlabError(f"got {type(vector).__name__}; expected a SteeringVector",
                                 field="vector")
@@ -109,8 +138,10 @@ class Steering:
         if missing:
             raise SteerlabError(f"the vector has no layer {missing[0]}; it has "
                                 f"{list(vector.layers)}", field="layers")
+        units = Units.parse(units, field="units")
         return cls(vector, _strengths(alpha), tuple(chosen),
-                   Positions.parse(positions, field="positions"))
+                   Positions.parse(positions, field="positions"), units,
+                   _scales(model, vector, chosen, units), bool(preserve_norm))
 
     def with_alpha(self, alpha: Any) -> Steering:
         """The same steering at another strength (checked)."""
@@ -130,8 +161,31 @@ class Steering:
             return
         hooks = _SteeringHooks(self)
         with listen(model, hooks), layer_hooks(model, {
-                layer: hooks.hook(self.vector.direction(layer)) for layer in self.layers}):
+                layer: hooks.hook(self.vector.direction(layer) * k)
+                for layer, k in zip(self.layers, self.scale or [1.0] * len(self.layers),
+                                    strict=True)}):
             yield self
+
+
+def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
+            units: Units) -> tuple[float, ...]:
+    if units is Units.RAW:
+        return tuple(1.0 for _ in layers)
+    known = {x: vector.resid_norm(x) for x in layers}
+    missing = [x for x, n in known.items() if n is None]
+    if missing:
+        from steerlab.norms import residual_norms
+
+        log.info("the vector has no residual norms for layers %s; measuring them", missing)
+        known.update(residual_norms(model, missing))
+    out = []
+    for x in layers:
+        size = float(vector.direction(x).float().norm())
+        if not size > 0:
+            raise SteerlabError(f"the vector is zero at layer {x}; norm units need a "
+                                "direction", field="vector")
+        out.append(float(known[x]) / size)
+    return tuple(out)
 
 
 class _SteeringHooks:
@@ -164,7 +218,14 @@ class _SteeringHooks:
             delta = cache[key]
             if rows is not None:
                 delta = delta * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
-            return h + delta
+            if not self.steering.preserve_norm:
+                return h + delta
+            out = h + delta
+            size = h.float().norm(dim=-1, keepdim=True)
+            kept = out * (size / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                          ).to(h.dtype)
+            touched = delta.ne(0).any(dim=-1, keepdim=True)  # rows/positions really steered
+            return torch.where(touched, kept, h)
 
         return add
 
@@ -177,6 +238,8 @@ def steer(
     *,
     layers: Sequence[int] | None = None,
     positions: str | Positions = "all",
+    units: str | Units = Units.RAW,
+    preserve_norm: bool = False,
 ) -> Iterator[None]:
     """Add ``alpha * vector.direction(L)`` to ``resid_post`` of each layer ``L`` while inside.
 
@@ -188,12 +251,18 @@ def steer(
         alpha: strength, or one strength per batch row (a ``[batch]`` tensor or sequence).
         layers: which of the vector's layers to steer (default all of them).
         positions: ``"all"``, ``"generated"`` or ``"output"`` (see :class:`Positions`).
+        units: ``"raw"`` (multiples of the stored vector) or ``"norm"`` (fractions of the
+            layer's residual norm); see :class:`Units`.
+        preserve_norm: keep each steered residual's norm (see :meth:`Steering.create`).
 
     Example:
+        >>> with steer(model, vector, 0.2, layers=[12], units="norm"):
+        ...     replies = generate(model, prompts, max_new_tokens=40)
         >>> with steer(model, vector, 4.0, layers=[10]):
         ...     replies = generate(model, prompts, max_new_tokens=40)
     """
-    with Steering.create(model, vector, alpha, layers=layers, positions=positions).apply(model):
+    with Steering.create(model, vector, alpha, layers=layers, positions=positions, units=units,
+                         preserve_norm=preserve_norm).apply(model):
         yield
 
 

@@ -52,6 +52,14 @@ class Trait:
     evaluation_prompt: str | None = None
     scorer: dict | None = None
 
+    @property
+    def prompted_instruction(self) -> str:
+        """The system prompt of the *prompted* reference that steering is compared with: the
+        first positive instruction (the prompt that elicits the trait in the pairs, the
+        strongest prompting baseline), else the trait instruction."""
+        return self.positive_instructions[0] if self.positive_instructions else \
+            self.trait_instruction
+
     def build_scorer(self) -> Scorer:
         """The built-in scorer of this trait.
 

@@ -29,6 +29,9 @@ class Provenance:
     source: str = ""
     # where the activations were captured: devices, dtype, attention kernel, versions
     capture: dict[str, Any] = field(default_factory=dict)
+    # {layer (as a string): the layer's typical residual norm}, the unit of norm-unit strengths
+    # (see steerlab.norms); empty when unknown (it is then measured when steering)
+    resid_norms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,37 @@ class SteeringVector:
     def norms(self) -> Float[torch.Tensor, " layer"]:
         """L2 norm per layer."""
         return self.directions.norm(dim=-1)
+
+    def resid_norm(self, layer: int) -> float | None:
+        """The layer's typical residual norm stored with the vector (``None`` if unknown)."""
+        value = self.provenance.resid_norms.get(str(layer))
+        return None if value is None else float(value)
+
+    def with_resid_norms(self, norms: dict[int, float]) -> SteeringVector:
+        """This vector with the residual norms of its layers recorded (see
+        :func:`steerlab.norms.residual_norms`)."""
+        stored = {str(k): float(v) for k, v in norms.items() if k in self.layers}
+        return replace(self, provenance=replace(self.provenance, resid_norms={
+            **self.provenance.resid_norms, **stored}))
+
+    def without(self, other: SteeringVector) -> SteeringVector:
+        """This vector with its component along ``other`` removed, layer by layer (e.g. the
+        mean direction shared by several traits' vectors).
+
+        Example:
+            >>> shared = pirate.normalise() + emoji.normalise() + formal.normalise()
+            >>> specific = pirate.without(shared)
+        """
+        if other.layers != self.layers or other.d_model != self.d_model:
+            raise SteerlabError(f"cannot project out a vector with layers {list(other.layers)} "
+                                f"from one with {list(self.layers)}", field="layers")
+        unit = other.directions.float() / other.norms().float().clamp_min(1e-12)[:, None]
+        d = self.directions.float()
+        out = d - (d * unit).sum(-1, keepdim=True) * unit
+        p = self.provenance
+        method = f"({p.method}) without ({other.provenance.method})"
+        return replace(self, directions=out.to(self.directions.dtype),
+                       provenance=replace(p, method=method, normalisation="none"))
 
     def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
         """Only the given layers."""

@@ -118,8 +118,9 @@ def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
 
 def steering_figure(ev: Any) -> Any:
     """Plotly figure of a :class:`steerlab.evaluate.SteeringEval`: coherent trait, raw trait
-    and coherence against strength, one line per layer (one colour per layer in every
-    panel), with the unsteered and prompted references and the random control.
+    and coherence against strength, one line per layer group (one colour per group in every
+    panel), with the unsteered and prompted references, the coherence floor and the
+    controls at the chosen setting.
 
     Example:
         >>> steering_figure(evaluate_steering(model, v, ...)).show()
@@ -132,23 +133,28 @@ def steering_figure(ev: Any) -> Any:
             ("coherence", "coherence"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in keys])
     palette = qualitative.Plotly
-    for i, layer in enumerate(sorted({s.layer for s in ev.sweep})):
-        pts = [s for s in ev.sweep if s.layer == layer]
+    labels = list(dict.fromkeys(s.label for s in ev.sweep))
+    for i, label in enumerate(labels):
+        pts = sorted((s for s in ev.sweep if s.label == label), key=lambda s: s.alpha)
         colour = palette[i % len(palette)]
         for col, (key, _) in enumerate(keys, 1):
             fig.add_trace(go.Scatter(x=[s.alpha for s in pts], y=[getattr(s, key)
                                      for s in pts], mode="lines+markers",
-                                     name=f"layer {layer}", legendgroup=str(layer),
+                                     name=f"layer {label}", legendgroup=label,
                                      line_color=colour, showlegend=col == 1), row=1, col=col)
     for col, (key, _) in enumerate(keys, 1):
         for s, name, dash in ((ev.unsteered, "unsteered", "dot"),
                               (ev.prompted, "prompted", "dash")):
             fig.add_hline(y=getattr(s, key), line_dash=dash, annotation_text=name,
                           row=1, col=col)
-    fig.add_hline(y=ev.min_coherence * ev.unsteered.coherence, line_dash="dot",
-                  line_color="red", annotation_text="min coherence", row=1, col=3)
-    fig.add_trace(go.Scatter(x=[ev.random.alpha], y=[ev.random.coherent_trait],
-                             mode="markers", marker_symbol="x", marker_size=10,
-                             name="random vector"), row=1, col=1)
-    fig.update_xaxes(title_text="alpha (x vector)")
+    fig.add_hline(y=ev.floor, line_dash="dot", line_color="red",
+                  annotation_text="min coherence", row=1, col=3)
+    for control, symbol in ((ev.random, "x"), (ev.shuffled, "cross")):
+        if control is not None:
+            fig.add_trace(go.Scatter(x=[control.alpha], y=[control.coherent_trait],
+                                     mode="markers", marker_symbol=symbol, marker_size=10,
+                                     name=f"{'random' if control is ev.random else 'shuffled'}"
+                                     " vector"), row=1, col=1)
+    unit = "fraction of the residual norm" if ev.units == "norm" else "x vector"
+    fig.update_xaxes(title_text=f"alpha ({unit})", type="log" if ev.units == "norm" else "linear")
     return fig

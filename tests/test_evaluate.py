@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from steerlab.chat import encode_chat
-from steerlab.evaluate import AnswerRater, Setting, SteeringEval, answer_nll, distinct_n
+from steerlab.errors import SteerlabError
+from steerlab.evaluate import EvalConfig, SteeringEval, evaluate_steering, spread_groups
+from steerlab.rating import AnswerRater, Setting, answer_nll, distinct_n
 from steerlab.viz import steering_figure
 
 
@@ -29,15 +31,101 @@ def test_answer_nll_matches_unbatched_cross_entropy(tiny_model, tokenizer):
 
 
 def test_gap_and_figure():
-    def s(layer, alpha, trait, coh=1.0):
-        return Setting(layer, alpha, trait + 5, coh, 1.0, 1.0, coherent_trait=trait)
+    def s(layers, alpha, trait, coh=1.0):
+        return Setting(layers, alpha, trait + 5, coh, 1.0, 1.0, coherent_trait=trait)
 
-    sweep = (s(4, 1.0, 30.0), s(4, 2.0, 60.0, 0.5))
-    ev = SteeringEval(s(-1, 0.0, 10.0), s(-1, 0.0, 50.0), sweep, sweep[0], s(4, 1.0, 11.0), 0.8)
+    sweep = (s((4,), 1.0, 30.0), s((4,), 2.0, 60.0, 0.5), s((2, 4), 1.0, 20.0))
+    ev = SteeringEval(s((), 0.0, 10.0), s((), 0.0, 50.0), sweep, sweep[0], s((4,), 1.0, 11.0),
+                      0.8)
     assert ev.gap_closed(ev.best) == pytest.approx(0.5)
     assert ev.gap_closed(ev.random) == pytest.approx(0.025)
-    # coherent trait, raw trait and coherence for the one layer, and the random control
-    assert len(steering_figure(ev).data) == 4
+    assert [x.label for x in sweep] == ["4", "4", "2+4"] and ev.unsteered.label == "-"
+    # coherent trait, raw trait and coherence for each of two groups, and the random control
+    assert len(steering_figure(ev).data) == 7
+
+
+def test_spread_groups():
+    assert spread_groups([14, 8, 10, 12]) == [(8, 10, 12), (10, 12, 14)]
+    assert spread_groups([3, 5]) == [(3, 5)]
+    assert spread_groups([1, 2, 3, 4], 2) == [(1, 2), (2, 3), (3, 4)]
+
+
+TINY_QUESTIONS = ["Hi", "Tell me a thing.", "What now?"]
+
+
+def length_score(text: str) -> float:
+    return float(len(text) % 101)
+
+
+def test_batched_groups_equal_each_setting_alone(tiny_model, tmp_path):
+    """Every candidate of a round shares one batch (groups steer their own rows only): each
+    setting's answers equal a run of that steering alone, and a resumed evaluation reads
+    everything back without generating."""
+    from steerlab.chat import encode_chat
+    from steerlab.generate import generate
+    from steerlab.steer import Steering
+
+    g = torch.Generator().manual_seed(0)
+    vec = __import__("steerlab").SteeringVector(torch.randn(3, 64, generator=g), (0, 1, 2))
+    cfg = EvalConfig(max_new_tokens=6, units="norm")
+    ev = evaluate_steering(tiny_model, vec, TINY_QUESTIONS, length_score,
+                           trait_instruction="Be long.", layers=[0, (1, 2)],
+                           strengths=[0.5, 2.0], config=cfg, resume=tmp_path / "p.jsonl",
+                           progress=False)
+    assert [(x.layers, x.alpha) for x in ev.sweep] == [((0,), 0.5), ((0,), 2.0),
+                                                        ((1, 2), 0.5), ((1, 2), 2.0)]
+    tok = tiny_model.tokenizer
+    prompts = [encode_chat(tok, q) for q in TINY_QUESTIONS]
+    for x in ev.sweep:
+        with Steering.create(tiny_model, vec, x.alpha, layers=list(x.layers),
+                             units="norm").apply(tiny_model):
+            alone = generate(tiny_model, prompts, max_new_tokens=6).texts(tok)
+        assert list(x.answers) == alone, x.label
+        assert x.scores == tuple(length_score(a) for a in alone)
+    assert ev.units == "norm" and ev.questions == tuple(TINY_QUESTIONS)
+    lines = (tmp_path / "p.jsonl").read_text().count("\n")
+    again = evaluate_steering(tiny_model, vec, TINY_QUESTIONS, length_score,
+                              trait_instruction="Be long.", layers=[0, (1, 2)],
+                              strengths=[0.5, 2.0], config=cfg, resume=tmp_path / "p.jsonl",
+                              progress=False)
+    assert again == ev and (tmp_path / "p.jsonl").read_text().count("\n") == lines
+    ev.save(tmp_path / "ev.json")
+    assert SteeringEval.load(tmp_path / "ev.json") == ev
+    # the same points file for another evaluation is refused, and left as it was
+    before = (tmp_path / "p.jsonl").read_bytes()
+    with pytest.raises(SteerlabError, match="another evaluation"):
+        evaluate_steering(tiny_model, 2.0 * vec, TINY_QUESTIONS, length_score,
+                          trait_instruction="Be long.", layers=[0], strengths=[0.5],
+                          config=cfg, resume=tmp_path / "p.jsonl", progress=False)
+    assert (tmp_path / "p.jsonl").read_bytes() == before
+
+
+def test_search_mode_and_controls_on_a_tiny_model(tiny_model):
+    from steerlab.calibrate import Search
+
+    g = torch.Generator().manual_seed(3)
+    vec = __import__("steerlab").SteeringVector(torch.randn(2, 64, generator=g), (1, 2))
+    search = Search(start=0.1, max_alpha=0.8, refine=1)
+    ev = evaluate_steering(tiny_model, vec, TINY_QUESTIONS, length_score,
+                           trait_instruction="Be long.", shuffled=-vec,
+                           config=EvalConfig(max_new_tokens=4, search=search),
+                           progress=False)
+    assert {x.layers for x in ev.sweep} == {(1, 2)}  # the default: one spread group
+    assert len(ev.sweep) <= search.most_points(1)
+    assert ev.best in ev.sweep and ev.shuffled is not None
+    assert (ev.random.layers, ev.random.alpha) == (ev.best.layers, ev.best.alpha)
+    ok = [x for x in ev.sweep if x.coherence >= ev.floor]
+    if ok:
+        assert ev.best.coherent_trait == max(x.coherent_trait for x in ok)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"units": "volts"}, "units"),
+                                          ({"positions": "some"}, "positions"),
+                                          ({"max_new_tokens": 0}, "max_new_tokens"),
+                                          ({"min_coherence": 1.5}, "min_coherence")])
+def test_bad_eval_settings_name_the_field(kwargs, field):
+    with pytest.raises(SteerlabError, match=field):
+        EvalConfig(**kwargs)
 
 
 # --- coherence on the embedded model --------------------------------------------------------
@@ -100,8 +188,6 @@ def test_coherence_catches_loops_and_gibberish(judged, embedded_model):
 
 
 def test_uncalibrated_judge_refuses(tiny_model):
-    from steerlab.errors import SteerlabError
-
     judge = AnswerRater.for_questions(tiny_model, ["Hi"], lambda t: 0.0, "Be a pirate.")
     with pytest.raises(SteerlabError, match="calibrate"):
         judge([[1, 2, 3]], ["x"])
@@ -123,14 +209,19 @@ def test_vectors_eval_command(tmp_path):
     vec = SteeringVector(torch.randn(2, 576, generator=torch.Generator().manual_seed(0)),
                          (10, 12)).save(tmp_path / "v")
     cmd = [sys.executable, "-m", "steerlab.cli", "vectors", "eval", str(vec), "--trait",
-           str(tmp_path / "small.json"), "--layers", "12", "--strengths", "0.5,1",
+           str(tmp_path / "small.json"), "--layers", "12", "--strengths", "0.05,0.1",
            "--max-tokens", "8", "--output", str(tmp_path / "ev")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert [(s["layer"], s["alpha"]) for s in ev["sweep"]] == [(12, 0.5), (12, 1.0)]
+    assert [(s["layers"], s["alpha"]) for s in ev["sweep"]] == [([12], 0.05), ([12], 0.1)]
     assert len(ev["unsteered"]["answers"]) == 3 and (tmp_path / "ev.html").is_file()
-    assert f"best: layer {ev['best']['layer']}, alpha {ev['best']['alpha']}" in run.stdout
+    assert ev["units"] == "norm" and "in norm units" in run.stdout
+    best = ev["best"]
+    assert any(line.startswith("steered") and f"{best['alpha']:.3g}" in line
+               for line in run.stdout.splitlines())
+    # no activation file: the report says the shuffled control is missing
+    assert "no shuffled-label control" in run.stdout
     # a layer the vector lacks: one error line, exit 2, earlier output untouched
     before = (tmp_path / "ev.json").read_bytes()
     bad = subprocess.run(cmd[:8] + ["--layers", "14"] + cmd[10:], capture_output=True,

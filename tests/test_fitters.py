@@ -128,3 +128,25 @@ def test_fit_vector_streams_an_activation_file(tmp_path):
         fitter("lda")
     with pytest.raises(SteerlabError, match="no response means"):
         fit_vector(tmp_path / "a.h5", mean=True)
+
+
+def test_shuffled_label_control_swaps_exactly_half_the_pairs(tmp_path):
+    from steerlab.fitters import shuffled_control
+
+    chosen, rejected, direction = planted(n=40)
+    meta = StoreMeta("m", "resid_post", (4, 7, 9), 64, "float32", False, "0")
+    n = len(chosen)
+    rows = Rows([f"p{i}" for i in range(n)], chosen.numpy(), rejected.numpy(),
+                *(np.zeros(n, dtype=np.int64) for _ in range(4)))
+    write_rows_file(tmp_path / "a.h5", meta, rows)
+    vec, _ = fit_vector(tmp_path / "a.h5", "mean-diff", batch_size=8)
+    control = shuffled_control(vec, tmp_path / "a.h5", seed=5)
+    swap = np.zeros(n, dtype=bool)
+    swap[np.random.default_rng(5).permutation(n)[: n // 2]] = True
+    sign = torch.from_numpy(np.where(swap, -1.0, 1.0))[:, None, None]
+    want = ((chosen.double() - rejected.double()) * sign).mean(0).float()
+    torch.testing.assert_close(control.directions, want, **one_rounding(chosen, rejected))
+    assert control.layers == vec.layers and "shuffled(seed=5)" in control.provenance.method
+    # the planted trait cancels: far less aligned with it than the real vector
+    assert float(cos(control.directions, direction).abs().max()) < 0.5 < float(
+        cos(vec.directions, direction).min())

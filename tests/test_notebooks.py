@@ -43,7 +43,8 @@ def test_trait_vectors_notebook(tmp_path, embedded_dir):
 
     nb = _run("02_trait_vectors.ipynb", {
         "STEERLAB_NB_QUESTIONS": "12", "STEERLAB_NB_TOKENS": "24", "STEERLAB_NB_HELD_OUT": "4",
-        "STEERLAB_NB_LAYERS": "8", "STEERLAB_NB_STRENGTHS": "2,4",
+        "STEERLAB_NB_LAYERS": "8+10", "STEERLAB_NB_STRENGTHS": "0.1,0.2",
+        "STEERLAB_NB_SAMPLES": "2",
         "STEERLAB_NB_DIR": str(tmp_path)})
     cfg = _config(embedded_dir)
     pairs = load_pairs(tmp_path / "pairs.jsonl")

@@ -22,10 +22,12 @@ import pytest
 from packaging.requirements import Requirement
 
 from steerlab.demo import DemoConfig, DemoSummary
+from steerlab.evaluate import SteeringEval, spread_groups
 from steerlab.pairs import load_pairs
 from steerlab.results import load_results
 from steerlab.store import ActivationFile
 from steerlab.traits import load_trait
+from steerlab.validation import validation_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "steerlab"
@@ -132,14 +134,22 @@ def _consistent(out, s: DemoSummary, config: DemoConfig) -> dict:
     assert s.pairs_kept == len(pairs) == ActivationFile(out / "activations.h5").n_pairs
     assert 0 < s.pairs_kept <= s.pairs_collected
     ev = json.loads((out / "steering-eval.json").read_text())
-    assert {(x["layer"], x["alpha"]) for x in ev["sweep"]} == {
-        (layer, alpha) for layer in config.layers for alpha in config.strengths}
+    groups = {tuple(g) for g in spread_groups(config.layers)}
+    assert {tuple(x["layers"]) for x in ev["sweep"]} == groups  # every group searched
+    assert len(ev["sweep"]) <= config.search.most_points(len(groups))
+    assert all(0 < x["alpha"] <= config.search.max_alpha for x in ev["sweep"])
     n = len(load_trait(config.trait).held_out_questions[: config.n_held_out])
-    for setting in [ev["unsteered"], ev["prompted"], ev["random"], *ev["sweep"]]:
+    for setting in [ev["unsteered"], ev["prompted"], ev["random"], ev["shuffled"],
+                    *ev["sweep"]]:
         _in_range(setting, n)
     best = ev["best"]
     assert best in ev["sweep"]
-    assert (s.best_layer, s.best_alpha) == (best["layer"], best["alpha"])
+    assert (s.best_layers, s.best_alpha) == ("+".join(map(str, best["layers"])), best["alpha"])
+    rep = validation_report(SteeringEval.load(out / "steering-eval.json"), trait=config.trait)
+    assert (s.gap_low, s.gap_high, s.passed) == (rep.row("steered").gap_low,
+                                                 rep.row("steered").gap_high, rep.passed)
+    assert s.shuffled_gap_closed == rep.row("shuffled").gap_closed
+    assert (out / "steering-eval.html").is_file()
     assert s.trait_steered == best["coherent_trait"]
     assert s.trait_unsteered == ev["unsteered"]["coherent_trait"]
     assert s.trait_prompted == ev["prompted"]["coherent_trait"]
@@ -154,7 +164,8 @@ def _consistent(out, s: DemoSummary, config: DemoConfig) -> dict:
     probe = json.loads((out / "probe.json").read_text())
     assert set(probe) == {str(layer) for layer in config.layers}
     assert all(0.0 <= acc <= 1.0 for acc in probe.values())
-    assert s.probe_accuracy == probe[str(s.best_layer)]
+    assert s.probe_accuracy == pytest.approx(
+        sum(probe[str(x)] for x in best["layers"]) / len(best["layers"]), rel=1e-12)
     assert s.persona_results == len(load_results(out / "personae")) > 0
     page = (out / "report.html").read_text()
     assert "plotly" in page.lower() and f"pairs kept: {s.pairs_kept}" in page

@@ -22,8 +22,9 @@ def demo(
     quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Trait pairs (collect, judge, filter), capture to HDF5, fit vectors, sweep layers x
-    strengths with a random control, a small persona-entropy run; HTML report and summary."""
+    """Trait pairs (several samples per question, collect, judge, filter), capture to HDF5,
+    fit vectors, search the steering strength per layer with random and shuffled-label
+    controls and a validation report, a small persona-entropy run; HTML report and summary."""
     from dataclasses import replace
 
     from rich.console import Console

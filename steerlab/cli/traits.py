@@ -124,6 +124,11 @@ def collect(
     rejected_persona: Annotated[str | None, typer.Option(help="Persona, rejected side.")] = None,
     held_out: bool = typer.Option(False, help="Answer the held-out questions instead."),
     max_tokens: int = typer.Option(64, help="Most new tokens per answer."),
+    samples: int = typer.Option(1, help="Answers per question and side: the first as the "
+                                "responder is (greedy), the rest sampled; the filter keeps "
+                                "each question's best-separated loop-free pair."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature of samples 2, 3, ..."),
+    seed: int = typer.Option(0, help="Base seed of the sampled answers."),
     batch_size: int = typer.Option(64, help="Questions per local generation batch."),
     concurrency: int = typer.Option(8, help="Requests in flight per endpoint."),
     retries: int = typer.Option(4, help="Retries per request on 429/5xx/timeouts."),
@@ -149,7 +154,8 @@ def collect(
         raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
                             source=trait, field="questions")
     out = _run_dir(run_dir, t) / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
-    r = run_collect(questions, a, b, out, progress=progress)
+    r = run_collect(questions, a, b, out, samples=samples, temperature=temperature, seed=seed,
+                    progress=progress)
     typer.echo(f"{out}: {r.written} answers written, {r.failed} failed, {r.skipped} present")
 
 
@@ -195,15 +201,24 @@ def filter_(
     output: Annotated[Path | None, typer.Option(help="Pairs JSONL [default: "
                                                 "<run-dir>/pairs.jsonl].")] = None,
 ) -> None:
-    """Keep the pairs whose score difference is at least the threshold (optionally loop-free)."""
-    from steerlab.judge import filter_pairs
+    """Keep, per question, the best-separated pair of samples whose score difference is at
+    least the threshold (optionally loop-free); writes why the others were dropped."""
+    from collections import Counter
+
+    from steerlab.files import read_jsonl
+    from steerlab.judge import dropped_path, filter_pairs
     from steerlab.traits import load_trait
 
     d = _run_dir(run_dir, load_trait(trait))
     out = output or d / "pairs.jsonl"
     pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold,
                          min_distinct=min_distinct)
-    typer.echo(f"{out}: {len(pairs)} pairs")
+    dropped = read_jsonl(dropped_path(out))
+    typer.echo(f"{out}: {len(pairs)} pairs of {len(pairs) + len(dropped)} questions")
+    for reason, n in Counter(r["reason"] for r in dropped).most_common():
+        typer.echo(f"  dropped {n}: {reason}")
+    if dropped:
+        typer.echo(f"  per question: {dropped_path(out)}")
 
 
 @sub.command()

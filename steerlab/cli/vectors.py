@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,7 @@ import typer
 
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
-from steerlab.cli._parse import number_list
+from steerlab.cli._parse import layer_groups, number_list
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
 
@@ -46,40 +47,75 @@ def evaluate(
     model: ModelOptions,
     vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
     trait: str = typer.Option("pirate", help=TRAIT_HELP),
-    layers: str = typer.Option("", help="Layers to sweep (default: the vector's)."),
-    strengths: str = typer.Option("1,2,4,6", help="Strengths (x the vector) to sweep."),
+    layers: str = typer.Option("", help="Layer groups to try, comma-separated; '+' steers "
+                               "layers together (e.g. 12,16,10+12+14) [default: every run of "
+                               "three adjacent layers of the vector, a smaller push on each]."),
+    strengths: str = typer.Option("", help="A fixed list of strengths to sweep instead of "
+                                  "the automatic search."),
+    units: str = typer.Option("norm", help="Strength units: norm (fraction of the layer's "
+                              "residual norm, the same scale for every vector) or raw (x the "
+                              "stored vector)."),
+    positions: str = typer.Option("all", help="Steer all positions, generated tokens only, "
+                                  "or output tokens (after </think>)."),
+    preserve_norm: bool = typer.Option(False, help="Rescale steered residuals to their "
+                                       "norm before steering."),
+    start: float = typer.Option(0.05, help="Search: first strength per layer group."),
+    max_alpha: float = typer.Option(1.6, help="Search: strongest strength tried."),
+    refine: int = typer.Option(2, help="Search: bisection steps once coherence breaks."),
+    budget: int = typer.Option(0, help="Search: most generations in all (0: no limit)."),
+    activations: Annotated[Path | None, typer.Option(
+        help="Activation file for the shuffled-label control [default: the one the vector "
+        "was fitted from, when it exists].")] = None,
     max_tokens: int = typer.Option(40, help="New tokens per answer."),
-    output: str = typer.Option("steering-eval", help="Writes <output>.json and .html."),
+    output: str = typer.Option("steering-eval", help="Writes <output>.json, <output>.html "
+                               "and the resumable <output>.points.jsonl."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Sweep layers x strengths on the trait's held-out questions and pick the best setting
-    (highest trait score of coherent answers with coherence >= 0.8 x unsteered)."""
-    from steerlab.evaluate import evaluate_steering
+    """Search the strength per layer group on the trait's held-out questions (raise it until
+    coherence falls below 0.8 x unsteered, then refine), pick the best coherent setting, run
+    a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
+    from steerlab.calibrate import Search
+    from steerlab.evaluate import EvalConfig, evaluate_steering
+    from steerlab.fitters import shuffled_control
     from steerlab.traits import load_trait
+    from steerlab.validation import validation_report, write_validation_html
     from steerlab.vectors import SteeringVector
-    from steerlab.viz import steering_figure
 
     vec = SteeringVector.load(vector)
     t = load_trait(trait)
-    questions = list(getattr(t, "held_out_questions", None) or [])
+    questions = list(t.held_out_questions)
     if not questions:
         raise SteerlabError("the trait has no held-out questions", source=trait,
                             field="held_out_questions")
-    bridge = model.load()
-    ev = evaluate_steering(bridge, vec, questions, t.build_scorer(),
-                           trait_instruction=t.trait_instruction,
-                           layers=number_list(layers, int, "layers") or list(vec.layers),
-                           strengths=number_list(strengths, float, "strengths"),
-                           max_new_tokens=max_tokens)
+    scorer = t.build_scorer()
+    config = EvalConfig(units=units, positions=positions, preserve_norm=preserve_norm,
+                        search=Search(start, max_alpha=max_alpha, refine=refine, budget=budget),
+                        max_new_tokens=max_tokens)
+    groups = layer_groups(layers) or None
+    fixed = number_list(strengths, float, "strengths") or None
+    source = activations or (Path(vec.provenance.source) if vec.provenance.source else None)
+    if activations is not None and not activations.is_file():
+        raise SteerlabError("no such activation file", source=str(activations),
+                            field="activations")
+    shuffled = None
+    if source is not None and source.is_file():
+        try:
+            shuffled = shuffled_control(vec, source)
+        except SteerlabError as err:
+            logging.getLogger(__name__).warning("no shuffled-label control: %s", err)
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    bridge = model.load()
+    ev = evaluate_steering(bridge, vec, questions, scorer, trait_instruction=t.prompted_instruction,
+                           layers=groups, strengths=fixed, config=config, shuffled=shuffled,
+                           resume=out.with_name(out.name + ".points.jsonl"), progress=progress)
+    report = validation_report(ev, trait=t.name)
     ev.save(out.with_name(out.name + ".json"))
-    steering_figure(ev).write_html(out.with_name(out.name + ".html"))
+    write_validation_html(out.with_name(out.name + ".html"), ev, report)
     for s in ev.sweep:
-        typer.echo(f"layer {s.layer:3d} alpha {s.alpha:6.2f}  trait {s.trait:5.1f}  "
+        typer.echo(f"layer {s.label:>9} alpha {s.alpha:7.3g}  trait {s.trait:5.1f}  "
                    f"coherent trait {s.coherent_trait:5.1f}  coherence {s.coherence:.2f}")
-    b = ev.best
-    typer.echo(f"best: layer {b.layer}, alpha {b.alpha} (closes {ev.gap_closed(b):.0%} of the "
-               f"gap; random vector {ev.gap_closed(ev.random):.0%})")
+    for line in report.lines():
+        typer.echo(line)
 
 
 @sub.command("export-gguf")
