@@ -123,10 +123,12 @@ class ChatSession:
         self.max_tokens = n
 
     def set_steering(self, vector: SteeringVector, alpha: float,
-                     layers: Sequence[int] | None = None) -> Steering:
-        """Steer later replies with ``vector`` at ``alpha`` (checked against the model)."""
+                     layers: Sequence[int] | None = None, units: str = "raw") -> Steering:
+        """Steer later replies with ``vector`` at ``alpha`` (checked against the model);
+        ``units`` ``"norm"`` makes alpha a fraction of the residual norm (as ``vectors eval``
+        reports it), ``"raw"`` a multiple of the vector."""
         self.steering = Steering.create(self.model, vector, alpha, layers=layers,
-                                        positions=self.positions)
+                                        positions=self.positions, units=units)
         return self.steering
 
     def set_strength(self, alpha: float) -> Steering:

@@ -42,16 +42,21 @@ def parse_steering(model: Any, spec: Any) -> Steering | None:
 
     Args:
         model: the served bridge (layers and width are checked against it).
-        spec: ``{"vector": path, "alpha": float, "layers": [int] | null}``, or None (none).
+        spec: ``{"vector": path, "alpha": float, "layers": [int] | null, "units": "raw" |
+            "norm"}`` (units default raw: alpha times the vector), or None (none).
 
     Raises:
         RequestError: the field is malformed, the vector cannot be loaded or does not fit.
     """
     if spec is None:
         return None
-    if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers"}:
+    if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers", "units"}:
         raise RequestError("'steering' must be an object with 'vector' (path), 'alpha' "
-                           "(number) and optional 'layers' (list of ints or null)")
+                           "(number), optional 'layers' (list of ints or null) and optional "
+                           "'units' ('raw' or 'norm')")
+    units = spec.get("units", "raw")
+    if units not in ("raw", "norm"):
+        raise RequestError(f"'steering.units' must be 'raw' or 'norm'; got {units!r:.40}")
     if not isinstance(spec.get("vector"), str) or not spec["vector"]:
         raise RequestError("'steering.vector' must be the path of a vector file")
     alpha = _number(spec.get("alpha"), "steering.alpha", -1e6, 1e6)
@@ -66,7 +71,7 @@ def parse_steering(model: Any, spec: Any) -> Steering | None:
     except (SteerlabError, OSError) as err:
         raise RequestError(f"'steering.vector': {err}") from None
     try:
-        return Steering.create(model, vector, alpha, layers=layers)
+        return Steering.create(model, vector, alpha, layers=layers, units=units)
     except SteerlabError as err:
         raise RequestError(f"'steering': {err}") from None
 

@@ -5,7 +5,9 @@ One code path for every front end: ``steerlab vectors eval``, the demo and the n
 print :meth:`ValidationReport.lines` and write :func:`write_validation_html`.
 
 A vector *passes* when the chosen setting closes at least ``min_gap_closed`` (50%) of the
-unsteered -> prompted gap in coherent trait score with the lower 95% bound above 0, keeps
+unsteered -> prompted gap in coherent trait score with the lower 95% bound of its effect (the
+paired difference from unsteered; the bound of a gap *share* is unstable when the gap itself
+is small) above 0, keeps
 coherence at least ``min_coherence`` x unsteered, and both controls (a random vector of equal
 norm and a shuffled-label vector) close at most ``max_control`` (5%). A prompted gap under
 ``min_gap_points`` (10) points is reported as too small to judge a vector by.
@@ -41,7 +43,8 @@ class Criteria:
 
 @dataclass(frozen=True)
 class Row:
-    """One condition: coherent trait (mean and CI), coherence, share of the gap closed (CI)."""
+    """One condition: coherent trait (mean and CI), coherence, share of the gap closed (CI),
+    and the effect over unsteered in points (CI of the paired difference)."""
 
     condition: str
     layers: str
@@ -53,6 +56,8 @@ class Row:
     gap_closed: float
     gap_low: float
     gap_high: float
+    effect_low: float = float("nan")
+    effect_high: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class ValidationReport:
                f"{'coherence':>9}  gap closed"]
         for r in self.rows:
             gap = ("" if r.condition in ("unsteered", "prompted") else
-                   f"{r.gap_closed:6.0%} [{r.gap_low:.0%}, {r.gap_high:.0%}]")
+                   f"{r.gap_closed:6.0%} [{r.gap_low:.0%}, {r.gap_high:.0%}]  effect "
+                   f"[{r.effect_low:+.1f}, {r.effect_high:+.1f}]")
             out.append(f"{r.condition:<11}{r.layers:<10}{r.alpha:>7.3g}  "
                        f"{r.coherent_trait:5.1f} [{r.trait_low:5.1f}, {r.trait_high:5.1f}]   "
                        f"{r.coherence:9.2f}  {gap}")
@@ -88,11 +94,13 @@ class ValidationReport:
     def markdown(self) -> str:
         """The table as Markdown (for docs and notebooks)."""
         head = ("| condition | layers | α | coherent trait [95% CI] | coherence | "
-                "gap closed [95% CI] |\n|---|---|---|---|---|---|")
+                "gap closed [95% CI] | effect vs unsteered [95% CI] |\n"
+                "|---|---|---|---|---|---|---|")
         body = [f"| {r.condition} | {r.layers} | {r.alpha:.3g} | {r.coherent_trait:.1f} "
                 f"[{r.trait_low:.1f}, {r.trait_high:.1f}] | {r.coherence:.2f} | "
-                + ("–" if r.condition in ("unsteered", "prompted") else
-                   f"{r.gap_closed:.0%} [{r.gap_low:.0%}, {r.gap_high:.0%}]") + " |"
+                + ("– | –" if r.condition in ("unsteered", "prompted") else
+                   f"{r.gap_closed:.0%} [{r.gap_low:.0%}, {r.gap_high:.0%}] | "
+                   f"[{r.effect_low:+.1f}, {r.effect_high:+.1f}]") + " |"
                 for r in self.rows]
         return "\n".join([head, *body])
 
@@ -136,8 +144,9 @@ def validation_report(ev: SteeringEval, *, trait: str = "",
     for name, s in conditions:
         t_lo, t_hi = _interval(means[name], criteria.level)
         g_lo, g_hi = _interval(closed[name], criteria.level)
+        e_lo, e_hi = _interval(means[name] - means["unsteered"], criteria.level)
         rows.append(Row(name, s.label, s.alpha, s.coherent_trait, t_lo, t_hi, s.coherence,
-                        ev.gap_closed(s), g_lo, g_hi))
+                        ev.gap_closed(s), g_lo, g_hi, e_lo, e_hi))
     report = ValidationReport(trait, ev.units, n, tuple(rows), False, ())
     passed, reasons = _verdict(ev, report, criteria)
     return ValidationReport(trait, ev.units, n, tuple(rows), passed, tuple(reasons))
@@ -154,8 +163,9 @@ def _verdict(ev: SteeringEval, rep: ValidationReport, c: Criteria) -> tuple[bool
     if not best.gap_closed >= c.min_gap_closed:
         bad.append(f"the best setting closes {best.gap_closed:.0%} of the gap, under "
                    f"{c.min_gap_closed:.0%}")
-    if not best.gap_low > 0:
-        bad.append(f"the lower bound of its interval is {best.gap_low:.0%}, not above 0")
+    if not best.effect_low > 0:
+        bad.append(f"the lower bound of its effect over unsteered is {best.effect_low:.1f} "
+                   "points, not above 0 (the gain may be chance)")
     if ev.best.coherence < ev.floor:
         bad.append(f"no setting keeps coherence >= {ev.floor:.2f} "
                    f"({ev.min_coherence:g} x unsteered); the best has {ev.best.coherence:.2f}")
@@ -170,8 +180,9 @@ def _verdict(ev: SteeringEval, rep: ValidationReport, c: Criteria) -> tuple[bool
     if bad:
         return False, bad
     return True, [f"layer {best.layers}, alpha {best.alpha:.3g} closes {best.gap_closed:.0%} "
-                  f"of a {gap:.1f}-point gap [{best.gap_low:.0%}, {best.gap_high:.0%}] at "
-                  f"coherence {best.coherence:.2f}; controls within {c.max_control:.0%}"]
+                  f"of a {gap:.1f}-point gap [{best.gap_low:.0%}, {best.gap_high:.0%}], "
+                  f"+{best.effect_low:.1f} points at least, at coherence {best.coherence:.2f}; "
+                  f"controls within {c.max_control:.0%}"]
 
 
 def _examples(ev: SteeringEval, k: int) -> list[dict]:

@@ -46,6 +46,9 @@ def test_intervals_equal_a_plain_paired_bootstrap():
     lo, hi = np.percentile(gaps, [2.5, 97.5])
     got = rep.row("steered")
     assert (got.gap_low, got.gap_high) == pytest.approx((lo, hi), rel=1e-12)
+    effect = [per["s"][row].mean() - per["u"][row].mean() for row in idx]
+    assert (got.effect_low, got.effect_high) == pytest.approx(
+        tuple(np.percentile(effect, [2.5, 97.5])), rel=1e-12)
     assert got.gap_closed == pytest.approx(ev.gap_closed(ev.best), rel=1e-12)
     assert got.gap_low <= got.gap_closed <= got.gap_high
 
@@ -78,7 +81,8 @@ def test_incoherent_best_and_a_lucky_question_fail():
     one = np.zeros(12)
     one[0] = 100.0  # all of the effect in one question: the interval reaches 0
     rep = validation_report(evaluation(one, prompted=np.full(12, 12.0)))
-    assert rep.row("steered").gap_low <= 0 and not rep.passed
+    assert rep.row("steered").effect_low <= 0 and not rep.passed
+    assert any("may be chance" in r for r in rep.reasons)
 
 
 def test_html_page_has_the_table_and_every_setting(tmp_path):

@@ -129,14 +129,15 @@ def write_summary(path: Path, rows: dict, results: dict[tuple[str, str], tuple])
         out.append(f"| {name} | {r['questions']} | {r['kept']} | {r['kept_greedy_only']} | "
                    f"{why} |")
     out += ["", "## Remedies", "", "| trait | variant | best layers | α | coherent trait | "
-            "coherence | gap closed [95% CI] | random | shuffled | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "coherence | gap closed [95% CI] | effect [95% CI] | random | shuffled | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, variant), (ev, rep) in results.items():
         s, r = rep.row("steered"), rep.row("random")
         sh = rep.row("shuffled") if ev.shuffled else None
         out.append(f"| {name} | {variant} | {s.layers} | {s.alpha:.3g} | "
                    f"{s.coherent_trait:.1f} | {s.coherence:.2f} | {s.gap_closed:.0%} "
-                   f"[{s.gap_low:.0%}, {s.gap_high:.0%}] | {r.gap_closed:.0%} | "
+                   f"[{s.gap_low:.0%}, {s.gap_high:.0%}] | "
+                   f"[{s.effect_low:+.1f}, {s.effect_high:+.1f}] | {r.gap_closed:.0%} | "
                    f"{'–' if sh is None else f'{sh.gap_closed:.0%}'} | "
                    f"{'pass' if rep.passed else 'fail'} |")
     out += ["", "## Reports", ""]

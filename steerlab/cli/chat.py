@@ -88,13 +88,14 @@ def _alpha(text: str) -> float:
         raise SteerlabError(f"{STEER_USAGE}; ALPHA must be a number (got {text!r})") from None
 
 
-def load_steering(session: Any, path: str, alpha: float, layers: str = "") -> str:
+def load_steering(session: Any, path: str, alpha: float, layers: str = "",
+                  units: str = "raw") -> str:
     """Steer ``session`` with the vector file ``path`` at ``alpha`` on ``layers`` ("10,12";
-    "" for the vector's own); returns the confirmation line."""
+    "" for the vector's own) in ``units``; returns the confirmation line."""
     from steerlab.vectors import SteeringVector
 
     chosen = number_list(layers, int, "layers") or None
-    steering = session.set_steering(SteeringVector.load(path), alpha, chosen)
+    steering = session.set_steering(SteeringVector.load(path), alpha, chosen, units)
     return f"steering with {path} at {steering.alpha:g} on layers {list(steering.layers)}"
 
 
@@ -210,7 +211,9 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
     seed: int = typer.Option(None, help="Sampling seed."),
     vector: str = typer.Option(None, help="Steering vector file to start with."),
-    alpha: float = typer.Option(1.0, help="Steering strength for --vector (x the vector)."),
+    alpha: float = typer.Option(1.0, help="Steering strength for --vector (in --units)."),
+    units: str = typer.Option("raw", help="Strength units: raw (x the vector) or norm "
+                              "(fraction of the residual norm, as `vectors eval` reports)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
@@ -219,12 +222,15 @@ def chat(
     if max_tokens < 1:
         raise SteerlabError(f"got {max_tokens}; expected >= 1", field="max-tokens")
     number_list(layers, int, "layers")  # checked before the model loads
+    from steerlab.steer import Units
+
+    units = Units.parse(units, field="units").value  # checked before the model loads
     bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed)
     session.set_persona(persona)
     if vector:
-        load_steering(session, vector, alpha, layers)
+        load_steering(session, vector, alpha, layers, units)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     keys = _StopKeys()
