@@ -106,13 +106,19 @@ def test_probe_held_out_accuracy():
     assert (same.fit().accuracy == 0.5).all()
 
 
-def test_fit_vector_streams_an_activation_file(tmp_path):
-    chosen, rejected, direction = planted(n=50)
+def write_planted_file(path, chosen, rejected) -> int:
+    """An activation file of layers (4, 7, 9) holding the given rows; returns the pair count."""
     meta = StoreMeta("m", "resid_post", (4, 7, 9), 64, "float32", False, "0")
     n = len(chosen)
     rows = Rows([f"p{i}" for i in range(n)], chosen.numpy(), rejected.numpy(),
                 *(np.zeros(n, dtype=np.int64) for _ in range(4)))
-    write_rows_file(tmp_path / "a.h5", meta, rows)
+    write_rows_file(path, meta, rows)
+    return n
+
+
+def test_fit_vector_streams_an_activation_file(tmp_path):
+    chosen, rejected, direction = planted(n=50)
+    write_planted_file(tmp_path / "a.h5", chosen, rejected)
     vec, fit = fit_vector(tmp_path / "a.h5", "mean-diff", batch_size=8)
     want = mean_diff_64(chosen, rejected).float()
     torch.testing.assert_close(vec.directions, want, **one_rounding(chosen, rejected))
@@ -134,11 +140,7 @@ def test_shuffled_label_control_swaps_exactly_half_the_pairs(tmp_path):
     from steerlab.fitters import shuffled_control
 
     chosen, rejected, direction = planted(n=40)
-    meta = StoreMeta("m", "resid_post", (4, 7, 9), 64, "float32", False, "0")
-    n = len(chosen)
-    rows = Rows([f"p{i}" for i in range(n)], chosen.numpy(), rejected.numpy(),
-                *(np.zeros(n, dtype=np.int64) for _ in range(4)))
-    write_rows_file(tmp_path / "a.h5", meta, rows)
+    n = write_planted_file(tmp_path / "a.h5", chosen, rejected)
     vec, _ = fit_vector(tmp_path / "a.h5", "mean-diff", batch_size=8)
     control = shuffled_control(vec, tmp_path / "a.h5", seed=5)
     swap = np.zeros(n, dtype=bool)
