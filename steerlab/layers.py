@@ -60,13 +60,18 @@ class HookPoint(Choice):
     RESID_PRE = "resid_pre"
     RESID_MID = "resid_mid"
 
-    def attach(self, block: torch.nn.Module, fn: ResidualHook) -> Any:
-        """Register ``fn`` at this point of ``block``; returns the removable torch handle."""
+    def attach(self, block: torch.nn.Module, fn: ResidualHook, *,
+               graph_safe: bool = False) -> Any:
+        """Register ``fn`` at this point of ``block``; returns the removable torch handle.
+
+        ``graph_safe`` marks a hook whose work is all tensor operations with no host reads and
+        no Python side effects per call, so a captured CUDA graph may replay it."""
         if self is HookPoint.RESID_POST:
             def post(module: Any, args: Any, output: Any) -> Any:
                 new = fn(hidden_of(output))
                 return None if new is None else replace_hidden(output, new)
 
+            post._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
             return block.register_forward_hook(post)
         if self is HookPoint.RESID_PRE:
             def pre(module: Any, args: Any, kwargs: Any) -> Any:
@@ -76,16 +81,35 @@ class HookPoint(Choice):
                 new = fn(kwargs["hidden_states"])
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 
+            pre._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
             return block.register_forward_pre_hook(pre, with_kwargs=True)
         point = getattr(block, "hook_resid_mid", None)
         if point is None:
             raise SteerlabError("this model's blocks have no hook_resid_mid", field="hook")
-        return point.register_forward_hook(lambda module, args, output: fn(output))
+
+        def mid(module: Any, args: Any, output: Any) -> Any:
+            return fn(output)
+
+        mid._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
+        return point.register_forward_hook(mid)
+
+
+def unsafe_hooks(model: Any) -> int:
+    """How many hooks on the decoder layers a CUDA graph could not replay: any not registered
+    through :func:`layer_hooks` with ``graph_safe=True`` (monitors, users' own torch hooks)."""
+    n = 0
+    for block in decoder_layers(model):
+        modules = [block, *([block.hook_resid_mid] if hasattr(block, "hook_resid_mid") else [])]
+        for module in modules:
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                n += sum(not getattr(fn, "_steerlab_graph_safe", False) for fn in hooks.values())
+    return n
 
 
 @contextmanager
 def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
-                point: HookPoint = HookPoint.RESID_POST) -> Iterator[None]:
+                point: HookPoint = HookPoint.RESID_POST, *,
+                graph_safe: bool = False) -> Iterator[None]:
     """Residual hooks on decoder layers (``{layer: fn}``) while inside; always removed.
 
     The one way steerlab hooks a model: steering, monitoring, capture and the logit lens all
@@ -100,7 +124,7 @@ def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
     handles = []
     try:
         for layer, fn in hooks.items():
-            handles.append(point.attach(blocks[layer], fn))
+            handles.append(point.attach(blocks[layer], fn, graph_safe=graph_safe))
         yield
     finally:
         for h in handles:

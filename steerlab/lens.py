@@ -85,7 +85,8 @@ class LastPositionRecorder:
 
     @contextmanager
     def recording(self) -> Iterator[LastPositionRecorder]:
-        with layer_hooks(self.model, {layer: self._hook(layer) for layer in self.layers}):
+        with layer_hooks(self.model, {layer: self._hook(layer) for layer in self.layers},
+                         graph_safe=True):
             yield self
 
     def residuals(self) -> Float[torch.Tensor, "layer batch d_model"]:

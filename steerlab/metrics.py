@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from steerlab.chat import think_end_index
 from steerlab.errors import SteerlabError
@@ -50,11 +50,25 @@ def token_metrics(
     """
     if k < 1:
         raise SteerlabError(f"k is {k}; expected an integer >= 1", field="top_k_mass_k")
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    ent, mass, _ = _from_log_probs(torch.log_softmax(logits.float(), dim=-1), k)
+    return ent, mass
+
+
+def chosen_metrics(
+    logits: Float[torch.Tensor, "batch d_vocab"], k: int, chosen: Int[torch.Tensor, " batch"]
+) -> tuple[Float[torch.Tensor, " batch"], Float[torch.Tensor, " batch"],
+           Float[torch.Tensor, " batch"]]:
+    """``(entropy, top_k_mass, log-prob of the chosen token)`` of one decode step."""
+    return _from_log_probs(torch.log_softmax(logits.float(), dim=-1), k, chosen)
+
+
+def _from_log_probs(logp: torch.Tensor, k: int, chosen: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     p = logp.exp()
     ent = -(p * logp).sum(-1)
     mass = p.topk(min(k, p.shape[-1]), dim=-1).values.sum(-1)
-    return ent, mass
+    picked = None if chosen is None else logp.gather(-1, chosen[..., None]).squeeze(-1)
+    return ent, mass, picked
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,115 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
-from steerlab.generate import StepState, listen
 from steerlab.layers import check_layers, layer_hooks
 from steerlab.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What interventions may need to know about the forward pass under way.
+
+    ``prefill`` is True for the prompt pass; ``generated`` marks rows still generating;
+    ``in_output`` marks rows whose new positions are in the output section (after
+    ``</think>``, or always when the model is not thinking).
+    """
+
+    prefill: bool
+    generated: Bool[torch.Tensor, " batch"]
+    in_output: Bool[torch.Tensor, " batch"]
+
+
+@runtime_checkable
+class StepListener(Protocol):
+    """Told the state of each forward pass generation runs (``None``: not generating).
+
+    Interventions that act on some positions only (monitoring) register with :func:`listen`
+    and are told before every forward pass."""
+
+    def on_step(self, state: StepState | None) -> None: ...
+
+
+_LISTENERS = "_steerlab_step_listeners"
+_ACTIVE = "_steerlab_steerings"
+_GENERATING = "_steerlab_generating"
+
+
+def _model_list(model: Any, name: str) -> list[Any]:
+    """A list kept on the bridge object itself (listeners, steerings in force)."""
+    found = model.__dict__.get(name)
+    if found is None:
+        found = []
+        object.__setattr__(model, name, found)
+    return found
+
+
+def listeners(model: Any) -> list[StepListener]:
+    """The step listeners registered on ``model``."""
+    return _model_list(model, _LISTENERS)
+
+
+@contextmanager
+def listen(model: Any, listener: StepListener) -> Iterator[StepListener]:
+    """Tell ``listener`` the step state of every generation on ``model`` inside."""
+    registered = listeners(model)
+    registered.append(listener)
+    listener.on_step(None)
+    try:
+        yield listener
+    finally:
+        registered.remove(listener)
+
+
+def announce(model: Any, state: StepState | None) -> None:
+    """Tell the registered listeners the state of the next forward pass."""
+    for listener in listeners(model):
+        listener.on_step(state)
+
+
+def steerings_in_force(model: Any) -> list[Steering]:
+    """The steerings applied on ``model`` now (:meth:`Steering.apply`), outermost first.
+
+    Generation reads them and adds them itself (per row, from tensors a CUDA graph can
+    replay), so their hooks stand aside while it runs (:func:`generating`)."""
+    return list(_model_list(model, _ACTIVE))
+
+
+@contextmanager
+def generating(model: Any) -> Iterator[None]:
+    """Mark a generation under way: the hooks of :meth:`Steering.apply` add nothing inside
+    (the generation adds the same steering from its own buffers)."""
+    object.__setattr__(model, _GENERATING, True)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, _GENERATING, False)
+
+
+def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
+                 delta: Float[torch.Tensor, "batch d_model"],
+                 rows: Bool[torch.Tensor, " batch"] | None,
+                 preserve_norm: bool) -> Float[torch.Tensor, "batch pos d_model"]:
+    """``h + delta`` at the rows ``rows`` marks (all when None), every position: the one
+    steering arithmetic of the package. With ``preserve_norm`` each steered residual is
+    rescaled to its old norm (only its direction turns)."""
+    d = delta.to(device=h.device, dtype=h.dtype)[:, None, :]
+    if rows is not None:
+        d = d * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
+    out = h + d
+    if not preserve_norm:
+        return out
+    size = h.float().norm(dim=-1, keepdim=True)
+    kept = out * (size / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(h.dtype)
+    return torch.where(d.ne(0).any(dim=-1, keepdim=True), kept, h)
 
 
 class Units(Choice):
@@ -153,18 +250,61 @@ class Steering:
         values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
         return any(a != 0.0 for a in values)
 
+    def row_deltas(self, n_rows: int) -> dict[int, Float[torch.Tensor, "batch d_model"]]:
+        """What each layer adds to each of ``n_rows`` rows: ``alpha_row * scale_L * v_L``
+        (float32, on the vector's device)."""
+        if isinstance(self.alpha, tuple):
+            if len(self.alpha) != n_rows:
+                raise SteerlabError(f"alpha has {len(self.alpha)} rows, the batch {n_rows}",
+                                    field="alpha")
+            alphas = torch.tensor(self.alpha, dtype=torch.float32)
+        else:
+            alphas = torch.full((n_rows,), self.alpha, dtype=torch.float32)
+        scales = self.scale or (1.0,) * len(self.layers)
+        out = {}
+        for layer, k in zip(self.layers, scales, strict=True):
+            v = self.vector.direction(layer).float()
+            out[layer] = alphas.to(v.device)[:, None] * (v * k)[None, :]
+        return out
+
     @contextmanager
     def apply(self, model: Any) -> Iterator[Steering]:
-        """Add the vector while inside (hooks removed on exit, also on errors)."""
+        """Add the vector while inside (hooks removed on exit, also on errors).
+
+        Forward passes of the bridge or its HF model are steered by hooks; generation
+        (:func:`steerlab.generate`) finds the steering in force and adds it itself."""
         if not self.active:
             yield self  # nothing to add: leave the model untouched
             return
-        hooks = _SteeringHooks(self)
-        with listen(model, hooks), layer_hooks(model, {
-                layer: hooks.hook(self.vector.direction(layer) * k)
-                for layer, k in zip(self.layers, self.scale or [1.0] * len(self.layers),
-                                    strict=True)}):
-            yield self
+        registered = _model_list(model, _ACTIVE)
+        registered.append(self)
+        try:
+            if self.positions is not Positions.ALL:  # outside generation these steer nothing
+                yield self
+                return
+            hooks: dict[int, Callable[[torch.Tensor], torch.Tensor | None]] = {}
+            deltas: dict[int, torch.Tensor] = {}
+
+            def hook_for(layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+                def add(h: torch.Tensor) -> torch.Tensor | None:
+                    if model.__dict__.get(_GENERATING):
+                        return None
+                    if layer not in deltas:
+                        deltas.update(self.row_deltas(h.shape[0]) if isinstance(
+                            self.alpha, tuple) else self.row_deltas(1))
+                    delta = deltas[layer]
+                    if delta.shape[0] != h.shape[0]:
+                        delta = delta.expand(h.shape[0], -1)
+                    return add_steering(h, delta, None, self.preserve_norm)
+
+                return add
+
+            for layer in self.layers:
+                hooks[layer] = hook_for(layer)
+            with layer_hooks(model, hooks, graph_safe=True):
+                yield self
+        finally:
+            registered.remove(self)
 
 
 def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
@@ -186,48 +326,6 @@ def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
                                 "direction", field="vector")
         out.append(float(known[x]) / size)
     return tuple(out)
-
-
-class _SteeringHooks:
-    """The forward hooks of one :class:`Steering`, told each generation step's rows."""
-
-    def __init__(self, steering: Steering):
-        self.steering = steering
-        self.per_row = isinstance(steering.alpha, tuple)
-        self.rows: torch.Tensor | None | bool = steering.positions.rows(None)
-
-    def on_step(self, state: StepState | None) -> None:
-        self.rows = self.steering.positions.rows(state)
-
-    def hook(self, direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        cache: dict[tuple[Any, Any], torch.Tensor] = {}
-        alpha = self.steering.alpha
-
-        def add(h: torch.Tensor) -> torch.Tensor | None:
-            rows = self.rows
-            if rows is False:
-                return None
-            if self.per_row and len(alpha) != h.shape[0]:
-                raise SteerlabError(f"alpha has {len(alpha)} rows, the batch {h.shape[0]}",
-                                    field="alpha")
-            key = (h.device, h.dtype)
-            if key not in cache:  # alpha * direction once per device/dtype, not per step
-                v = direction.to(device=h.device, dtype=h.dtype)
-                cache[key] = (torch.tensor(alpha, device=h.device, dtype=h.dtype)[:, None, None]
-                              * v if self.per_row else alpha * v)
-            delta = cache[key]
-            if rows is not None:
-                delta = delta * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
-            if not self.steering.preserve_norm:
-                return h + delta
-            out = h + delta
-            size = h.float().norm(dim=-1, keepdim=True)
-            kept = out * (size / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                          ).to(h.dtype)
-            touched = delta.ne(0).any(dim=-1, keepdim=True)  # rows/positions really steered
-            return torch.where(touched, kept, h)
-
-        return add
 
 
 @contextmanager
