@@ -34,6 +34,7 @@ class SlotBatch:
         ...         batch.step()
     """
 
+    @torch.inference_mode()
     def __init__(self, model: Any, slots: int, capacity: int, settings: Settings, *,
                  graphs: bool = True):
         if not hf_attention(model):
@@ -58,6 +59,7 @@ class SlotBatch:
         self.recorder = LastPositionRecorder(model) if settings.lens else None
         self.graphs = graphs
         self._hooks: contextlib.ExitStack | None = None
+        self._replayable = False
 
     def _alloc(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self.ws.tensor(name, shape, dtype, self.device)
@@ -65,11 +67,15 @@ class SlotBatch:
     @contextlib.contextmanager
     def running(self) -> Iterator[SlotBatch]:
         """Hold the model for this batch: its hooks (steering, lens) on, other steering
-        hooks aside."""
+        hooks aside, inference mode: the workspace's tensors are inference tensors)."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
             stack.enter_context(generating(self.model))
             if self.recorder is not None:
                 stack.enter_context(self.recorder.recording())
+            # hooks from outside (monitors, users' own) run in Python every step: no graphs
+            self._replayable = self.graphs and not listeners(self.model) and \
+                unsafe_hooks(self.model) == 0
             self._hooks = stack.enter_context(contextlib.ExitStack())
             self._hooks.enter_context(self.steering.hooks())
             try:
@@ -139,9 +145,8 @@ class SlotBatch:
     def step(self) -> None:
         """One decode step for every slot (finished and empty slots compute but change
         nothing); replayed from a captured graph on CUDA."""
-        graphs = self.graphs and not listeners(self.model) and unsafe_hooks(self.model) == 0
-        key = (self.settings, self.steering.keys, graphs)
-        self.ws.step(key, self.device, graphs).run(self._decode)
+        key = (self.settings, self.steering.keys, self._replayable)
+        self.ws.step(key, self.device, self._replayable).run(self._decode)
 
     def any_active(self) -> bool:
         """Whether any slot is still generating (one host read)."""
