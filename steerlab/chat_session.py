@@ -84,6 +84,8 @@ class ChatSession:
         temperature: 0 for greedy decoding.
         steering: the steering in force (see :meth:`set_steering`); ``None``: none.
         positions: where :meth:`set_steering` steers (see :class:`steerlab.steer.Positions`).
+        engine: how generation runs (``auto``, ``eager``, ``static``); the reply streams
+            token by token with eager, in bursts of a few tokens with static.
 
     Example:
         >>> s = ChatSession(model, persona=Persona("Hamlet", "fictional-character"))
@@ -100,6 +102,12 @@ class ChatSession:
     steering: Steering | None = None
     positions: Positions = Positions.ALL
     history: list[dict[str, str]] = field(default_factory=list)
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        from steerlab.engine import Engine
+
+        self.engine = Engine.parse(self.engine, field="engine").value
 
     # --- settings -------------------------------------------------------------------------
     def system_prompt(self) -> SystemPrompt:
@@ -196,7 +204,8 @@ class ChatSession:
                                                   layers=[projection_layer]))
             gen = generate(self.model, [ids], max_new_tokens=self.max_tokens,
                            temperature=self.temperature, seed=self.seed, on_token=on_token,
-                           think_marker=think_end_marker(tokenizer) if self.thinking else ())
+                           think_marker=think_end_marker(tokenizer) if self.thinking else (),
+                           engine=self.engine)
         tail = decoder.flush()
         if tail and on_text is not None:
             on_text(tail)

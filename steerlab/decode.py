@@ -24,7 +24,7 @@ from steerlab.layers import layer_hooks
 from steerlab.lens import LastPositionRecorder, lens_metrics
 from steerlab.metrics import chosen_metrics
 from steerlab.sampling import left_pad, position_ids, sample
-from steerlab.steer import Positions, StepState, Steering, add_steering, announce
+from steerlab.steer import Positions, Steering, StepState, add_steering
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 EntryKey = tuple[int, str, bool]  # (layer, positions, preserve_norm)

@@ -58,6 +58,7 @@ class DemoConfig:
     n_prompts: int = 4  # persona-entropy run: prompts from the built-in prompts.json ...
     personae_per_category: int = 2  # ... times this many personae of each category
     persona_tokens: int = 48
+    engine: str = "auto"  # how every generation runs (see steerlab.engine.Engine)
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -140,6 +141,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         >>> print("\\n".join(s.lines()))
     """
     from steerlab.collect import collect
+    from steerlab.engine import Engine
     from steerlab.evaluate import EvalConfig, evaluate_steering
     from steerlab.extract import extract
     from steerlab.files import read_jsonl
@@ -154,6 +156,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
 
     t0 = time.perf_counter()
     out = Path(out_dir)
+    Engine.parse(config.engine, field="engine")
     trait = load_trait(config.trait)
     questions = list(trait.questions)[: config.n_questions]
     held_out = list(trait.held_out_questions)[: config.n_held_out]
@@ -171,8 +174,10 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     log.info("demo: 1/6 trait pairs: collect, judge, filter")
     pd = out / "pairs"
     pd.mkdir(exist_ok=True)
-    pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens)
-    neg = LocalResponder(bridge, trait.negative_instructions[0], max_tokens=config.max_tokens)
+    pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens,
+                         engine=config.engine)
+    neg = LocalResponder(bridge, trait.negative_instructions[0], max_tokens=config.max_tokens,
+                         engine=config.engine)
     collect(questions, pos, neg, pd / "collected.jsonl", samples=config.samples,
             progress=progress)
     judge(pd / "collected.jsonl", pd / "judged.jsonl", scorer_judge(trait.build_scorer()),
@@ -200,7 +205,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
                            trait_instruction=trait.prompted_instruction,  # spread groups
                            strengths=config.strengths,
                            config=EvalConfig(search=config.search,
-                                             max_new_tokens=config.eval_tokens),
+                                             max_new_tokens=config.eval_tokens,
+                                             engine=config.engine),
                            shuffled=shuffled_control(vector, h5),
                            resume=out / "steering-eval.points.jsonl", progress=progress)
     ev.save(out / "steering-eval.json")
@@ -210,7 +216,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     log.info("demo: 5/6 persona entropy")
     run_inference(bridge, prompts, personae, out / "personae",
                   InferConfig(model=config.model.model, max_tokens=config.persona_tokens,
-                              batch_size=64), progress=progress)
+                              batch_size=64, engine=config.engine), progress=progress)
     records = load_results(out / "personae")
 
     log.info("demo: 6/6 report")

@@ -57,11 +57,15 @@ class EvalConfig:
     nll_margin: float = 1.0
     seed: int = 0
     batch_size: int = 256
+    engine: str = "auto"  # how generation runs (see steerlab.engine.Engine)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", Units.parse(self.units, field="units"))
         object.__setattr__(self, "positions", Positions.parse(self.positions,
                                                               field="positions"))
+        from steerlab.engine import Engine
+
+        Engine.parse(self.engine, field="engine")
         for name, lo in (("max_new_tokens", 1), ("batch_size", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -195,7 +199,8 @@ def evaluate_steering(
         with ExitStack() as stack:
             for s in per_layer.values():
                 stack.enter_context(s.apply(model))
-            g = generate(model, rows, max_new_tokens=config.max_new_tokens)
+            g = generate(model, rows, max_new_tokens=config.max_new_tokens,
+                         engine=config.engine)
         return g.tokens, g.texts(model.tokenizer)
 
     def baseline(kind: str, rows: list[list[int]]) -> Setting:
@@ -308,7 +313,8 @@ def _fingerprint(model: Any, vector: SteeringVector, questions: Sequence[str],
         if v is not None:
             h.update(v.directions.detach().float().cpu().numpy().tobytes())
             h.update(repr(v.layers).encode())
-    rest = {k: v for k, v in _config_dict(config).items() if k not in ("batch_size", "search")}
+    rest = {k: v for k, v in _config_dict(config).items()
+            if k not in ("batch_size", "search", "engine")}
     h.update(json.dumps([model_id(model), list(questions), instruction, rest]).encode())
     return h.hexdigest()[:16]
 

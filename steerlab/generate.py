@@ -18,8 +18,16 @@ import numpy as np
 import torch
 
 from steerlab.compat import ensure_bridge_reads_cache
-from steerlab.decode import DecodeState, Observer, RowSteering, Settings, advance, forward, \
-    fresh, prefill
+from steerlab.decode import (
+    DecodeState,
+    Observer,
+    RowSteering,
+    Settings,
+    advance,
+    forward,
+    fresh,
+    prefill,
+)
 from steerlab.engine import Engine, bucket_batch, bucket_capacity
 from steerlab.errors import SteerlabError
 from steerlab.lens import LastPositionRecorder

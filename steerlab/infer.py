@@ -51,9 +51,13 @@ class InferConfig:
     system_prompt_style: str = "you-are-a"
     seed: int = 0
     lens: bool = False
+    engine: str = "auto"  # how generation runs (not part of the run's identity)
 
     def validate(self) -> InferConfig:
         """Reject impossible values with the name of the option."""
+        from steerlab.engine import Engine
+
+        Engine.parse(self.engine, field="engine")
         for name in ("max_tokens", "batch_size", "n_reps", "top_k_mass_k"):
             if getattr(self, name) < 1:
                 raise SteerlabError(f"{getattr(self, name)} is not >= 1", field=name)
@@ -134,7 +138,8 @@ def run_identity(config: InferConfig, prompts: Sequence[str], personae: Sequence
     """
     blob = json.dumps([list(prompts), [p.to_dict() for p in personae]], sort_keys=True)
     prov = provenance or {}
-    return {**asdict(config), "n_prompts": len(prompts), "n_personae": len(personae),
+    settings = {k: v for k, v in asdict(config).items() if k != "engine"}
+    return {**settings, "n_prompts": len(prompts), "n_personae": len(personae),
             "inputs_sha256": hashlib.sha256(blob.encode()).hexdigest(), "n_layers": n_layers,
             "dtype": prov.get("dtype"), "attn_implementation": prov.get("attn_implementation")}
 
@@ -185,9 +190,13 @@ def run_inference(
     marker = think_end_marker(model.tokenizer)
     tasks = make_tasks(prompts, personae, config.n_reps)
     batches = [tasks[k : k + config.batch_size] for k in range(0, len(tasks), config.batch_size)]
-    prov = provenance(model)
+    from steerlab.engine import Engine
+
+    engine = Engine.parse(config.engine, field="engine").resolve(model)
+    prov = {**provenance(model), "engines": [engine.value]}
     identity = run_identity(config, prompts, personae, prov, model.cfg.n_layers)
-    with open_run(output_dir, identity, prov, extra_config, shard) as store:
+    extra = {**(extra_config or {}), "engine": config.engine}  # asked for; provenance: used
+    with open_run(output_dir, identity, prov, extra, shard) as store:
         handler = logging.FileHandler(store.root / LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         lib_log = logging.getLogger("steerlab")
@@ -256,7 +265,7 @@ def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Ta
                 model, ids, max_new_tokens=config.max_tokens, k=config.top_k_mass_k,
                 temperature=config.temperature, seed=seeds,
                 lens=config.lens, think_marker=marker if config.thinking_mode else (),
-                on_token=on_token)
+                on_token=on_token, engine=config.engine)
             recs = [make_record(t, r, tok, marker) for t, r in zip(batch, rows, strict=True)]
             store.commit(b, recs, [_arrays(r) for r in rows])
             if single:

@@ -115,6 +115,8 @@ class LocalResponder:
             :func:`question_seed` ``(seed, question)``.
         steering: ``model -> context manager`` applied around generation, e.g.
             ``lambda m: steer(m, vector, 4.0)``.
+        engine: how generation runs (``auto``, ``eager``, ``static``; see
+            :class:`steerlab.engine.Engine`).
 
     Example:
         >>> r = LocalResponder(model, "Talk like a pirate.", max_tokens=48)
@@ -130,6 +132,7 @@ class LocalResponder:
     seed: int | None = None
     steering: Callable[[Any], contextlib.AbstractContextManager] | None = None
     name: str = field(default="local")
+    engine: str = "auto"
 
     def encode(self, question: str) -> list[int]:
         """Prompt token ids of one question (what the server builds for the same request)."""
@@ -149,7 +152,8 @@ class LocalResponder:
                     seed = (None if self.seed is None else
                             [question_seed(self.seed, q) for q in chunk])
                     texts = generate(self.model, prompts, max_new_tokens=self.max_tokens,
-                                     temperature=self.temperature, seed=seed).texts(tok)
+                                     temperature=self.temperature, seed=seed,
+                                     engine=self.engine).texts(tok)
             except Exception as err:  # noqa: BLE001 - recorded by the caller, never fatal
                 texts = [err] * len(chunk)
             yield from enumerate(texts, start)

@@ -101,17 +101,18 @@ def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[s
             raise SteerlabError(f"the folder holds {_show(old.get(name))}, this run is "
                                 f"{_show(value)}; use a new --output-dir", source=str(cfg),
                                 field=name)
-    used = list((old.get("provenance") or {}).get("devices", []))
-    new = [d for d in provenance.get("devices", []) if d not in used]
-    if new:
-        log.warning("%s was run on %s; this run is on %s (recorded in config.json)", root,
-                    ", ".join(used) or "unrecorded devices", ", ".join(provenance["devices"]))
+    for key, what in (("devices", "on"), ("engines", "with the engine")):
+        used = list((old.get("provenance") or {}).get(key, []))
+        new = [d for d in provenance.get(key, []) if d not in used]
+        if not new:
+            continue
+        log.warning("%s was run %s %s; this run is %s %s (recorded in config.json)", root,
+                    what, ", ".join(used) or "unrecorded", what, ", ".join(provenance[key]))
         with flock(root / ".config.lock", wait=True):
             old = read_json(cfg, "a run's config.json")
             prov = {**dict(provenance), **(old.get("provenance") or {})}
-            prov["devices"] = [*prov.get("devices", []),
-                               *(d for d in provenance["devices"] if d not in
-                                 prov.get("devices", []))]
+            prov[key] = [*prov.get(key, []), *(d for d in provenance[key] if d not in
+                                               prov.get(key, []))]
             write_json_atomic(cfg, {**old, "provenance": prov})
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from steerlab.decode import Settings
 from steerlab.engine import Engine, bucket_batch, bucket_capacity, captures, count_host_syncs
@@ -15,8 +16,6 @@ from steerlab.generate import generate, generate_with_metrics
 from steerlab.slots import SlotBatch
 from steerlab.steer import Steering
 from steerlab.vectors import SteeringVector
-
-from conftest import make_tiny_model
 
 # left-padded: three lengths; rows 1 and 2 differ by one token only
 PROMPTS = [[1, 28, 42, 99, 7, 12, 13], [1, 500, 17], [1, 500, 18], [1, 3, 4, 5, 6]]

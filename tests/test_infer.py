@@ -262,3 +262,36 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1  # one line naming the field and both values
     assert "field 'lens': the folder holds true, this run is false" in errors[0]
+
+
+def test_engines_give_the_same_run_and_a_resume_may_switch(tokenizer, tmp_path, caplog):
+    from conftest import make_tiny_model
+
+    from steerlab.models import _use_attention
+
+    model = make_tiny_model(tokenizer, seed=2)
+    _use_attention(model.original_model, "sdpa")  # the static engine needs HF attention
+    cfg = InferConfig(max_tokens=6, batch_size=2, lens=True, engine="static")
+    out = run_inference(model, PROMPTS, PERSONAE, tmp_path / "static", cfg, progress=False)
+    ref = run_inference(model, PROMPTS, PERSONAE, tmp_path / "eager",
+                        InferConfig(max_tokens=6, batch_size=2, lens=True, engine="eager"),
+                        progress=False)
+    for a, b in zip(load_results(out), load_results(ref), strict=True):
+        assert a["response"] == b["response"]
+        assert a["avg_entropy"] == pytest.approx(b["avg_entropy"], abs=1e-4)  # issue bound
+        ta, tb = read_per_token(out, a["id"]), read_per_token(ref, b["id"])
+        np.testing.assert_allclose(ta["lens_entropy"], tb["lens_entropy"], atol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["engines"] == ["static"] and config["engine"] == "static"
+    # the engine is how, not what: resuming the eager folder with static is allowed, recorded
+    (ref / "results.json").unlink()
+    run_inference(model, PROMPTS, PERSONAE, ref, cfg, progress=False)
+    assert json.loads((ref / "config.json").read_text())["provenance"]["engines"] == \
+        ["eager", "static"]
+
+
+def test_bad_engine_is_exit_2_before_anything(tmp_path, capsys):
+    code = run_cli("infer", "--prompts-json", PROMPTS_JSON, "--personae-json",
+                   PERSONAE_JSON, "--engine", "turbo", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "engine" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -30,6 +30,16 @@ FLAGS: dict[str, tuple[Any, Any]] = {
         rich_help_panel=_PANEL)),
 }
 _DEFAULTS = ModelOptions()
+ENGINE_HELP = ("Generation engine: eager (growing KV cache, one Python step per token), "
+               "static (preallocated cache; the decode step replayed as a CUDA graph on GPUs) "
+               "or auto (static on CUDA, else eager). Same tokens and metrics either way.")
+
+
+def check_engine(engine: str) -> str:
+    """``--engine`` checked before anything loads (one error line, exit code 2)."""
+    from steerlab.engine import Engine
+
+    return Engine.parse(engine, field="engine").value
 
 
 def model_flags(command: Callable[..., Any] | None = None, *, overrides: bool = False) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import typer
 
 from steerlab.cli._app import app
-from steerlab.cli._model import model_flags
+from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import number_list
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
@@ -215,6 +215,7 @@ def chat(
     units: str = typer.Option("raw", help="Strength units: raw (x the vector) or norm "
                               "(fraction of the residual norm, as `vectors eval` reports)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
     from steerlab.chat_session import ChatSession
@@ -225,9 +226,10 @@ def chat(
     from steerlab.steer import Units
 
     units = Units.parse(units, field="units").value  # checked before the model loads
+    engine = check_engine(engine)
     bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
-                          temperature=temperature, seed=seed)
+                          temperature=temperature, seed=seed, engine=engine)
     session.set_persona(persona)
     if vector:
         load_steering(session, vector, alpha, layers, units)

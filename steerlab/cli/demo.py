@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import TRAIT_HELP, app
-from steerlab.cli._model import model_flags
+from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.placement import ModelOptions
 
 
@@ -20,6 +20,7 @@ def demo(
         help="Run folder; rerun with the same folder to resume.")] = Path("logs/steerlab-demo"),
     trait: str = typer.Option("pirate", help=TRAIT_HELP),
     quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Trait pairs (several samples per question, collect, judge, filter), capture to HDF5,
@@ -31,7 +32,8 @@ def demo(
 
     from steerlab.demo import DemoConfig, run_demo
 
-    config = replace(DemoConfig.quick() if quick else DemoConfig(), model=model, trait=trait)
+    config = replace(DemoConfig.quick() if quick else DemoConfig(), model=model, trait=trait,
+                     engine=check_engine(engine))
     summary = run_demo(output_dir, config, progress=progress)
     console = Console()
     console.rule(f"steerlab demo ({summary.seconds:.0f} s)")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
-from steerlab.cli._model import model_flags
+from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.placement import ModelOptions
 
 
@@ -36,6 +36,8 @@ def infer(
         help="Run shard i/n (0-based) of the batches into the shared --output-dir (default: "
         "SLURM array variables), then `steerlab merge RUN`.")] = None,
     lens: bool = typer.Option(False, help="Also record logit-lens metrics at every layer."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP + " Recorded in config.json; a "
+                               "resume may use another."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Generate every persona x prompt x rep and record entropy / top-k mass (resumable)."""
@@ -52,7 +54,7 @@ def infer(
     config = InferConfig(model=model.model, temperature=temperature, max_tokens=max_tokens,
                          batch_size=batch_size, n_reps=n_reps, top_k_mass_k=top_k_mass_k,
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
-                         seed=seed, lens=lens).validate()
+                         seed=seed, lens=lens, engine=check_engine(engine)).validate()
     part = parse_shard(shard)
     if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
         raise SteerlabError("all shards must write one folder; give --output-dir",

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import TRAIT_HELP, app
-from steerlab.cli._model import model_flags
+from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import layer_groups, number_list
 from steerlab.errors import SteerlabError
 from steerlab.placement import ModelOptions
@@ -67,6 +67,7 @@ def evaluate(
         help="Activation file for the shuffled-label control [default: the one the vector "
         "was fitted from, when it exists].")] = None,
     max_tokens: int = typer.Option(40, help="New tokens per answer."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
     output: str = typer.Option("steering-eval", help="Writes <output>.json, <output>.html "
                                "and the resumable <output>.points.jsonl."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -90,7 +91,7 @@ def evaluate(
     scorer = t.build_scorer()
     config = EvalConfig(units=units, positions=positions, preserve_norm=preserve_norm,
                         search=Search(start, max_alpha=max_alpha, refine=refine, budget=budget),
-                        max_new_tokens=max_tokens)
+                        max_new_tokens=max_tokens, engine=check_engine(engine))
     groups = layer_groups(layers) or None
     fixed = number_list(strengths, float, "strengths") or None
     source = activations or (Path(vec.provenance.source) if vec.provenance.source else None)
