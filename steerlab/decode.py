@@ -204,8 +204,9 @@ class RowSteering:
 
             return add
 
+        # first: monitors and the lens read the steered residual, as when steering by hooks
         return layer_hooks(self.model, {layer: hook_for(keys) for layer, keys in
-                                        by_layer.items()}, graph_safe=True)
+                                        by_layer.items()}, graph_safe=True, first=True)
 
 
 def forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

@@ -61,18 +61,19 @@ class HookPoint(Choice):
     RESID_MID = "resid_mid"
 
     def attach(self, block: torch.nn.Module, fn: ResidualHook, *,
-               graph_safe: bool = False) -> Any:
+               graph_safe: bool = False, first: bool = False) -> Any:
         """Register ``fn`` at this point of ``block``; returns the removable torch handle.
 
         ``graph_safe`` marks a hook whose work is all tensor operations with no host reads and
-        no Python side effects per call, so a captured CUDA graph may replay it."""
+        no Python side effects per call, so a captured CUDA graph may replay it. ``first``
+        runs it before the hooks already there."""
         if self is HookPoint.RESID_POST:
             def post(module: Any, args: Any, output: Any) -> Any:
                 new = fn(hidden_of(output))
                 return None if new is None else replace_hidden(output, new)
 
             post._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
-            return block.register_forward_hook(post)
+            return block.register_forward_hook(post, prepend=first)
         if self is HookPoint.RESID_PRE:
             def pre(module: Any, args: Any, kwargs: Any) -> Any:
                 if args:
@@ -82,7 +83,7 @@ class HookPoint(Choice):
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 
             pre._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
-            return block.register_forward_pre_hook(pre, with_kwargs=True)
+            return block.register_forward_pre_hook(pre, with_kwargs=True, prepend=first)
         point = getattr(block, "hook_resid_mid", None)
         if point is None:
             raise SteerlabError("this model's blocks have no hook_resid_mid", field="hook")
@@ -91,7 +92,7 @@ class HookPoint(Choice):
             return fn(output)
 
         mid._steerlab_graph_safe = graph_safe  # type: ignore[attr-defined]
-        return point.register_forward_hook(mid)
+        return point.register_forward_hook(mid, prepend=first)
 
 
 def unsafe_hooks(model: Any) -> int:
@@ -109,7 +110,7 @@ def unsafe_hooks(model: Any) -> int:
 @contextmanager
 def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
                 point: HookPoint = HookPoint.RESID_POST, *,
-                graph_safe: bool = False) -> Iterator[None]:
+                graph_safe: bool = False, first: bool = False) -> Iterator[None]:
     """Residual hooks on decoder layers (``{layer: fn}``) while inside; always removed.
 
     The one way steerlab hooks a model: steering, monitoring, capture and the logit lens all
@@ -124,7 +125,7 @@ def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
     handles = []
     try:
         for layer, fn in hooks.items():
-            handles.append(point.attach(blocks[layer], fn, graph_safe=graph_safe))
+            handles.append(point.attach(blocks[layer], fn, graph_safe=graph_safe, first=first))
         yield
     finally:
         for h in handles:

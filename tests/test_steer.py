@@ -150,3 +150,16 @@ def test_monitor_records_projection_per_token(tiny_model, vector):
     torch.testing.assert_close(trace[0, 2], hidden(tiny_model, full)[2][0, -1] @ unit,
                                atol=tol, rtol=1e-4)
     assert no_hooks(tiny_model)
+
+
+def test_monitor_sees_the_steered_residual_during_generation(tiny_model, vector):
+    ids = PROMPTS[1]
+    with monitor(tiny_model, vector, layers=[1]) as plain:
+        generate(tiny_model, [ids], max_new_tokens=2)
+    with steer(tiny_model, vector, 2.0, layers=[1]), \
+            monitor(tiny_model, vector, layers=[1]) as steered:
+        generate(tiny_model, [ids], max_new_tokens=2)
+    # the prompt pass: the same residual before layer 1's output, plus 2 v at layer 1
+    shift = steered.trace(1)[0, 0] - plain.trace(1)[0, 0]
+    want = 2.0 * float(vector.direction(1).norm())
+    torch.testing.assert_close(shift, torch.tensor(want), rtol=1e-4, atol=1e-4)
