@@ -218,3 +218,33 @@ def test_steered_generate_equals_hf_with_a_plain_torch_hook(model, reference, ba
         got = generate(model, prompts, max_new_tokens=NEW_TOKENS).tokens
     assert got == want
     assert got != expected  # the vector does change the replies
+
+
+@SDPA_ONLY
+def test_static_engine_equals_plain_hf(model, reference, batch, expected):
+    """The static engine (slot cache, one graph-replayable step) against HF ``generate``:
+    the same greedy tokens, and entropy of HF's teacher-forced logits (same bound as above)."""
+    rows = generate_with_metrics(model, batch, max_new_tokens=NEW_TOKENS, engine="static")
+    assert [r.tokens for r in rows] == expected
+    for prompt, row in zip(batch, rows, strict=True):
+        logits = hf_logits(reference, prompt, row.tokens)
+        want = torch.distributions.Categorical(logits=logits)
+        assert abs(row.entropy - want.entropy().numpy()).max() < 1e-2
+        chosen = want.log_prob(torch.tensor(row.tokens)).numpy()
+        assert abs(row.logprob - chosen).max() < 1e-2  # |d log p| <= 2 |d logit|
+
+
+@SDPA_ONLY
+def test_static_engine_steered_equals_hf_with_a_plain_torch_hook(model, reference, batch):
+    g = torch.Generator().manual_seed(1)
+    layer, alpha = 10, 3.0
+    vector = SteeringVector(torch.randn(1, model.cfg.d_model, generator=g), (layer,))
+    add = alpha * vector.direction(layer)
+    handle = reference.model.layers[layer].register_forward_hook(
+        lambda module, args, output: replace_hidden(output, hidden_of(output) + add))
+    try:
+        want = hf_greedy(reference, model.tokenizer, batch)
+    finally:
+        handle.remove()
+    with steer(model, vector, alpha):
+        assert generate(model, batch, max_new_tokens=NEW_TOKENS, engine="static").tokens == want
