@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 class Engine(Choice):
     """How generation runs: ``eager`` (growing cache, one Python step at a time), ``static``
-    (preallocated cache, step captured as a CUDA graph on GPUs), ``auto`` (static on CUDA with
-    HF attention kernels, else eager)."""
+    (preallocated cache, step captured as a CUDA graph on GPUs), ``auto`` (static on one CUDA
+    device with HF attention kernels, else eager)."""
 
     AUTO = "auto"
     EAGER = "eager"
@@ -41,9 +41,14 @@ class Engine(Choice):
         """The concrete engine for ``model`` (``auto`` decided by its device and attention)."""
         if self is not Engine.AUTO:
             return self
-        hf = model.original_model
-        on_cuda = next(hf.parameters()).device.type == "cuda"
+        on_cuda = one_device(model) and \
+            next(model.original_model.parameters()).device.type == "cuda"
         return Engine.STATIC if on_cuda and hf_attention(model) else Engine.EAGER
+
+
+def one_device(model: Any) -> bool:
+    """Whether all the weights are on one device (a graph cannot span a split model)."""
+    return len({p.device for p in model.original_model.parameters()}) == 1
 
 
 def hf_attention(model: Any) -> bool:

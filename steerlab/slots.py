@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from steerlab.decode import DecodeState, RowSteering, Settings, advance, forward, prefill
-from steerlab.engine import hf_attention, workspace
+from steerlab.engine import hf_attention, one_device, workspace
 from steerlab.errors import SteerlabError
 from steerlab.layers import unsafe_hooks
 from steerlab.lens import LastPositionRecorder
@@ -74,8 +74,9 @@ class SlotBatch:
             if self.recorder is not None:
                 stack.enter_context(self.recorder.recording())
             # hooks from outside (monitors, users' own) run in Python every step: no graphs
+            # and a model split over GPUs runs its step uncaptured (a graph is one device's)
             self._replayable = self.graphs and not listeners(self.model) and \
-                unsafe_hooks(self.model) == 0
+                unsafe_hooks(self.model) == 0 and one_device(self.model)
             self._hooks = stack.enter_context(contextlib.ExitStack())
             self._hooks.enter_context(self.steering.hooks())
             try:
