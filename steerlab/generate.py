@@ -39,7 +39,7 @@ from steerlab.sampling import (  # noqa: F401  (re-exported: the public helpers 
     sample,
     stop_token_ids,
 )
-from steerlab.steer import StepState, announce, generating, listeners, steerings_in_force
+from steerlab.steps import StepState, announce, generating, listeners, steerings_in_force
 
 OnToken = Callable[[list["int | None"]], "bool | None"]
 SYNC_EVERY = 8  # static engine: decode steps between host checks

@@ -20,7 +20,8 @@ from steerlab.engine import hf_attention, one_device, workspace
 from steerlab.errors import SteerlabError
 from steerlab.layers import unsafe_hooks
 from steerlab.lens import LastPositionRecorder
-from steerlab.steer import Steering, generating, listeners
+from steerlab.steer import Steering
+from steerlab.steps import generating, listeners
 
 
 class SlotBatch:

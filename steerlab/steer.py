@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -23,89 +23,10 @@ from jaxtyping import Bool, Float
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.layers import check_layers, layer_hooks
+from steerlab.steps import StepState, in_force, is_generating, listen
 from steerlab.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepState:
-    """What interventions may need to know about the forward pass under way.
-
-    ``prefill`` is True for the prompt pass; ``generated`` marks rows still generating;
-    ``in_output`` marks rows whose new positions are in the output section (after
-    ``</think>``, or always when the model is not thinking).
-    """
-
-    prefill: bool
-    generated: Bool[torch.Tensor, " batch"]
-    in_output: Bool[torch.Tensor, " batch"]
-
-
-@runtime_checkable
-class StepListener(Protocol):
-    """Told the state of each forward pass generation runs (``None``: not generating).
-
-    Interventions that act on some positions only (monitoring) register with :func:`listen`
-    and are told before every forward pass."""
-
-    def on_step(self, state: StepState | None) -> None: ...
-
-
-_LISTENERS = "_steerlab_step_listeners"
-_ACTIVE = "_steerlab_steerings"
-_GENERATING = "_steerlab_generating"
-
-
-def _model_list(model: Any, name: str) -> list[Any]:
-    """A list kept on the bridge object itself (listeners, steerings in force)."""
-    found = model.__dict__.get(name)
-    if found is None:
-        found = []
-        object.__setattr__(model, name, found)
-    return found
-
-
-def listeners(model: Any) -> list[StepListener]:
-    """The step listeners registered on ``model``."""
-    return _model_list(model, _LISTENERS)
-
-
-@contextmanager
-def listen(model: Any, listener: StepListener) -> Iterator[StepListener]:
-    """Tell ``listener`` the step state of every generation on ``model`` inside."""
-    registered = listeners(model)
-    registered.append(listener)
-    listener.on_step(None)
-    try:
-        yield listener
-    finally:
-        registered.remove(listener)
-
-
-def announce(model: Any, state: StepState | None) -> None:
-    """Tell the registered listeners the state of the next forward pass."""
-    for listener in listeners(model):
-        listener.on_step(state)
-
-
-def steerings_in_force(model: Any) -> list[Steering]:
-    """The steerings applied on ``model`` now (:meth:`Steering.apply`), outermost first.
-
-    Generation reads them and adds them itself (per row, from tensors a CUDA graph can
-    replay), so their hooks stand aside while it runs (:func:`generating`)."""
-    return list(_model_list(model, _ACTIVE))
-
-
-@contextmanager
-def generating(model: Any) -> Iterator[None]:
-    """Mark a generation under way: the hooks of :meth:`Steering.apply` add nothing inside
-    (the generation adds the same steering from its own buffers)."""
-    object.__setattr__(model, _GENERATING, True)
-    try:
-        yield
-    finally:
-        object.__setattr__(model, _GENERATING, False)
 
 
 def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
@@ -276,7 +197,7 @@ class Steering:
         if not self.active:
             yield self  # nothing to add: leave the model untouched
             return
-        registered = _model_list(model, _ACTIVE)
+        registered = in_force(model)
         registered.append(self)
         try:
             if self.positions is not Positions.ALL:  # outside generation these steer nothing
@@ -287,7 +208,7 @@ class Steering:
 
             def hook_for(layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
                 def add(h: torch.Tensor) -> torch.Tensor | None:
-                    if model.__dict__.get(_GENERATING):
+                    if is_generating(model):
                         return None
                     if layer not in deltas:
                         deltas.update(self.row_deltas(h.shape[0]) if isinstance(

@@ -1,0 +1,105 @@
+"""What interventions are told while a model generates: the step state (:class:`StepState`,
+:func:`listen`), the steerings in force, and whether a generation is under way.
+
+Kept on the bridge object itself, so that :mod:`steerlab.steer` (which registers) and
+:mod:`steerlab.decode` (which generates) share them without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Bool
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What interventions may need to know about the forward pass under way.
+
+    ``prefill`` is True for the prompt pass; ``generated`` marks rows still generating;
+    ``in_output`` marks rows whose new positions are in the output section (after
+    ``</think>``, or always when the model is not thinking).
+    """
+
+    prefill: bool
+    generated: Bool[torch.Tensor, " batch"]
+    in_output: Bool[torch.Tensor, " batch"]
+
+
+@runtime_checkable
+class StepListener(Protocol):
+    """Told the state of each forward pass generation runs (``None``: not generating).
+
+    Interventions that act on some positions only (monitoring) register with :func:`listen`
+    and are told before every forward pass."""
+
+    def on_step(self, state: StepState | None) -> None: ...
+
+
+_LISTENERS = "_steerlab_step_listeners"
+_ACTIVE = "_steerlab_steerings"
+_GENERATING = "_steerlab_generating"
+
+
+def _model_list(model: Any, name: str) -> list[Any]:
+    """A list kept on the bridge object itself (listeners, steerings in force)."""
+    found = model.__dict__.get(name)
+    if found is None:
+        found = []
+        object.__setattr__(model, name, found)
+    return found
+
+
+def listeners(model: Any) -> list[StepListener]:
+    """The step listeners registered on ``model``."""
+    return _model_list(model, _LISTENERS)
+
+
+@contextmanager
+def listen(model: Any, listener: StepListener) -> Iterator[StepListener]:
+    """Tell ``listener`` the step state of every generation on ``model`` inside."""
+    registered = listeners(model)
+    registered.append(listener)
+    listener.on_step(None)
+    try:
+        yield listener
+    finally:
+        registered.remove(listener)
+
+
+def announce(model: Any, state: StepState | None) -> None:
+    """Tell the registered listeners the state of the next forward pass."""
+    for listener in listeners(model):
+        listener.on_step(state)
+
+
+def in_force(model: Any) -> list[Any]:
+    """The steerings applied on ``model`` now (``Steering.apply`` adds and removes itself),
+    outermost first. Generation reads them and adds them itself (per row, from tensors a
+    CUDA graph can replay), so their hooks stand aside while it runs (:func:`generating`)."""
+    return _model_list(model, _ACTIVE)
+
+
+def steerings_in_force(model: Any) -> list[Any]:
+    """A copy of :func:`in_force`: the steerings generation adds."""
+    return list(in_force(model))
+
+
+def is_generating(model: Any) -> bool:
+    """Whether a generation is under way on ``model`` (see :func:`generating`)."""
+    return bool(model.__dict__.get(_GENERATING))
+
+
+@contextmanager
+def generating(model: Any) -> Iterator[None]:
+    """Mark a generation under way: the hooks of ``Steering.apply`` add nothing inside
+    (the generation adds the same steering from its own buffers)."""
+    object.__setattr__(model, _GENERATING, True)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, _GENERATING, False)
