@@ -6,8 +6,10 @@
 
 A random-weight Llama of a real geometry (Llama-3-8B by default) with the embedded model's
 tokenizer is built on the device and saved to a temp dir (no download); then every section
-runs against its baseline: load, generation (eager and sdpa), lens cost, steering, a batch of
-strengths, capture, and the `extract` / `infer` CLI end to end. Prints one table and writes
+runs against its baseline: load, generation (eager and sdpa), the generation engines (static
+vs eager vs HF static-cache compiled generate, lens and steering costs on the static engine,
+CUDA graphs captured), lens cost, steering, a batch of strengths, capture, and the
+`extract` / `infer` CLI end to end. Prints one table and writes
 the figures as JSON (peak GPU memory per row, device, versions, date). Without a CUDA device
 (and no explicit --device cpu) it prints one `skip:` line and exits 0. docs/performance.md
 lists the targets.
@@ -50,10 +52,14 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
-SECTIONS = ("load", "generation", "lens", "steer", "strengths", "capture", "cli")
+SECTIONS = ("load", "generation", "engine", "lens", "steer", "strengths", "capture", "cli")
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template*")
 NEVER = {-1}  # stop ids no row ever emits: every run generates batch x new_tokens
+# issue 14's GPU targets for the static engine: tok/s with metrics at batch 64 and 256,
+# 128 new tokens, 8b shape, bf16
+ENGINE_TOKS = {64: 5000.0, 256: 12000.0}
+LENS_MAX, STEER_MAX = 1.3, 1.03  # lens / plain metrics time; steered / unsteered time
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,176 @@ def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
     return rows
 
 
+def interleaved(b: Bench, fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Run]:
+    """Best synchronised wall time of each (warmed-up) function over ``repeats`` rounds that
+    alternate them, so a slow spell of the machine hits every path; with each peak memory."""
+    best = dict.fromkeys(fns, math.inf)
+    peaks: dict[str, float | None] = dict.fromkeys(fns)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(b)
+            reset_peak(b)
+            t = time.perf_counter()
+            fn()
+            sync(b)
+            best[name] = min(best[name], time.perf_counter() - t)
+            p = peak_mb(b)
+            peaks[name] = p if peaks[name] is None else max(peaks[name] or 0.0, p or 0.0)
+    return {name: Run(best[name], peaks[name]) for name in fns}
+
+
+def hf_static_generate(b: Bench, hf: Any, pad_id: int, input_ids: torch.Tensor,
+                       mask: torch.Tensor, compiled: bool) -> Callable[[int], Any]:
+    """HF ``generate`` with ``cache_implementation="static"``; with ``compiled`` the decode
+    forward is ``torch.compile(mode="reduce-overhead")``-ed by generate itself (its
+    ``compile_config``: HF's way of compiling ``model.__call__`` for static-cache decoding;
+    the prefill runs uncompiled), else ``disable_compile``."""
+    from transformers import CompileConfig
+
+    extra: dict[str, Any] = (
+        {"compile_config": CompileConfig(mode="reduce-overhead", fullgraph=False,
+                                         dynamic=False)}
+        if compiled else {"disable_compile": True})
+
+    def call(k: int) -> Any:
+        return hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=k,
+                           min_new_tokens=k, do_sample=False, use_cache=True,
+                           pad_token_id=pad_id, cache_implementation="static", **extra)
+
+    return call
+
+
+def graphs_captured(model: Any) -> int:
+    """Decode steps of ``model``'s static-engine workspaces that replay a CUDA graph."""
+    from steerlab import engine
+
+    kept = model.__dict__.get(engine._WORKSPACES) or {}
+    return sum(step.graph is not None for ws in kept.values() for step in ws.steps.values())
+
+
+def bench_engine(b: Bench) -> dict:
+    """The static engine vs the eager one and vs HF's static-cache compiled generate, with
+    metrics; the lens and steering costs on the static engine; the graphs captured.
+
+    Every path is warmed up at the full ``--new-tokens`` (the static engine's buckets, hence
+    its captured graphs, and HF's compiled shapes depend on the length), then the timed runs
+    alternate the paths."""
+    import steerlab
+    from steerlab.engine import captures, release_workspaces
+    from steerlab.generate import generate_with_metrics, left_pad
+
+    model, n = b.steerlab_model(), b.args.new_tokens
+    tok = model.tokenizer
+    hf = load_hf(b, "sdpa")  # the anchor: its own model, compiled by HF's generate on CUDA
+    vec = random_vector(model)
+    compiled, notes = b.cuda, []
+    if not b.cuda:
+        notes.append("HF baseline: static-cache generate, not compiled (torch.compile is "
+                     "skipped on the CPU: inductor's C++ build would dominate a smoke run)")
+    rows, timed_captures, per_batch = [], 0, {}
+    for batch in b.args.batches:
+        ids = chat_prompts(tok, batch)
+        input_ids, mask = left_pad(ids, tok.pad_token_id, b.dev)
+
+        def metrics(engine: str, lens: bool = False, i: list = ids) -> Any:
+            return generate_with_metrics(model, i, max_new_tokens=n, lens=lens,
+                                         stop_ids=NEVER, engine=engine)
+
+        def plain(steered: bool, i: list = ids) -> Any:
+            if not steered:
+                return steerlab.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
+                                         engine="static")
+            with steerlab.steer(model, vec, 4.0):
+                return steerlab.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
+                                         engine="static")
+
+        anchor = hf_static_generate(b, hf, tok.pad_token_id, input_ids, mask, compiled)
+        if compiled:
+            try:
+                sync(b)
+                t = time.perf_counter()
+                anchor(n)  # compiles this batch's decode shapes, records its graphs
+                sync(b)
+                if getattr(hf, "_compiled_call", None) is None:
+                    raise RuntimeError("generate did not compile the forward")
+                per_batch.setdefault(batch, {})["hf_compile_warmup_s"] = \
+                    time.perf_counter() - t
+            except Exception as err:  # noqa: BLE001 - the baseline falls back, noted
+                import torch._dynamo
+
+                traceback.print_exc()
+                compiled = False
+                torch._dynamo.reset()
+                notes.append(f"HF baseline: torch.compile failed at batch {batch} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                             "from there on plain static-cache generate")
+                anchor = hf_static_generate(b, hf, tok.pad_token_id, input_ids, mask, False)
+        fns = {"eager": lambda: metrics("eager"), "static": lambda: metrics("static"),
+               "hf": lambda a=anchor: a(n), "lens": lambda: metrics("static", lens=True),
+               "unsteered": lambda: plain(False), "steered": lambda: plain(True)}
+        for fn in fns.values():
+            fn()  # warm-up at the full length
+        before = captures(model)
+        runs = interleaved(b, fns, b.args.repeats)
+        timed_captures += captures(model) - before
+        work = batch * n
+        anchor_name = "HF static cache" + (" + compile" if compiled else "")
+        toks = ENGINE_TOKS.get(batch)
+        rows += [
+            row(f"engine: static + metrics vs {anchor_name}, batch {batch}", runs["static"],
+                runs["hf"], ">= 1.0", work),
+            row(f"engine: static + metrics vs eager + metrics, batch {batch}",
+                runs["static"], runs["eager"],
+                f">= {toks:,.0f} tok/s (8b)" if toks else "(info)", work),
+            row(f"engine: static, metrics + lens (all layers) vs metrics, batch {batch}",
+                runs["lens"], runs["static"], f"<= {LENS_MAX}"),
+            row(f"engine: static, steered (all layers) vs unsteered, batch {batch}",
+                runs["steered"], runs["unsteered"], f"<= {STEER_MAX}"),
+        ]
+        per_batch.setdefault(batch, {})["baseline"] = anchor_name
+    result = {"rows": rows, "targets": engine_targets(b, rows),
+              "captures": captures(model), "graphs_captured": graphs_captured(model),
+              "captures_during_timed_runs": timed_captures, "baseline_compiled": compiled,
+              "notes": notes, "per_batch": {str(k): v for k, v in per_batch.items()}}
+    release_workspaces(model)  # the static caches and graphs: later sections need the memory
+    del hf
+    if b.cuda:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # HF's compiled graphs and their CUDA graph pools
+    free(b)
+    return result
+
+
+def engine_targets(b: Bench, rows: list[dict]) -> list[dict]:
+    """Issue 14's GPU targets with the figures measured here; ``applies`` is False where
+    this run is not the setting a target is stated for (``setting``)."""
+    full = (b.cuda and b.args.shape == "8b" and b.dtype == torch.bfloat16
+            and b.args.new_tokens == 128)
+    out = []
+
+    def target(text: str, measured: float, met: bool, applies: bool, setting: str) -> None:
+        out.append({"target": text, "measured": measured, "met": met, "applies": applies,
+                    "setting": setting})
+
+    for r in rows:
+        name, batch = r["measurement"], int(r["measurement"].rsplit(" ", 1)[-1])
+        if "vs eager" in name and batch in ENGINE_TOKS:
+            target(f"static + metrics >= {ENGINE_TOKS[batch]:,.0f} tok/s, batch {batch}",
+                   r["steerlab"], r["steerlab"] >= ENGINE_TOKS[batch], full,
+                   "a GPU, 8b shape, bf16, 128 new tokens")
+        elif "vs HF" in name:
+            target(f"static + metrics >= HF static-cache compiled generate, batch {batch}",
+                   r["ratio"], r["ratio"] >= 1.0, b.cuda and "+ compile" in name,
+                   "a GPU, HF's generate compiled")
+        elif "lens" in name:
+            target(f"lens <= {LENS_MAX}x plain metrics, batch {batch}", r["ratio"],
+                   r["ratio"] <= LENS_MAX, b.cuda, "a GPU")
+        elif "steered" in name:
+            target(f"steered <= {STEER_MAX}x unsteered, batch {batch}", r["ratio"],
+                   r["ratio"] <= STEER_MAX, b.cuda, "a GPU")
+    return out
+
 def bench_lens(b: Bench) -> dict:
     from steerlab.generate import generate_with_metrics
 
@@ -490,7 +666,8 @@ def bench_cli(b: Bench) -> dict:
 
 
 BENCHES: dict[str, Callable[[Bench], dict]] = {
-    "load": bench_load, "generation": bench_generation, "lens": bench_lens,
+    "load": bench_load, "generation": bench_generation, "engine": bench_engine,
+    "lens": bench_lens,
     "steer": bench_steer, "strengths": bench_strengths, "capture": bench_capture,
     "cli": bench_cli,
 }
@@ -525,10 +702,29 @@ def print_table(result: dict) -> None:
     for name, section in result["sections"].items():
         if "error" in section:
             console.print(f"{name} failed: {section['error']}", markup=False, highlight=False)
+    engine = result["sections"].get("engine")
+    if engine and "error" not in engine:
+        print_engine(console, engine)
     load = result["sections"].get("load")
     if load and "error" not in load:
         console.print(f"parameters not on {meta['device']}: {load['params_off_device']} "
                       f"(buffers: {load['buffers_off_device']}; target 0)")
+
+
+def print_engine(console: Any, engine: dict) -> None:
+    """The engine section's targets (met or not, and whether this run is their setting), its
+    captures and its notes."""
+    for t in engine["targets"]:
+        verdict = ("met" if t["met"] else "MISSED") if t["applies"] else \
+            f"not checked (stated for {t['setting']})"
+        console.print(f"engine target: {t['target']}: measured {t['measured']:,.3f}, {verdict}",
+                      markup=False, highlight=False)
+    console.print(f"engine: {engine['captures']} step programs built, "
+                  f"{engine['graphs_captured']} replaying a CUDA graph; "
+                  f"{engine['captures_during_timed_runs']} built during the timed runs "
+                  "(target 0)", markup=False, highlight=False)
+    for note in engine["notes"]:
+        console.print(f"engine note: {note}", markup=False, highlight=False)
 
 
 def versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
-SECTIONS = {"load", "generation", "lens", "steer", "strengths", "capture", "cli"}
+SECTIONS = {"load", "generation", "engine", "lens", "steer", "strengths", "capture", "cli"}
 SMOKE = ("--device", "cpu", "--shape", "tiny", "--batches", "2", "--new-tokens", "4")
 
 
@@ -42,6 +42,10 @@ def test_cpu_smoke_run_covers_every_section(tmp_path):
                 assert isinstance(value, float) and math.isfinite(value) and value > 0, where
     load = result["sections"]["load"]
     assert load["params_off_device"] == 0 and load["buffers_off_device"] == 0
+    engine = result["sections"]["engine"]
+    assert engine["captures"] > 0 and engine["captures_during_timed_runs"] == 0
+    assert engine["targets"] and not any(t["applies"] for t in engine["targets"])  # a GPU's
+    assert "engine target: " in run.stdout
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["shape"] == "tiny" and meta["torch"]
     assert meta["new_tokens"] == 4 and meta["batches"] == [2]
