@@ -2,8 +2,16 @@
 
 ``GET /v1/models`` and ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` SSE).
 Extra request fields: ``persona`` (a name, or ``{"persona", "category", "article"}``) and
-``steering`` (``{"vector": path, "alpha": float, "layers": [int] | null}``). One request
-generates at a time (a lock around the model); ``temperature`` defaults to 1 as in OpenAI's API.
+``steering`` (``{"vector": path, "alpha": float, "layers": [int] | null}``); ``temperature``
+defaults to 1 as in OpenAI's API, a request without ``seed`` samples with a random one.
+
+``static`` (the default): continuous batching on the static engine (:mod:`steerlab.batcher`):
+concurrent requests decode together, each row with its own persona, sampling, budget and
+steering, and a finished row's slot goes to the next request between steps. Batching is what a
+server is for, on the CPU too (a step over 16 rows costs little more than one over a single
+row). Streamed chunks go out at each host check (every ``sync_every`` steps); a client that
+hangs up frees its slot at the next check. ``eager``: one request at a time (a lock around the
+model), as ``generate(engine="eager")``. Every 400 is decided before a request is queued.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -110,13 +119,14 @@ def parse_request(body: dict) -> dict[str, Any]:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r:.60}")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("'seed' must be an integer")
-    temperature = body.get("temperature")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -(2**63) <= seed < 2**63):
+        raise RequestError("'seed' must be a 64-bit integer")
+    temp = body.get("temperature")
     return {
         "messages": _messages(body.get("messages")),
         "max_tokens": max_tokens,
-        "temperature": 1.0 if temperature is None else _number(temperature, "temperature", 0, 2),
+        "temperature": 1.0 if temp is None else _number(temp, "temperature", 0.0, 2.0),
         "seed": seed,
         "stream": bool(body.get("stream", False)),
         "persona": _persona(body.get("persona")),
@@ -175,71 +185,165 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # many clients connect at once
 
-    def __init__(self, addr: tuple[str, int], model: Any, model_name: str):
-        super().__init__(addr, _Handler)
-        self.model, self.model_name, self.lock = model, model_name, threading.Lock()
+    def __init__(self, addr: tuple[str, int], model: Any, model_name: str, engine: str,
+                 max_batch: int, max_context: int, sync_every: int):
+        from steerlab.engine import Engine, hf_attention
+
+        chosen = Engine.parse(engine, field="engine")
+        if chosen is Engine.AUTO:  # a server batches whenever the model allows it
+            chosen = Engine.STATIC if hf_attention(model) else Engine.EAGER
+        self.batcher: Any = None
+        if chosen is Engine.STATIC:
+            from steerlab.batcher import Batcher
+
+            self.batcher = Batcher(model, slots=max_batch, max_context=max_context,
+                                   sync_every=sync_every)
+        self.model, self.model_name, self.engine = model, model_name, chosen.value
+        self.lock, self.tok_lock = threading.Lock(), threading.Lock()
+        try:
+            super().__init__(addr, _Handler)
+        except BaseException:
+            self.server_close()
+            raise
+
+    def shutdown(self) -> None:  # stops serve_forever and the scheduler
+        super().shutdown()
+        self.server_close()
+
+    def server_close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()  # its requests end with an error, none hangs
+        super().server_close()
+
+    def steering(self, spec: Any) -> Steering | None:
+        """The request's steering; norm units may measure residual norms, a forward of the
+        model: run that where the model is free (scheduler thread, or under the lock)."""
+        if not (isinstance(spec, dict) and spec.get("units") == "norm"):
+            return parse_steering(self.model, spec)  # no model run needed
+        if self.batcher is not None:
+            return self.batcher.call(lambda: parse_steering(self.model, spec))
+        with self.lock:
+            return parse_steering(self.model, spec)
 
     def complete(self, h: _Handler, req: dict) -> None:
-        from steerlab.generate import generate
-
         tok = self.model.tokenizer
         try:
-            ids = encode_messages(tok, req["messages"], req["persona"])
+            with self.tok_lock:
+                ids = encode_messages(tok, req["messages"], req["persona"])
         except SteerlabError as err:
             raise RequestError(str(err)) from None
+        if self.batcher is not None and len(ids) + req["max_tokens"] > self.batcher.max_context:
+            raise RequestError(
+                f"'max_tokens': a prompt of {len(ids)} tokens plus max_tokens "
+                f"{req['max_tokens']} needs {len(ids) + req['max_tokens']} positions; the "
+                f"server's max_context is {self.batcher.max_context} (--max-context)")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": self.model_name}
-        steering = parse_steering(self.model, req["steering"])  # reads the vector file
-        with self.lock, (steering.apply(self.model) if steering else contextlib.nullcontext()):
-            # a stream answers 200 at once: open it only after every check has passed
-            stream = _Stream(h, tok, head) if req["stream"] else None
-            gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
-                           temperature=req["temperature"], seed=req["seed"],
-                           on_token=stream.on_token if stream else None)
-        text = gen.texts(tok)[0]
-        finish = "stop" if gen.stopped[0] else "length"
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(gen.tokens[0]),
-                 "total_tokens": len(ids) + len(gen.tokens[0])}
-        if stream:
-            stream.finish(text, finish, usage)
+        steering = self.steering(req["steering"])  # reads the vector file
+        if self.batcher is None:
+            stream, tokens, stopped = self._eager(h, req, ids, head, steering)
+        else:
+            stream, tokens, stopped = self._batched(h, req, ids, head, steering)
+            if tokens is None:
+                return  # the client went away
+        with self.tok_lock:
+            text = tok.decode(tokens, skip_special_tokens=True)
+        finish = "stop" if stopped else "length"
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
+                 "total_tokens": len(ids) + len(tokens)}
+        if req["stream"]:
+            (stream or _Stream(h, self, head)).finish(text, finish, usage)
         else:
             h._json(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text},
                  "finish_reason": finish}]})
 
+    def _eager(self, h: _Handler, req: dict, ids: list[int], head: dict,
+               steering: Steering | None) -> tuple[_Stream | None, list[int], bool]:
+        from steerlab.generate import generate
+
+        with self.lock, (steering.apply(self.model) if steering else contextlib.nullcontext()):
+            # a stream answers 200 at once: open it only after every check has passed
+            stream = _Stream(h, self, head) if req["stream"] else None
+            gen = generate(self.model, [ids], max_new_tokens=req["max_tokens"],
+                           temperature=req["temperature"], seed=req["seed"], engine="eager",
+                           on_token=(lambda new: new[0] is not None and stream.push([new[0]]))
+                           if stream else None)
+        return stream, gen.tokens[0], gen.stopped[0]
+
+    def _batched(self, h: _Handler, req: dict, ids: list[int], head: dict,
+                 steering: Steering | None) -> tuple[_Stream | None, list[int] | None, bool]:
+        from steerlab.batcher import Job
+
+        seed = req["seed"] if req["seed"] is not None else random.getrandbits(31)
+        job = Job(ids, req["max_tokens"], req["temperature"], seed, steering, head["id"])
+        stream, tokens, stopped = None, [], False
+        try:
+            self.batcher.submit(job)
+            for kind, value in job.events():
+                if kind == "error":
+                    if stream is None:
+                        raise value  # nothing sent yet: an HTTP 500
+                    stream.error(value)
+                    return stream, None, False
+                if kind == "done":
+                    stopped = value
+                    break
+                tokens += value
+                if req["stream"]:
+                    # opened at the first tokens: a request that fails before gets a 500
+                    stream = stream or _Stream(h, self, head)
+                    if stream.push(value):
+                        return stream, None, False  # the client went away
+        finally:
+            job.cancel()  # no-op once done; frees the slot if this thread stops early
+        return stream, tokens, stopped
+
 
 class _Stream:
-    """Server-sent events: one chunk per decoded piece of text as tokens are generated."""
+    """Server-sent events: a chunk per piece of new text (per token eager, per check static)."""
 
-    def __init__(self, h: _Handler, tok: Any, head: dict):
-        self.h, self.tok, self.head, self.tokens, self.sent, self.gone = h, tok, head, [], "", False
+    def __init__(self, h: _Handler, server: _Server, head: dict):
+        self.h, self.server, self.head, self.sent, self.gone = h, server, head, "", False
+        self.tokens: list[int] = []
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Cache-Control", "no-cache")
         h.end_headers()
         self._chunk({"role": "assistant", "content": ""}, None)
 
-    def _chunk(self, delta: dict, finish: str | None, **extra: Any) -> None:
-        obj = {**self.head, "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        self.h.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+    def _write(self, obj: dict | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        self.h.wfile.write(f"data: {data}\n\n".encode())
         self.h.wfile.flush()
 
-    def on_token(self, new: list[int | None]) -> bool:
-        if new[0] is None:
-            return False
-        self.tokens.append(new[0])
-        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+    def _chunk(self, delta: dict, finish: str | None, **extra: Any) -> None:
+        self._write({**self.head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                     **extra})
+
+    def push(self, new: list[int]) -> bool:
+        """Send the text ``new`` tokens add; True when the client has disconnected."""
+        self.tokens += new
+        with self.server.tok_lock:
+            text = self.server.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd") or not text.startswith(self.sent) or text == self.sent:
             return False  # wait for the rest of a multi-byte character
         try:
             self._chunk({"content": text[len(self.sent):]}, None)
         except OSError:
             self.gone = True
-            return True  # the client disconnected: stop generating
+            return True
         self.sent = text
         return False
+
+    def error(self, err: BaseException) -> None:
+        """End a stream that failed after it began with an error event."""
+        with contextlib.suppress(OSError):
+            self._write({"error": {"message": f"{type(err).__name__}: {err}",
+                                   "type": "server_error", "code": 500}})
 
     def finish(self, text: str, finish: str, usage: dict) -> None:
         if self.gone:
@@ -247,14 +351,18 @@ class _Stream:
         if text.startswith(self.sent) and text != self.sent:
             self._chunk({"content": text[len(self.sent):]}, None)
         self._chunk({}, finish, usage=usage)
-        self.h.wfile.write(b"data: [DONE]\n\n")
-        self.h.wfile.flush()
+        self._write("[DONE]")
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                model_name: str | None = None) -> ThreadingHTTPServer:
+                model_name: str | None = None, engine: str = "static", max_batch: int = 16,
+                max_context: int = 2048, sync_every: int = 4) -> ThreadingHTTPServer:
     """A ready server (call ``serve_forever()``); ``port=0`` picks a free port
-    (``server.server_address[1]``).
+    (``server.server_address[1]``); ``server_close()`` or ``shutdown()`` stop its scheduler.
+
+    ``engine``: ``"static"`` (continuous batching of up to ``max_batch`` rows of at most
+    ``max_context`` positions each, checked every ``sync_every`` steps; needs HF attention),
+    ``"eager"`` (one request at a time) or ``"auto"`` (static when the model allows it).
 
     Example:
         >>> srv = make_server(load_model("embedded"), port=0)
@@ -262,4 +370,5 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
     """
     from steerlab.models import model_id
 
-    return _Server((host, port), model, model_name or model_id(model))
+    return _Server((host, port), model, model_name or model_id(model), engine, max_batch,
+                   max_context, sync_every)

@@ -8,8 +8,24 @@ from typing import Annotated
 import typer
 
 from steerlab.cli._app import app
-from steerlab.cli._model import model_flags
+from steerlab.cli._model import check_engine, model_flags
 from steerlab.placement import ModelOptions
+
+
+def check_serving(model: ModelOptions, engine: str, max_batch: int, max_context: int,
+                  sync_every: int) -> str:
+    """The batching flags checked before the model loads (one error line, exit code 2)."""
+    from steerlab.errors import SteerlabError
+
+    engine = check_engine(engine)
+    for value, field, low in ((max_batch, "max_batch", 1), (max_context, "max_context", 16),
+                              (sync_every, "sync_every", 1)):
+        if value < low:
+            raise SteerlabError(f"got {value}; expected an integer >= {low}", field=field)
+    if engine == "static" and model.attn_implementation == "eager":
+        raise SteerlabError("the static engine needs HF attention kernels; use "
+                            "--attn-implementation sdpa, or --engine eager", field="engine")
+    return engine
 
 
 @app.command()
@@ -20,13 +36,27 @@ def serve(
     port: int = typer.Option(8000, help="Port (0: pick a free one and print it)."),
     name: Annotated[str | None, typer.Option(help="Model name reported by /v1/models "
                                              "[default: the model id].")] = None,
+    engine: str = typer.Option(
+        "static", help="static: continuous batching (concurrent requests decode together in "
+        "one static-engine batch; a finished row's slot goes to the next request), on the "
+        "CPU too; eager: one request at a time; auto: static unless the model runs the "
+        "bridge's eager attention."),
+    max_batch: int = typer.Option(16, help="Requests decoding together (static); more wait "
+                                  "for a free slot."),
+    max_context: int = typer.Option(2048, help="Most positions per request, prompt plus "
+                                    "max_tokens (static; larger costs memory and time per "
+                                    "step: every step attends over the whole cache)."),
+    sync_every: int = typer.Option(4, help="Decode steps between host checks (static): new "
+                                   "requests join and streamed chunks go out at each."),
 ) -> None:
     """Serve /v1/models and /v1/chat/completions (streaming too) with persona and steering
-    request fields; one generation at a time."""
+    request fields; concurrent requests batched (continuous batching)."""
     from steerlab.serve import make_server
 
+    engine = check_serving(model, engine, max_batch, max_context, sync_every)
     name = name or model.model
-    srv = make_server(model.load(), host, port, model_name=name)
+    srv = make_server(model.load(), host, port, model_name=name, engine=engine,
+                      max_batch=max_batch, max_context=max_context, sync_every=sync_every)
     h, p = srv.server_address[:2]
     typer.echo(f"serving {name} on http://{h}:{p}/v1")
     sys.stdout.flush()
