@@ -123,15 +123,10 @@ def parse_request(body: dict) -> dict[str, Any]:
                              or not -(2**63) <= seed < 2**63):
         raise RequestError("'seed' must be a 64-bit integer")
     temp = body.get("temperature")
-    return {
-        "messages": _messages(body.get("messages")),
-        "max_tokens": max_tokens,
-        "temperature": 1.0 if temp is None else _number(temp, "temperature", 0.0, 2.0),
-        "seed": seed,
-        "stream": bool(body.get("stream", False)),
-        "persona": _persona(body.get("persona")),
-        "steering": body.get("steering"),
-    }
+    return {"messages": _messages(body.get("messages")), "max_tokens": max_tokens,
+            "temperature": 1.0 if temp is None else _number(temp, "temperature", 0.0, 2.0),
+            "seed": seed, "stream": bool(body.get("stream", False)),
+            "persona": _persona(body.get("persona")), "steering": body.get("steering")}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -234,20 +229,18 @@ class _Server(ThreadingHTTPServer):
                 ids = encode_messages(tok, req["messages"], req["persona"])
         except SteerlabError as err:
             raise RequestError(str(err)) from None
-        if self.batcher is not None and len(ids) + req["max_tokens"] > self.batcher.max_context:
-            raise RequestError(
-                f"'max_tokens': a prompt of {len(ids)} tokens plus max_tokens "
-                f"{req['max_tokens']} needs {len(ids) + req['max_tokens']} positions; the "
-                f"server's max_context is {self.batcher.max_context} (--max-context)")
+        need = len(ids) + req["max_tokens"]
+        if self.batcher is not None and need > self.batcher.max_context:
+            raise RequestError(f"'max_tokens': a prompt of {len(ids)} tokens plus max_tokens "
+                               f"{req['max_tokens']} needs {need} positions; the server's "
+                               f"max_context is {self.batcher.max_context} (--max-context)")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": self.model_name}
         steering = self.steering(req["steering"])  # reads the vector file
-        if self.batcher is None:
-            stream, tokens, stopped = self._eager(h, req, ids, head, steering)
-        else:
-            stream, tokens, stopped = self._batched(h, req, ids, head, steering)
-            if tokens is None:
-                return  # the client went away
+        run = self._eager if self.batcher is None else self._batched
+        stream, tokens, stopped = run(h, req, ids, head, steering)
+        if tokens is None:
+            return  # the client went away, or its stream ended with an error event
         with self.tok_lock:
             text = tok.decode(tokens, skip_special_tokens=True)
         finish = "stop" if stopped else "length"
@@ -279,27 +272,24 @@ class _Server(ThreadingHTTPServer):
 
         seed = req["seed"] if req["seed"] is not None else random.getrandbits(31)
         job = Job(ids, req["max_tokens"], req["temperature"], seed, steering, head["id"])
-        stream, tokens, stopped = None, [], False
+        stream, tokens = None, []
         try:
             self.batcher.submit(job)
             for kind, value in job.events():
+                if kind == "error" and stream is None:
+                    raise value  # nothing sent yet: an HTTP 500
                 if kind == "error":
-                    if stream is None:
-                        raise value  # nothing sent yet: an HTTP 500
-                    stream.error(value)
-                    return stream, None, False
+                    return stream.error(value), None, False
                 if kind == "done":
-                    stopped = value
-                    break
+                    return stream, tokens, value
                 tokens += value
-                if req["stream"]:
-                    # opened at the first tokens: a request that fails before gets a 500
+                if req["stream"]:  # opened at the first tokens: a failure before is a 500
                     stream = stream or _Stream(h, self, head)
                     if stream.push(value):
                         return stream, None, False  # the client went away
         finally:
             job.cancel()  # no-op once done; frees the slot if this thread stops early
-        return stream, tokens, stopped
+        return stream, tokens, False
 
 
 class _Stream:
@@ -339,11 +329,12 @@ class _Stream:
         self.sent = text
         return False
 
-    def error(self, err: BaseException) -> None:
+    def error(self, err: BaseException) -> _Stream:
         """End a stream that failed after it began with an error event."""
         with contextlib.suppress(OSError):
             self._write({"error": {"message": f"{type(err).__name__}: {err}",
                                    "type": "server_error", "code": 500}})
+        return self
 
     def finish(self, text: str, finish: str, usage: dict) -> None:
         if self.gone:
