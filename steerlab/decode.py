@@ -231,11 +231,6 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, device: t
     return logits, cache, mask, resid
 
 
-def state_for(model: Any, st_rows: int, width: int, settings: Settings,
-              alloc: Callable[..., torch.Tensor]) -> DecodeState:
-    return DecodeState(alloc, st_rows, width, settings, model.cfg.n_layers)
-
-
 def fresh(device: torch.device) -> Callable[..., torch.Tensor]:
     """An ``alloc`` of new tensors (the eager engine's state lives one call)."""
     return lambda name, shape, dtype: torch.zeros(shape, dtype=dtype, device=device)

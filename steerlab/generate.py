@@ -10,6 +10,7 @@ graph on GPUs, the host checking every ``sync_every`` steps); both run the one l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,19 +160,11 @@ def _eager(model: Any, prompts: Sequence[Sequence[int]], settings: Settings,
 
     try:
         with generating(model), steering.hooks(), \
-                (recorder.recording() if recorder else _nothing()):
+                (recorder.recording() if recorder else contextlib.nullcontext()):
             end = _steps(st, max_new, step, on_token, every, n)
     finally:
         announce(model, None)
     return _collect(st, n, end)
-
-
-class _nothing:  # noqa: N801 - a null context manager without contextlib's allocation
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _steps(st: DecodeState, n_steps: int, step: Callable[[int], None],
