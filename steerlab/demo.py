@@ -140,6 +140,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         >>> s = run_demo("demo-run")
         >>> print("\\n".join(s.lines()))
     """
+    from steerlab.checks import output_dir
     from steerlab.collect import collect
     from steerlab.engine import Engine
     from steerlab.evaluate import EvalConfig, evaluate_steering
@@ -155,7 +156,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     from steerlab.validation import validation_report, write_validation_html
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = output_dir(out_dir, "output_dir")
     Engine.parse(config.engine, field="engine")
     trait = load_trait(config.trait)
     questions = list(trait.questions)[: config.n_questions]

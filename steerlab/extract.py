@@ -21,6 +21,7 @@ import yaml
 
 from steerlab.capture import capture_pairs
 from steerlab.errors import SteerlabError
+from steerlab.files import read_text
 from steerlab.layers import HookPoint
 from steerlab.personas import SystemPrompt
 from steerlab.placement import ModelOptions
@@ -59,12 +60,14 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         >>> cfg = load_config("experiments/pirate/extract.yaml")
     """
     src = str(path)
+    text = read_text(path, "an extract.yaml config")
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise SteerlabError("config file not found", source=src) from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SteerlabError(f"not valid YAML ({err})", source=src) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SteerlabError(f"not valid YAML{where}: {problem}", source=src) from None
     if not isinstance(raw, Mapping):
         raise SteerlabError("expected a mapping of settings", source=src)
     known = (set(ExtractConfig.__dataclass_fields__) - {"extra"}) | set(
@@ -87,9 +90,10 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     layers = raw.get("layers")
     if layers is not None and layers != "all":
         if not isinstance(layers, list) or not layers or \
-                not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise SteerlabError(f"got {layers!r}; expected 'all' or a list of layer indices",
-                                source=src, field="layers")
+                not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                        for x in layers):
+            raise SteerlabError(f"got {layers!r}; expected 'all' or a list of layer indices "
+                                "(counted from 0)", source=src, field="layers")
     positions = raw.get("positions", ["divergence"])
     if isinstance(positions, str):
         positions = [positions]
@@ -232,7 +236,9 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
     if meta.n_pairs and total != meta.n_pairs:
         raise SteerlabError(f"shards hold {total} pairs but the input had {meta.n_pairs}; "
                             "a shard is missing or unfinished", field="shards")
-    out = Path(output)
+    from steerlab.checks import output_file
+
+    out = output_file(output, "output")
     if out.exists():
         raise SteerlabError("exists; refusing to overwrite", source=str(out))
     concat_files([f.path for f in files], out, meta)

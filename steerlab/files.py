@@ -27,13 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from steerlab.checks import output_file
 from steerlab.errors import SteerlabError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PartsDir", "append_jsonl", "atomic_path", "create_exclusive", "flock", "h5py",
-           "read_json", "read_jsonl", "write_json_atomic", "write_jsonl_atomic",
-           "write_text_atomic"]
+__all__ = ["PartsDir", "append_jsonl", "atomic_path", "check_unlocked", "create_exclusive",
+           "flock", "h5py", "lock_holder", "open_h5", "read_json", "read_jsonl", "read_text",
+           "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
 
 
 def h5py() -> Any:
@@ -53,13 +54,15 @@ def _temporary(target: Path) -> Path:
 def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed over ``path`` when the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. A target
+    that cannot be written (a folder, a path under a file, an unwritable folder) is refused
+    first with one line (:func:`steerlab.checks.output_file`).
 
     Example:
         >>> with atomic_path("out.h5") as tmp:
         ...     write_everything(tmp)
     """
-    target = Path(path)
+    target = output_file(path)
     if mkdir:
         target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(target)
@@ -109,19 +112,54 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
-    """Parse a JSON file; a missing, unreadable or invalid file raises one clear line."""
+def read_text(path: str | os.PathLike, what: str = "a text file") -> str:
+    """A UTF-8 text file's content; a missing file, a folder, bytes that are not UTF-8 or
+    any OS error raise one clear line naming the file and ``what`` was expected."""
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SteerlabError(f"no such file (expected {what})", source=str(p)) from None
     except IsADirectoryError:
         raise SteerlabError(f"is a folder; expected {what}", source=str(p)) from None
-    except UnicodeDecodeError:
-        raise SteerlabError(f"not UTF-8 text; expected {what}", source=str(p)) from None
+    except UnicodeDecodeError as err:
+        raise SteerlabError(f"not UTF-8 text (byte {err.start}); expected {what}",
+                            source=str(p)) from None
+    except OSError as err:
+        raise SteerlabError(f"cannot be read ({err.strerror or err}); expected {what}",
+                            source=str(p)) from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Parse a JSON file; a missing, unreadable or invalid file raises one clear line."""
+    p = Path(path)
+    text = read_text(p, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise SteerlabError(f"not valid JSON ({err}); expected {what}", source=str(p)) from None
+
+
+@contextmanager
+def open_h5(path: str | os.PathLike, what: str = "an HDF5 file") -> Iterator[Any]:
+    """An HDF5 file opened for reading; a missing, foreign or damaged file raises one line.
+
+    Example:
+        >>> with open_h5("run/per_token.h5", "a run's per-token file") as f:
+        ...     f["tokens"]
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise SteerlabError(f"is a folder; expected {what}", source=str(p))
+    if not p.is_file():
+        raise SteerlabError(f"no such file (expected {what})", source=str(p))
+    try:
+        f = h5py().File(p, "r")
+    except OSError as err:
+        raise SteerlabError(f"not an HDF5 file, or a damaged one ({err}); expected {what}",
+                            source=str(p)) from None
+    with f:
+        yield f
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -131,7 +169,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         return []
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(p, "JSON lines").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -189,13 +227,39 @@ def flock(path: str | os.PathLike, *, shared: bool = False, wait: bool = False,
         try:
             fcntl.flock(fd, mode)
         except BlockingIOError:
-            raise SteerlabError(f"{busy} ({p.name} is locked by another process)",
+            raise SteerlabError(f"{busy} ({lock_holder(p)} holds {p.name})",
                                 source=str(p.parent)) from None
         except OSError as err:  # e.g. a network file system mounted without flock
             log.warning("cannot lock %s (%s); nothing stops a second writer", p, err)
+        if not shared:  # the holder's PID, for the message a second writer gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+        if not shared:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """Who holds the lock file ``path``: ``"pid N"`` as its exclusive holder wrote it, or
+    ``"another process"`` (a shared holder, or an unreadable file)."""
+    try:
+        pid = Path(path).read_text(encoding="ascii").strip()
+        os.kill(int(pid), 0)  # still alive (a killed holder's PID may be left behind)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "another process"
+    return f"pid {pid}"
+
+
+def check_unlocked(path: str | os.PathLike, busy: str, *, shared: bool = False) -> None:
+    """Refuse now, with ``busy`` and the holder's PID, if the lock ``path`` could not be
+    taken (exclusively, or ``shared``); nothing is created. For checks before a model loads:
+    the writer takes the lock itself later (:func:`flock`)."""
+    p = Path(path)
+    if p.is_file():
+        with flock(p, shared=shared, busy=busy):
+            pass
 
 
 class PartsDir:

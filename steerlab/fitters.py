@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from steerlab.checks import finite_values
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.vectors import Provenance, SteeringVector
@@ -232,6 +233,9 @@ def fit_vector(
         if swap is not None:
             s = swap[at : at + chosen.shape[0]][:, None, None]
             chosen, rejected = torch.where(s, rejected, chosen), torch.where(s, chosen, rejected)
+        for name, block in (("chosen", chosen), ("rejected", rejected)):
+            finite_values(block, f"the {name} activations of pairs {at}-{at + len(block) - 1}",
+                          source=str(acts.path))
         at += chosen.shape[0]
         f.update(chosen, rejected)
     result = f.fit()

@@ -53,16 +53,19 @@ class InferConfig:
     lens: bool = False
     engine: str = "auto"  # how generation runs (not part of the run's identity)
 
-    def validate(self) -> InferConfig:
-        """Reject impossible values with the name of the option."""
+    def validate(self, vocab_size: int | None = None) -> InferConfig:
+        """Reject impossible values with the name of the option (``top_k_mass_k`` against
+        ``vocab_size`` when given)."""
+        from steerlab.checks import integer, number, seed
         from steerlab.engine import Engine
 
         Engine.parse(self.engine, field="engine")
-        for name in ("max_tokens", "batch_size", "n_reps", "top_k_mass_k"):
-            if getattr(self, name) < 1:
-                raise SteerlabError(f"{getattr(self, name)} is not >= 1", field=name)
-        if self.temperature < 0:
-            raise SteerlabError(f"{self.temperature} is negative", field="temperature")
+        for name in ("max_tokens", "batch_size", "n_reps"):
+            integer(getattr(self, name), name, lo=1)
+        integer(self.top_k_mass_k, "top_k_mass_k", lo=1, hi=vocab_size,
+                hint="(the vocabulary size)" if vocab_size else "")
+        seed(self.seed)
+        number(self.temperature, "temperature", lo=0)
         system_prompt_style(self.system_prompt_style)
         return self
 
@@ -180,7 +183,7 @@ def run_inference(
     """
     from steerlab.placement import provenance
 
-    config.validate()
+    config.validate(vocab_size=model.cfg.d_vocab)
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise SteerlabError(f"got {shard!r}; expected (i, n) with 0 <= i < n", field="shard")

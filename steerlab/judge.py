@@ -226,6 +226,11 @@ def filter_pairs(
         >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
     """
     sel = select_pairs(collected, judged, threshold=threshold, min_distinct=min_distinct)
+    if path is not None and not sel.pairs:  # an empty pairs file is not a result to keep
+        why = "; ".join(f"{n}: {reason}" for reason, n in sel.reasons().items()) or "none"
+        raise SteerlabError(f"no pair passed the filter (threshold {threshold:g}, "
+                            f"min_distinct {min_distinct:g}; dropped: {why}); nothing written",
+                            source=str(path))
     if path is not None:
         save_pairs(sel.pairs, path)
         write_jsonl_atomic(dropped_path(path), (asdict(d) for d in sel.dropped))

@@ -22,15 +22,17 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 
 
 def check_layers(model: Any, layers: Sequence[int], *, field: str = "layers") -> list[int]:
-    """Validate layer indices (negative ones count from the end) and return them normalised."""
-    n = model.cfg.n_layers
+    """Validate layer indices against the model (``model.cfg.n_layers``, or an int).
+
+    Indices count from 0; a negative index is refused (it would silently name a layer from
+    the end, and files record layer numbers)."""
+    n = model if isinstance(model, int) else model.cfg.n_layers
     out = []
     for layer in layers:
-        if not isinstance(layer, int) or not -n <= layer < n:
-            raise SteerlabError(
-                f"layer {layer!r} is out of range; the model has layers 0..{n - 1}", field=field
-            )
-        out.append(layer % n)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise SteerlabError(f"got layer {layer!r}; expected 0..{n - 1} (the model has {n} "
+                                "layers, counted from 0)", field=field)
+        out.append(layer)
     return out
 
 

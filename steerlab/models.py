@@ -228,3 +228,40 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def model_id(model: Any) -> str:
     """The id a model was loaded under (hub id or path), for provenance."""
     return str(getattr(model.cfg, "model_name", "unknown"))
+
+
+def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
+    """``n_layers``, ``d_model`` and ``vocab_size`` of a model from its ``config.json``,
+    without loading weights (so layer indices and top-k can be checked before a load).
+
+    A missing local directory raises; a hub id whose config is not in the local cache gives
+    None (the checks then run once the model has loaded).
+
+    Example:
+        >>> model_geometry("embedded")["n_layers"]
+        30
+    """
+    import json
+
+    source, _ = _resolve_source(name_or_path)
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # an unusual id: leave the check to after the load
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SteerlabError(f"unreadable model config ({err})", source=str(path)) from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    keys = {"n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+            "d_model": ("hidden_size", "n_embd", "d_model"), "vocab_size": ("vocab_size",)}
+    out = {name: next((cfg[k] for k in options if isinstance(cfg.get(k), int)), None)
+           for name, options in keys.items()}
+    return out if all(isinstance(v, int) for v in out.values()) else None  # type: ignore[return-value]

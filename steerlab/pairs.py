@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from steerlab.errors import SteerlabError
-from steerlab.files import write_jsonl_atomic
+from steerlab.files import read_text, write_jsonl_atomic
 
 __all__ = ["Pair", "load_pairs", "save_pairs", "merge_pairs", "prompt_id"]
 
@@ -103,10 +103,7 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         >>> pairs = load_pairs("data/pirate_pairs.jsonl")
     """
     p = Path(path)
-    if not p.is_file():
-        raise SteerlabError("no such file (expected pairs as JSONL or filtered JSON)",
-                            source=str(p))
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "pairs as JSONL or filtered JSON")
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -126,6 +123,9 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
             raise SteerlabError(f"invalid JSON ({e.msg}); expected one pair object per line",
                                 source=where) from None
         pairs.append(_pair_from_dict(d, where))
+    if not pairs:
+        raise SteerlabError("no pairs in the file; expected at least one pair object",
+                            source=str(p))
     return pairs
 
 

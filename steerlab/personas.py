@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,13 +102,10 @@ def load_personae(path: str | Path) -> list[Persona]:
 
 
 def _read_json_list(path: str | Path) -> list:
+    from steerlab.files import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SteerlabError("file not found", source=str(path)) from None
-    except json.JSONDecodeError as err:
-        raise SteerlabError(f"not valid JSON ({err})", source=str(path)) from None
+    data = read_json(path, "a JSON list")
     if not isinstance(data, list) or not data:
         raise SteerlabError("expected a non-empty JSON list", source=str(path))
     return data

@@ -200,6 +200,13 @@ class ModelOptions:
                           device_map=opts.device_map, n_devices=opts.n_devices,
                           attn_implementation=opts.attn_implementation)
 
+    def geometry(self) -> dict[str, int] | None:
+        """The model's ``n_layers``, ``d_model`` and ``vocab_size`` from its config, without
+        loading it (None for a hub id not cached here); a missing local model raises."""
+        from steerlab.models import model_geometry
+
+        return model_geometry(self.model)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
         return asdict(self)

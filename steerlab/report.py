@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from steerlab.files import write_text_atomic
+from steerlab.files import read_json, write_text_atomic
 from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token
 from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
 
@@ -62,13 +62,16 @@ def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | Non
     """
     import plotly.io as pio
 
-    root = Path(results_dir)
+    from steerlab.checks import output_file
+    from steerlab.runs import check_finished
+
+    root = check_finished(results_dir)
+    output = output_file(Path(output) if output else root / "report.html", "output")
     records = load_results(root)
-    output = Path(output) if output else root / "report.html"
     config = root / CONFIG
     parts = [f"<h1>steerlab inference report: {html.escape(root.name)}</h1>"]
     if config.is_file():
-        cfg = json.loads(config.read_text(encoding="utf-8"))
+        cfg = read_json(config, "a run's config.json")
         parts.append("<h2>Run</h2>" + html_table([{"setting": k, "value": v}
                                                   for k, v in cfg.items()]))
     parts.append(f"<h2>Summary ({len(records)} results)</h2>" + html_table(summary_stats(records)))

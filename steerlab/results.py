@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from steerlab.errors import SteerlabError
-from steerlab.files import PartsDir, atomic_path, h5py, read_json
+from steerlab.files import PartsDir, atomic_path, h5py, open_h5, read_json
 
 FORMAT = "steerlab.per_token/1"
 RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
@@ -130,7 +130,7 @@ def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndar
         path = path / PER_TOKEN
     if not path.is_file():
         raise SteerlabError("no per-token file (is the run finished?)", source=str(path))
-    with h5py().File(path, "r") as f:
+    with open_h5(path, "a run's per_token.h5") as f:
         where = np.flatnonzero(f["record_id"][:] == record_id)
         if not len(where):
             raise SteerlabError(f"no record with id {record_id}", source=str(path), field="id")

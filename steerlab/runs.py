@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
-from steerlab.files import create_exclusive, flock, read_json, write_json_atomic
+from steerlab.files import check_unlocked, create_exclusive, flock, read_json, write_json_atomic
 from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore
 from steerlab.shards import shard_batches
 
@@ -61,13 +61,7 @@ def open_run(root: str | os.PathLike, identity: Mapping[str, Any],
     holding another run is refused naming the first differing field with both values. A
     change of devices is allowed: it is logged and added to ``provenance.devices``.
     """
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise SteerlabError("exists and is not a folder; use a new --output-dir", source=str(root))
-    if root.is_dir() and not (root / CONFIG).is_file() and any(
-            not p.name.startswith(".") and p.name != SHARDS for p in root.iterdir()):
-        raise SteerlabError("exists and is not a steerlab run folder; use a new --output-dir",
-                            source=str(root))
+    root = check_run_target(root, shard)
     store = RunStore(root)
     i, n = shard
     root.mkdir(parents=True, exist_ok=True)
@@ -84,6 +78,56 @@ def open_run(root: str | os.PathLike, identity: Mapping[str, Any],
                                       busy=f"shard {i} of {n} is already running"))
         _write_config(root, identity, provenance, extra)
         yield store
+
+
+def check_run_target(root: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Refuse, before anything loads or is created, a folder a run cannot write: a file, a
+    path under a file or in an unwritable folder, a folder holding something else, a damaged
+    ``config.json``, or a folder another process is writing (naming its PID)."""
+    from steerlab.checks import output_dir
+
+    root = output_dir(root, "output_dir")
+    if not root.is_dir():
+        return root
+    if not (root / CONFIG).is_file():
+        if any(not p.name.startswith(".") and p.name != SHARDS for p in root.iterdir()):
+            raise SteerlabError("exists and is not a steerlab run folder; use a new "
+                                "--output-dir", source=str(root))
+    else:
+        config = read_json(root / CONFIG, "a run's config.json")
+        if not isinstance(config, dict):
+            raise SteerlabError("expected a JSON object; not a steerlab run's config",
+                                source=str(root / CONFIG))
+    i, n = shard
+    if n == 1:
+        check_unlocked(root / LOCK, "another run or merge is writing this folder")
+    else:
+        check_unlocked(root / LOCK, "an unsharded run or a merge is writing this folder",
+                       shared=True)
+        check_unlocked(RunStore(root).marker(shard).with_suffix(".lock"),
+                       f"shard {i} of {n} is already running")
+    return root
+
+
+def check_finished(root: str | os.PathLike) -> Path:
+    """Refuse to read a run folder that is missing, not a run, still being written (naming
+    the writer's PID) or not finished (its committed batches and how to finish it)."""
+    p = Path(root)
+    if not p.exists():
+        raise SteerlabError("no such run folder", source=str(p))
+    if not p.is_dir():
+        raise SteerlabError("is a file; expected a run folder of `steerlab infer`",
+                            source=str(p))
+    if not (p / CONFIG).is_file():
+        raise SteerlabError(f"no {CONFIG}; not a steerlab run folder", source=str(p))
+    read_json(p / CONFIG, "a run's config.json")
+    check_unlocked(p / LOCK, "the run is still being written", shared=True)
+    if not (p / RESULTS).is_file():
+        parts = len(RunStore(p).parts.keys())
+        raise SteerlabError(f"the run is not finished ({parts} batch(es) committed, no "
+                            f"{RESULTS}): rerun its `steerlab infer` command to resume it, or "
+                            "`steerlab merge` the folder of a sharded run", source=str(p))
+    return p
 
 
 def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[str, Any],
@@ -190,7 +234,7 @@ def merge_run(path: str | os.PathLike) -> Path:
     """
     root = Path(path)
     if not (root / CONFIG).is_file():
-        raise SteerlabError(f"no {CONFIG}; not an inference run folder", source=str(root))
+        raise SteerlabError(f"no {CONFIG}; not a steerlab run folder", source=str(root))
     store = RunStore(root)
     with flock(root / LOCK, busy="a shard or run is still writing this folder"):
         if store.complete():

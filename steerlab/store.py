@@ -281,8 +281,10 @@ class ActivationFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         src = str(self.path)
+        if self.path.is_dir():
+            raise SteerlabError("is a folder; expected a steerlab activation file", source=src)
         if not self.path.is_file():
-            raise SteerlabError("no such activation file", source=src)
+            raise SteerlabError("no such file (expected a steerlab activation file)", source=src)
         try:
             with h5py().File(self.path, "r") as f:
                 if f.attrs.get("format") != FORMAT:
@@ -300,7 +302,8 @@ class ActivationFile:
                         raise SteerlabError(f"shape {f[name].shape}, expected {want}",
                                             source=src, field=name)
         except OSError as err:
-            raise SteerlabError(f"not a readable HDF5 file ({err})", source=src) from None
+            raise SteerlabError(f"not an HDF5 file, or a damaged one ({err}); expected a "
+                                "steerlab activation file", source=src) from None
 
     @property
     def layers(self) -> tuple[int, ...]:

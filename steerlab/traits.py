@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.errors import SteerlabError
-from steerlab.files import write_json_atomic
+from steerlab.files import read_text, write_json_atomic
 from steerlab.scorers import Scorer, scorer_from_spec
 
 try:
@@ -170,7 +170,8 @@ def load_trait(name_or_path: str | os.PathLike) -> Trait:
                                 source=str(name_or_path))
         p = known[path.name]
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(read_text(p, "a trait file (JSON)") if isinstance(p, Path)
+                          else p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SteerlabError(f"invalid JSON at line {e.lineno}: {e.msg}", source=str(p)) from None
     return trait_from_dict(data, source=str(p))

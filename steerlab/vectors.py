@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from steerlab.checks import finite_values
 from steerlab.errors import SteerlabError
-from steerlab.files import atomic_path, write_json_atomic
+from steerlab.files import atomic_path, read_text, write_json_atomic
 
 FORMAT = "steerlab.vector/1"
 
@@ -58,6 +59,7 @@ class SteeringVector:
                                 f"got {getattr(d, 'shape', type(d))}", field="directions")
         if len(set(self.layers)) != len(self.layers):
             raise SteerlabError(f"layers {self.layers} repeat", field="layers")
+        finite_values(d, "the vector", field="directions")
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
 
     @property
@@ -152,7 +154,7 @@ class SteeringVector:
         """
         from safetensors.torch import save_file
 
-        st, side = _paths(path)
+        st, side = vector_paths(path)
         tensors = {"directions": self.directions.detach().float().cpu().contiguous(),
                    "layers": torch.tensor(self.layers, dtype=torch.int64)}
         meta = {"format": FORMAT, "layers": list(self.layers), "d_model": self.d_model,
@@ -168,13 +170,13 @@ class SteeringVector:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        st, side = _paths(path)
+        st, side = vector_paths(path)
         for p in (st, side):
             if not p.is_file():
-                raise SteerlabError("vector file missing (a vector is a .safetensors file and "
-                                    "a .json sidecar)", source=str(p))
+                raise SteerlabError("no such file (a steering vector is a .safetensors file "
+                                    "and its .json sidecar)", source=str(p))
         try:
-            meta = json.loads(side.read_text())
+            meta = json.loads(read_text(side, "a steering vector's JSON sidecar"))
         except json.JSONDecodeError as err:
             raise SteerlabError(f"not valid JSON ({err})", source=str(side)) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -230,7 +232,8 @@ def read_gguf(path: str | os.PathLike) -> dict[int, Any]:
             for t in reader.tensors if t.name.startswith("direction.")}
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+def vector_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The two files of a vector: ``(stem.safetensors, stem.json)`` for a stem or either."""
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")

@@ -189,7 +189,7 @@ def test_terminal_chat(tmp_path, embedded_model):
     assert "thinking on" in t.command("/thinking")
     assert "thinking off" in t.command("/nothinking")
     for bad, hint in (("/foo", "unknown command /foo"), ("/tokens many", "usage: /tokens"),
-                      (f"/steer {tmp_path / 'none'} 2", "vector file missing")):
+                      (f"/steer {tmp_path / 'none'} 2", "no such file")):
         out = t.command(bad)
         assert out.startswith("! ") and hint in out and len(out.splitlines()) == 1
 

@@ -98,7 +98,7 @@ def test_existing_output_is_never_damaged(tiny_model, single):
 def test_bad_activation_files(tmp_path, single):
     text = tmp_path / "x.h5"
     text.write_text("not hdf5")
-    with pytest.raises(SteerlabError, match="not a readable HDF5"):
+    with pytest.raises(SteerlabError, match="not an HDF5 file"):
         ActivationFile(text)
     with pytest.raises(SteerlabError, match="no such"):
         ActivationFile(tmp_path / "missing.h5")

@@ -9,6 +9,7 @@ import typer
 
 from steerlab.progress import quiet_hf
 
+VERBOSE = False  # set by --verbose: the CLI boundary then shows tracebacks
 TRAIT_HELP = "Trait: a built-in name (steerlab traits list), ./traits/<name>.json, or a path."
 
 app = typer.Typer(
@@ -26,6 +27,8 @@ def _root(
     ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
 ) -> None:
+    global VERBOSE
+    VERBOSE = verbose
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "transformer_lens"):

@@ -205,12 +205,13 @@ def _out(text: str) -> None:
 def chat(
     model: ModelOptions,
     persona: str = typer.Option("assistant", help="Who answers (relabels the assistant turn)."),
-    system: str = typer.Option(None, help="System prompt text (default: 'You are PERSONA.')."),
+    system: str | None = typer.Option(
+        None, help="System prompt text (default: 'You are PERSONA.')."),
     thinking: bool = typer.Option(False, help="Thinking mode (templates that support it)."),
     max_tokens: int = typer.Option(256, help="New tokens per reply (/tokens N changes it)."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
-    seed: int = typer.Option(None, help="Sampling seed."),
-    vector: str = typer.Option(None, help="Steering vector file to start with."),
+    seed: int | None = typer.Option(None, help="Sampling seed."),
+    vector: str | None = typer.Option(None, help="Steering vector file to start with."),
     alpha: float = typer.Option(1.0, help="Steering strength for --vector (in --units)."),
     units: str = typer.Option("raw", help="Strength units: raw (x the vector) or norm "
                               "(fraction of the residual norm, as `vectors eval` reports)."),
@@ -219,14 +220,27 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
     from steerlab.chat_session import ChatSession
-
-    if max_tokens < 1:
-        raise SteerlabError(f"got {max_tokens}; expected >= 1", field="max-tokens")
-    number_list(layers, int, "layers")  # checked before the model loads
+    from steerlab.checks import integer, number
+    from steerlab.checks import seed as check_seed
     from steerlab.steer import Units
 
-    units = Units.parse(units, field="units").value  # checked before the model loads
+    # every flag (and the vector file) is checked before the model loads
+    integer(max_tokens, "max_tokens", lo=1)
+    number(temperature, "temperature", lo=0)
+    if seed is not None:
+        check_seed(seed)
+    number(alpha, "alpha")
+    chosen = number_list(layers, int, "layers")
+    units = Units.parse(units, field="units").value
     engine = check_engine(engine)
+    if vector:
+        from steerlab.vectors import SteeringVector
+
+        have = SteeringVector.load(vector).layers
+        for layer in chosen:
+            if layer not in have:
+                raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",
+                                    source=vector, field="layers")
     bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed, engine=engine)

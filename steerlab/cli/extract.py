@@ -38,18 +38,27 @@ def extract(
     """Capture divergence-point activations of a pairs file into HDF5 (resumable).
 
     The model flags, where given, override the config's model keys."""
+    from steerlab.checks import output_file
     from steerlab.extract import extract as run
     from steerlab.extract import load_config
     from steerlab.layers import check_layers
     from steerlab.pairs import load_pairs
     from steerlab.personas import system_prompt_style
-    from steerlab.shards import parse_shard
+    from steerlab.shards import parse_shard, shard_path
 
+    # everything is checked before the model loads and before anything is written
     cfg = load_config(config, overrides=model)
     part = parse_shard(shard)
-    _log_to(cfg.log_file)
     style = system_prompt_style(cfg.system_prompt)
     pairs = load_pairs(cfg.pairs)
+    geometry = cfg.model.geometry()
+    try:
+        output_file(shard_path(cfg.output, part), "output")
+        if cfg.layers is not None and geometry:
+            check_layers(geometry["n_layers"], list(cfg.layers))
+    except SteerlabError as err:
+        raise SteerlabError(str(err), source=str(config)) from None
+    _log_to(cfg.log_file)
     log.info("config %s: %d pairs from %s, shard %d/%d", config, len(pairs), cfg.pairs, *part)
     bridge = cfg.model.load()
     try:

@@ -46,20 +46,24 @@ def infer(
     from steerlab.errors import SteerlabError
     from steerlab.infer import InferConfig, default_output_dir, load_prompts, run_inference
     from steerlab.personas import load_personae
+    from steerlab.runs import check_run_target
     from steerlab.shards import parse_shard
 
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
     personae = load_personae(personae_json)
+    geometry = model.geometry()
     config = InferConfig(model=model.model, temperature=temperature, max_tokens=max_tokens,
                          batch_size=batch_size, n_reps=n_reps, top_k_mass_k=top_k_mass_k,
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
-                         seed=seed, lens=lens, engine=check_engine(engine)).validate()
+                         seed=seed, lens=lens, engine=check_engine(engine),
+                         ).validate(vocab_size=geometry["vocab_size"] if geometry else None)
     part = parse_shard(shard)
     if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
         raise SteerlabError("all shards must write one folder; give --output-dir",
                             field="output_dir")
     output_dir = output_dir or default_output_dir()
+    check_run_target(output_dir, part)
     bridge = model.load()
     out = run_inference(bridge, prompts, personae, output_dir, config, shard=part,
                         progress=progress,
@@ -80,6 +84,10 @@ def report(
         "--output", "-o", help="HTML file (default: RESULTS_DIR/report.html).")] = None,
 ) -> None:
     """Write a standalone HTML report (no kernel, no network) of an inference run."""
+    from steerlab.checks import output_file
     from steerlab.report import run_tokenizer, write_report
+    from steerlab.runs import check_finished
 
+    check_finished(results_dir)  # before the tokenizer loads: one line, no warning first
+    output_file(output or results_dir / "report.html", "output")
     typer.echo(f"wrote {write_report(results_dir, output, tokenizer=run_tokenizer(results_dir))}")

@@ -24,11 +24,32 @@ def _run_dir(run_dir: Path | None, trait: Any) -> Path:
     return run_dir or Path("runs") / "traits" / trait.name
 
 
-def _client(url: str, model: str, key_env: str, concurrency: int, retries: int, timeout: float):
+def _client(url: str, model: str, key_env: str, concurrency: int, retries: int, timeout: float,
+            field: str = "base_url"):
     from steerlab.client import Endpoint, EndpointClient
 
+    url = _check_endpoint(url, concurrency, retries, timeout, field) or url
     return EndpointClient(Endpoint(url, model, key_env or None, timeout=timeout,
                                    max_retries=retries, concurrency=concurrency))
+
+
+def _check_endpoint(url: str | None, concurrency: int, retries: int, timeout: float,
+                    field: str = "base_url") -> str | None:
+    """An endpoint's flags (``url`` None: a local responder), checked before anything loads
+    or is sent."""
+    from steerlab.checks import integer, number
+    from steerlab.checks import url as check_url
+
+    integer(concurrency, "concurrency", lo=1)
+    integer(retries, "retries", lo=0)
+    number(timeout, "timeout", lo=0, lo_open=True)
+    return None if url is None else check_url(url, field)
+
+
+def _unreachable(err: RuntimeError, url: str, field: str) -> SteerlabError:
+    """A request that failed after its retries, as the one line of bad input it is."""
+    return SteerlabError(f"cannot reach a working endpoint at {url} ({err}); expected a "
+                         "running OpenAI-compatible server", field=field)
 
 
 def _system(flag: str | None, default: tuple[str, ...], field: str) -> str | None:
@@ -69,18 +90,26 @@ def generate(
     n_questions: int = typer.Option(40, help="Questions for pairs."),
     n_held_out: int = typer.Option(10, help="Held-out questions for evaluation."),
     force: bool = typer.Option(False, help="Regenerate artefacts the trait already has."),
+    retries: int = typer.Option(4, help="Retries per request on 429/5xx/timeouts."),
+    timeout: float = typer.Option(300.0, help="Seconds per request."),
 ) -> None:
     """Have an LLM write instructions, questions and a 0-100 rubric for a trait."""
+    from steerlab.checks import integer, output_file
     from steerlab.elicit import elicit_trait
     from steerlab.traits import load_trait
 
     t = load_trait(trait)
-    out = output or Path("traits") / f"{t.name}.json"
+    integer(n_questions, "n_questions", lo=1)
+    integer(n_held_out, "n_held_out", lo=0)
+    out = output_file(output or Path("traits") / f"{t.name}.json", "output")
+    client = _client(base_url, model, api_key_env, 1, retries, timeout)
     if t.questions and t.positive_instructions and not force:
         typer.echo(f"{t.name} already has artefacts; pass --force to regenerate")
         return
-    new = elicit_trait(_client(base_url, model, api_key_env, 1, 4, 300.0), t,
-                         n_questions=n_questions, n_held_out=n_held_out)
+    try:
+        new = elicit_trait(client, t, n_questions=n_questions, n_held_out=n_held_out)
+    except RuntimeError as err:
+        raise _unreachable(err, base_url, "base_url") from None
     typer.echo(f"wrote {new.save(out)}: {len(new.questions)} questions, "
                f"{len(new.held_out_questions)} held out")
 
@@ -94,7 +123,7 @@ def _responder(side: str, t: Any, url: str | None, model_name: str, key_env: str
     sys_prompt = _system(system, defaults, f"{side}_system")
     if url:
         client = _client(url, model_name, key_env, opts["concurrency"], opts["retries"],
-                         opts["timeout"])
+                         opts["timeout"], f"{side}_url")
         extra = {"persona": persona} if persona else None
         return EndpointResponder(client, sys_prompt, opts["max_tokens"], extra_body=extra,
                                  name=f"{model_name}@{url}")
@@ -138,10 +167,25 @@ def collect(
     """Answer the trait's questions with a chosen and a rejected responder (resumable)."""
     from functools import cache
 
+    from steerlab.checks import integer, number, output_dir
+    from steerlab.checks import seed as check_seed
     from steerlab.collect import collect as run_collect
     from steerlab.traits import load_trait
 
+    # every flag is checked before the model loads or a request goes out
     t = load_trait(trait)
+    for value, name in ((max_tokens, "max_tokens"), (samples, "samples"),
+                        (batch_size, "batch_size")):
+        integer(value, name, lo=1)
+    number(temperature, "temperature", lo=0)
+    check_seed(seed)
+    for url, field in ((chosen_url, "chosen_url"), (rejected_url, "rejected_url")):
+        _check_endpoint(url or None, concurrency, retries, timeout, field)
+    questions = t.held_out_questions if held_out else t.questions
+    if not questions:
+        raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
+                            source=trait, field="questions")
+    out_dir = output_dir(_run_dir(run_dir, t), "run_dir")
     local = cache(model.load)
     opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
                 retries=retries, timeout=timeout)
@@ -149,11 +193,7 @@ def collect(
                    chosen_persona, local, opts)
     b = _responder("rejected", t, rejected_url, rejected_model, rejected_key_env,
                    rejected_system, rejected_persona, local, opts)
-    questions = t.held_out_questions if held_out else t.questions
-    if not questions:
-        raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
-                            source=trait, field="questions")
-    out = _run_dir(run_dir, t) / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
+    out = out_dir / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
     r = run_collect(questions, a, b, out, samples=samples, temperature=temperature, seed=seed,
                     progress=progress)
     typer.echo(f"{out}: {r.written} answers written, {r.failed} failed, {r.skipped} present")
@@ -172,20 +212,24 @@ def judge(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Score every collected answer 0-100 (resumable; failures are recorded)."""
+    from steerlab.checks import input_file
     from steerlab.judge import judge as run_judge
     from steerlab.judge import rubric_judge, scorer_judge
     from steerlab.traits import load_trait
 
     t = load_trait(trait)
+    _check_endpoint(rubric_url or None, concurrency, retries, 120.0, "rubric_url")
+    d = _run_dir(run_dir, t)
+    input_file(d / "collected.jsonl", "run_dir", what="the collect stage's answers "
+               "(steerlab traits collect)")
     if rubric_url:
         if not t.evaluation_prompt:
             raise SteerlabError("the trait has no rubric", source=trait,
                                 field="evaluation_prompt")
         fn = rubric_judge(_client(rubric_url, rubric_model, api_key_env, concurrency, retries,
-                                  120.0), t.evaluation_prompt)
+                                  120.0, "rubric_url"), t.evaluation_prompt)
     else:
         fn = scorer_judge(t.build_scorer())
-    d = _run_dir(run_dir, t)
     r = run_judge(d / "collected.jsonl", d / "judged.jsonl", fn, progress=progress)
     typer.echo(f"{r.path}: {r.written} scored, {r.failed} failed, {r.skipped} already scored")
 
@@ -205,12 +249,19 @@ def filter_(
     least the threshold (optionally loop-free); writes why the others were dropped."""
     from collections import Counter
 
+    from steerlab.checks import input_file, number, output_file
     from steerlab.files import read_jsonl
     from steerlab.judge import dropped_path, filter_pairs
     from steerlab.traits import load_trait
 
     d = _run_dir(run_dir, load_trait(trait))
-    out = output or d / "pairs.jsonl"
+    number(threshold, "threshold", lo=-100, hi=100)  # scores are 0-100
+    number(min_distinct, "min_distinct", lo=0, hi=1)
+    for stage, what in (("collected", "collect"), ("judged", "judge")):
+        input_file(d / f"{stage}.jsonl", "run_dir", what=f"the {what} stage's records "
+                   f"(steerlab traits {what})")
+    out = output_file(output or d / "pairs.jsonl", "output")
+    output_file(dropped_path(out), "output")
     pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold,
                          min_distinct=min_distinct)
     dropped = read_jsonl(dropped_path(out))

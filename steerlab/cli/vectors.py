@@ -28,8 +28,12 @@ def fit(
     normalise: bool = typer.Option(False, help="Unit norm per layer."),
 ) -> None:
     """Fit a steering vector from captured activations (probe: prints held-out accuracy)."""
+    from steerlab.checks import output_file
     from steerlab.fitters import fit_vector
+    from steerlab.vectors import vector_paths
 
+    for path in vector_paths(output):  # before the fit: a bad target loses no work
+        output_file(path, "output")
     vec, result = fit_vector(activations, method, layers=number_list(layers, int, "layers") or None,
                              mean=mean)
     if normalise:
@@ -76,13 +80,16 @@ def evaluate(
     coherence falls below 0.8 x unsteered, then refine), pick the best coherent setting, run
     a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
     from steerlab.calibrate import Search
+    from steerlab.checks import input_file, integer, number, output_file
     from steerlab.evaluate import EvalConfig, evaluate_steering
     from steerlab.fitters import shuffled_control
     from steerlab.traits import load_trait
     from steerlab.validation import validation_report, write_validation_html
     from steerlab.vectors import SteeringVector
 
+    # everything is checked before the model loads, let alone the first generation
     vec = SteeringVector.load(vector)
+    integer(max_tokens, "max_tokens", lo=1)
     t = load_trait(trait)
     questions = list(t.held_out_questions)
     if not questions:
@@ -93,18 +100,24 @@ def evaluate(
                         search=Search(start, max_alpha=max_alpha, refine=refine, budget=budget),
                         max_new_tokens=max_tokens, engine=check_engine(engine))
     groups = layer_groups(layers) or None
+    for layer in sorted({x for g in groups or () for x in g} - set(vec.layers)):
+        raise SteerlabError(f"got layer {layer}; the vector has layers {list(vec.layers)}",
+                            source=str(vector), field="layers")
     fixed = number_list(strengths, float, "strengths") or None
+    for x in fixed or ():
+        number(x, "strengths")
     source = activations or (Path(vec.provenance.source) if vec.provenance.source else None)
-    if activations is not None and not activations.is_file():
-        raise SteerlabError("no such activation file", source=str(activations),
-                            field="activations")
+    if activations is not None:
+        input_file(activations, "activations", what="a steerlab activation file")
+    out = Path(output)
+    for suffix in (".json", ".html", ".points.jsonl"):
+        output_file(out.with_name(out.name + suffix), "output")
     shuffled = None
     if source is not None and source.is_file():
         try:
             shuffled = shuffled_control(vec, source)
         except SteerlabError as err:
             logging.getLogger(__name__).warning("no shuffled-label control: %s", err)
-    out = Path(output)
     bridge = model.load()
     ev = evaluate_steering(bridge, vec, questions, scorer, trait_instruction=t.prompted_instruction,
                            layers=groups, strengths=fixed, config=config, shuffled=shuffled,
