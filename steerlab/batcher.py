@@ -5,7 +5,8 @@ per row, a static KV cache). Handler threads :meth:`~Batcher.submit` a :class:`J
 ids, token budget, temperature, seed, steering) and read its events. Between decode steps, at
 a host check every ``sync_every`` steps, the scheduler reads the state once, hands each row's
 new tokens to its job, retires finished rows and rows whose client went away
-(:meth:`Job.cancel`), and admits waiting jobs into the free slots: a finished row's slot is
+(:meth:`Job.cancel`: the server cancels a job whose client hung up or whose deadline passed),
+and admits waiting jobs into the free slots: a finished row's slot is
 refilled by the next request while the others keep decoding. Rows are independent (own cache
 position, step counter, limit, seed, temperature and steering deltas), so a reply does not
 depend on what else runs. With nothing to do the thread blocks on its queue.
@@ -68,6 +69,14 @@ class Job:
             yield kind, value
             if kind != "tokens":
                 return
+
+    def next_event(self, timeout: float) -> tuple[str, Any] | None:
+        """The next event, or None when ``timeout`` seconds pass without one (a server looks
+        at its deadline and its client in between)."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def _put(self, kind: str, value: Any) -> None:
         self._events.put((kind, value))
@@ -159,6 +168,11 @@ class Batcher:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def active(self) -> int:
+        """Rows decoding now (read from any thread: a snapshot)."""
+        return len(self._rows)
 
     # -- the scheduler thread -----------------------------------------------------------
 

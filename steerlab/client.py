@@ -39,7 +39,9 @@ class Endpoint:
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
         model: the model name sent with each request.
-        api_key_env: name of the environment variable holding the key (``None``: no key).
+        api_key_env: name of the environment variable holding the key (``None``: no key),
+            sent as ``Authorization: Bearer <key>``; ``"STEERLAB_API_KEY"`` for a
+            ``steerlab serve`` started with that key.
         timeout: seconds per request.
         max_retries: retries after the first attempt on 429, 5xx, timeouts, malformed replies.
         backoff: first retry delay in seconds; doubles each retry (with jitter), capped at 20 s.

@@ -2,7 +2,9 @@
 matches non-streaming, bad requests get 400s, the pirate pipeline over HTTP gives the same
 pairs as local responders (greedy), and continuous batching: 16 concurrent clients (steered,
 unsteered, sampled) get the replies they get one at a time, at >= 4x the throughput; streams
-and disconnects per row; a failing decode step answers 500s instead of hanging."""
+and disconnects per row; a failing decode step answers 500s instead of hanging, or ends its
+stream with an error event and [DONE] (both engines). Bad requests in depth, the key, limits
+and a soak: tests/test_bad_requests.py."""
 
 from __future__ import annotations
 
@@ -388,7 +390,17 @@ def test_disconnected_stream_frees_its_slot(serve_proc):
     assert _answer(url, plain) == others[0]  # and the server goes on serving
 
 
-def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer):
+def _error_then_done(raw: bytes) -> dict:
+    """The error event ending a stream (OpenAI's shape), checked to be followed by [DONE]."""
+    events = [e for e in raw.split(b"\r\n\r\n", 1)[-1].decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]", events[-3:]
+    err = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+@pytest.mark.parametrize("engine", ["static", "eager"])
+def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer, engine):
     from conftest import make_tiny_model
 
     from steerlab.layers import decoder_layers
@@ -397,7 +409,8 @@ def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer):
 
     model = make_tiny_model(tokenizer, n_layers=2, seed=2)
     _use_attention(model.original_model, "sdpa")
-    srv = make_server(model, port=0, model_name="tiny", max_batch=4, max_context=256)
+    srv = make_server(model, port=0, model_name="tiny", max_batch=4, max_context=256,
+                      engine=engine)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
@@ -419,16 +432,20 @@ def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer):
         assert status == 500 and "boom in layer 1" in out["error"]["message"], out
         state.update(fail_after=None)
         assert _post(url, body) == (200, {**ok[1], "id": ANY, "created": ANY})
-        state.update(fail_after=8, calls=0)  # fails mid-stream: an error event ends it
+        state.update(fail_after=8, calls=0)  # fails mid-stream: an error event, then [DONE]
         raw = _drain(*_open_stream(url, {**body, "max_tokens": 200}))
-        assert b'"finish_reason": null' in raw and b"boom in layer 1" in raw
-        assert b"[DONE]" not in raw
-        state.update(fail_after=None, sleep=0.01)  # a slow row, then the server closes
+        assert b'"finish_reason": null' in raw
+        err = _error_then_done(raw)
+        assert "boom in layer 1" in err["message"] and err["type"] == "server_error"
+        state.update(fail_after=None)
+        assert _post(url, body) == (200, {**ok[1], "id": ANY, "created": ANY})  # serving on
+        if engine == "eager":
+            return
+        state.update(sleep=0.01)  # a slow row, then the server closes
         opened = _open_stream(url, {**body, "max_tokens": 200})
         srv.shutdown()
         srv.server_close()
-        rest = _drain(*opened)
-        assert b"shutting down" in rest and b"[DONE]" not in rest
+        assert "shutting down" in _error_then_done(_drain(*opened))["message"]
         assert not srv.batcher.alive
     finally:
         handle.remove()

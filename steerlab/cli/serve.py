@@ -44,19 +44,40 @@ def serve(
     max_batch: int = typer.Option(16, help="Requests decoding together (static); more wait "
                                   "for a free slot."),
     max_context: int = typer.Option(2048, help="Most positions per request, prompt plus "
-                                    "max_tokens (static; larger costs memory and time per "
-                                    "step: every step attends over the whole cache)."),
+                                    "max_tokens; a longer request is refused with 400 (static: "
+                                    "larger costs memory and time per step, every step "
+                                    "attends over the whole cache)."),
     sync_every: int = typer.Option(4, help="Decode steps between host checks (static): new "
                                    "requests join and streamed chunks go out at each."),
+    api_key: Annotated[str | None, typer.Option(
+        envvar="STEERLAB_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer <key>' on every route but /health (better: "
+        "the environment variable STEERLAB_API_KEY; a flag shows in ps).")] = None,
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve beyond localhost without "
+                                 "a key (refused otherwise)."),
+    max_tokens_cap: int = typer.Option(1024, help="Most max_tokens a request may ask for; "
+                                       "more is refused with 400 (not cut short)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body; more is 413."),
+    request_timeout: float = typer.Option(300.0, help="Seconds a request may take, waiting "
+                                          "included; past them its slot is freed and it "
+                                          "gets 504 (a stream: an error event)."),
+    max_queue: int = typer.Option(64, help="Requests that may wait for a slot; more get 429 "
+                                  "with Retry-After."),
 ) -> None:
-    """Serve /v1/models and /v1/chat/completions (streaming too) with persona and steering
-    request fields; concurrent requests batched (continuous batching)."""
-    from steerlab.serve import make_server
+    """Serve /v1/models, /v1/chat/completions (streaming too) and /health over a local model.
+
+    Persona and steering request fields; concurrent requests batched (continuous batching);
+    a key required beyond localhost; tokens, prompt, body, time and queue bounded."""
+    from steerlab.serve import Limits, check_exposure, make_server
 
     engine = check_serving(model, engine, max_batch, max_context, sync_every)
+    check_exposure(host, api_key, no_auth)
+    limits = Limits(max_tokens=max_tokens_cap, max_body_bytes=max_body_bytes,
+                    request_timeout=request_timeout, max_queue=max_queue)
     name = name or model.model
     srv = make_server(model.load(), host, port, model_name=name, engine=engine,
-                      max_batch=max_batch, max_context=max_context, sync_every=sync_every)
+                      max_batch=max_batch, max_context=max_context, sync_every=sync_every,
+                      api_key=api_key, no_auth=no_auth, limits=limits)
     h, p = srv.server_address[:2]
     typer.echo(f"serving {name} on http://{h}:{p}/v1")
     sys.stdout.flush()
