@@ -120,9 +120,13 @@ def server_error(err: BaseException) -> RequestError:
 def _hung_up(sock: socket.socket) -> bool:
     """True once the client has closed its end (EOF or reset); unread bytes stay unread."""
     try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has many sockets
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 

@@ -313,13 +313,14 @@ def served(request, embedded_model):
 
 @pytest.fixture(autouse=True)
 def _settle(request):
-    """After each test, its server idle again and its limits as they were."""
+    """After each test, its server idle again and its limits as they were. (Switching
+    engines shuts the other server down first, its scheduler thread joined: pytest keeps one
+    value of a module-scoped parametrized fixture at a time.)"""
     yield
     if "served" in request.fixturenames:
         s = request.getfixturevalue("served")
         s.srv.limits = LIMITS
         s.idle()
-        time.sleep(0.05)  # the scheduler's last cycle ends after its rows are released
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +400,8 @@ def test_cli_refuses_to_serve_beyond_localhost_without_a_key(capsys, monkeypatch
     assert missing not in err  # refused before the model loads
     assert run_cli("serve", "--host", "0.0.0.0", "--api-key", "k", "--no-auth") == 2
     assert "not both" in capsys.readouterr().err
+    assert run_cli("serve", "--max-queue", "-1", "--model", missing) == 2  # limits too
+    assert "max_queue" in capsys.readouterr().err
     for flags, env in ((["--no-auth"], None), ([], "sk-from-env")):
         if env:
             monkeypatch.setenv("STEERLAB_API_KEY", env)

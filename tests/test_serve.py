@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
     t = load_trait("pirate")
     questions = list(t.questions[:3])
     pos, neg = t.positive_instructions[0], t.negative_instructions[0]
-    client = _client(server)
+    client = _client(server, concurrency=6)  # a side's questions decode together
     http = (EndpointResponder(client, pos, max_tokens=32),
             EndpointResponder(client, neg, max_tokens=32))
     local = (LocalResponder(embedded_model, pos, max_tokens=32, batch_size=1),
@@ -191,16 +192,25 @@ def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
 
     plain = local()
-    assert http() == (tok.decode(plain, skip_special_tokens=True), len(plain))
-    assert http({"vector": str(path), "alpha": 0.0}) == http()  # strength 0: unsteered
-    for alpha, layers in ((1.0, [8]), (-1.5, None), (0.75, [6, 8])):
-        want = local(alpha, layers)
-        assert want != plain  # the vector moves the greedy reply, so equality below means much
-        spec = {"vector": str(path), "alpha": alpha, "layers": layers}
-        assert http(spec) == (tok.decode(want, skip_special_tokens=True), len(want))
-        assert http(spec, stream=True)[0] == tok.decode(want, skip_special_tokens=True)
+    text = tok.decode(plain, skip_special_tokens=True)
+    configs = ((1.0, [8]), (-1.5, None), (0.75, [6, 8]))
+    wants = [local(alpha, layers) for alpha, layers in configs]
+    for want in wants:  # the vector moves the greedy reply, so equality below means much
+        assert want != plain
+    # every request at once (rows are independent, tested below): plain, strength 0, and
+    # each steering plain and streamed, side by side in one batch
+    specs = [None, {"vector": str(path), "alpha": 0.0}] + [
+        {"vector": str(path), "alpha": alpha, "layers": layers} for alpha, layers in configs]
+    jobs = [(spec, False) for spec in specs] + [(spec, True) for spec in specs[2:]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda job: http(*job), jobs))
+    assert got[0] == (text, len(plain))
+    assert got[1] == got[0]  # strength 0: unsteered
+    for i, want in enumerate(wants):
+        assert got[2 + i] == (tok.decode(want, skip_special_tokens=True), len(want))
+        assert got[5 + i][0] == tok.decode(want, skip_special_tokens=True)  # streamed
     # the steering is per request: the next plain request is unsteered again
-    assert http()[0] == tok.decode(plain, skip_special_tokens=True)
+    assert http()[0] == text
 
 
 def test_bad_steering_gets_a_4xx_naming_the_field(server, pirate_vector, tmp_path):
