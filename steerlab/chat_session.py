@@ -105,9 +105,14 @@ class ChatSession:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
+        from steerlab.checks import number, seed
         from steerlab.engine import Engine
 
         self.engine = Engine.parse(self.engine, field="engine").value
+        self.temperature = number(self.temperature, "temperature", lo=0)
+        self.set_max_tokens(self.max_tokens)
+        if self.seed is not None:
+            self.seed = seed(self.seed)
 
     # --- settings -------------------------------------------------------------------------
     def system_prompt(self) -> SystemPrompt:

@@ -21,7 +21,7 @@ import yaml
 
 from steerlab.capture import capture_pairs
 from steerlab.errors import SteerlabError
-from steerlab.files import read_text
+from steerlab.files import read_text, sole_writer
 from steerlab.layers import HookPoint
 from steerlab.personas import SystemPrompt
 from steerlab.placement import ModelOptions
@@ -186,7 +186,21 @@ def extract(
         raise SteerlabError(f"exists and was captured with other settings: it holds {old}, this "
                             f"run is {new}; delete it or choose another output", source=str(out),
                             field=name)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with sole_writer(out, WRITING):
+        _capture_into(out, model, pairs, meta, range(start, end), layers=layers, hook=hook,
+                      mean=mean, batch_size=batch_size, flush_every=flush_every,
+                      system_prompt=system_prompt, progress=progress)
+    log.info("wrote %s (%d pairs, %d layers)", out, end - start, len(layers))
+    return out
+
+
+WRITING = "another extract is writing this file"
+
+
+def _capture_into(out: Path, model: Any, pairs: Sequence[Any], meta: StoreMeta, rows: range, *,
+                  layers: Sequence[int], hook: str | HookPoint, mean: bool, batch_size: int,
+                  flush_every: int, system_prompt: SystemPrompt | None, progress: bool) -> None:
+    start, end = rows.start, rows.stop
     writer = PartWriter(out, meta, math.ceil(flush_every / batch_size) * batch_size)
     at = start + writer.done
     if writer.done:
@@ -211,8 +225,6 @@ def extract(
             at += len(batch)
             bar.update(len(batch))
     writer.finish()
-    log.info("wrote %s (%d pairs, %d layers)", out, end - start, len(layers))
-    return out
 
 
 def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:

@@ -33,8 +33,9 @@ from steerlab.errors import SteerlabError
 log = logging.getLogger(__name__)
 
 __all__ = ["PartsDir", "append_jsonl", "atomic_path", "check_unlocked", "create_exclusive",
-           "flock", "h5py", "lock_holder", "open_h5", "read_json", "read_jsonl", "read_text",
-           "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+           "flock", "h5py", "lock_holder", "lock_path", "open_h5", "read_json", "read_jsonl",
+           "read_text", "sole_writer", "write_json_atomic", "write_jsonl_atomic",
+           "write_text_atomic"]
 
 
 def h5py() -> Any:
@@ -260,6 +261,37 @@ def check_unlocked(path: str | os.PathLike, busy: str, *, shared: bool = False) 
     if p.is_file():
         with flock(p, shared=shared, busy=busy):
             pass
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of the one writer of ``target``: ``.<name>.lock`` beside it."""
+    t = Path(target)
+    return t.with_name(f".{t.name}.lock")
+
+
+@contextmanager
+def sole_writer(target: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Be the one process writing ``target`` (a file built from parts), or refuse with
+    ``busy`` and the holder's PID. Folders created for it are removed again if the block
+    fails before anything was written into them (a failed start leaves nothing behind).
+    """
+    t = Path(target)
+    created = [p for p in [t.parent, *t.parent.parents] if not p.exists()]
+    t.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path(t)
+    fresh = not lock.exists()
+    try:
+        with flock(lock, busy=busy):
+            yield
+    except BaseException:
+        if fresh:
+            lock.unlink(missing_ok=True)
+        for folder in created:  # deepest first; a folder holding anything stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 class PartsDir:

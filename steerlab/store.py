@@ -206,6 +206,7 @@ class PartWriter:
         self.parts = PartsDir(self.output.with_name(self.output.name + ".parts"), "part", "h5",
                               width=9)
         self._buffer: list[Rows] = []
+        self._stamp: Path | None = None
         self._check_meta()
         self.parts.sweep()
         self.done = self._committed()
@@ -230,8 +231,8 @@ class PartWriter:
             if before != now:
                 log.warning("resuming %s on %s (its earlier parts ran on %s)", self.output,
                             ", ".join(now) or "?", ", ".join(before) or "?")
-        else:
-            write_json_atomic(stamp, self.meta.attrs())
+        else:  # written with the first part: a start that fails leaves no folder behind
+            self._stamp = stamp
 
     def _committed(self) -> int:
         at = 0
@@ -254,6 +255,9 @@ class PartWriter:
         if not self._buffer:
             return
         rows = _concat_rows(self._buffer)
+        if self._stamp is not None:
+            write_json_atomic(self._stamp, self.meta.attrs())
+            self._stamp = None
         start, end = self.done, self.done + len(rows)
         with self.parts.commit(start, end) as tmp:
             write_rows_file(tmp, self.meta, rows)

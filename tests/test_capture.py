@@ -88,8 +88,10 @@ def test_resid_pre_and_mid_hooks(tiny_model):
     assert_close_to_scale(mid[0, 0], hs[2][0, 4] - mlp_out[1][0, 4], TINY_EPS)
     with pytest.raises(SteerlabError, match="hook"):
         capture_positions(tiny_model, [ids], [4], [1], hook="attn_out")
-    with pytest.raises(SteerlabError, match="out of range"):
+    with pytest.raises(SteerlabError, match=r"got layer 7; expected 0\.\.2"):
         capture_positions(tiny_model, [ids], [4], [7])
+    with pytest.raises(SteerlabError, match=r"got layer -1"):  # negative: refused, not wrapped
+        capture_positions(tiny_model, [ids], [4], [-1])
 
 
 def test_forward_stops_after_last_needed_layer(tiny_model):

@@ -77,7 +77,7 @@ def test_bad_vector_files(tmp_path):
     st.write_bytes(b"garbage")
     with pytest.raises(SteerlabError, match="safetensors"):
         SteeringVector.load(st)
-    with pytest.raises(SteerlabError, match="missing"):
+    with pytest.raises(SteerlabError, match="no such file"):
         SteeringVector.load(tmp_path / "nothing")
 
 

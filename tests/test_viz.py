@@ -85,7 +85,7 @@ def test_report_command_on_a_folder_without_results_is_exit_2(tmp_path, capsys):
 
     assert run_cli("report", str(tmp_path)) == 2
     err = capsys.readouterr().err
-    assert "results.json" in err and "no such file" in err
+    assert "config.json" in err and "not a steerlab run folder" in err
     assert not (tmp_path / "report.html").exists()
 
 

@@ -39,8 +39,9 @@ def extract(
 
     The model flags, where given, override the config's model keys."""
     from steerlab.checks import output_file
+    from steerlab.extract import WRITING, load_config
     from steerlab.extract import extract as run
-    from steerlab.extract import load_config
+    from steerlab.files import check_unlocked, lock_path
     from steerlab.layers import check_layers
     from steerlab.pairs import load_pairs
     from steerlab.personas import system_prompt_style
@@ -53,7 +54,8 @@ def extract(
     pairs = load_pairs(cfg.pairs)
     geometry = cfg.model.geometry()
     try:
-        output_file(shard_path(cfg.output, part), "output")
+        target = output_file(shard_path(cfg.output, part), "output")
+        check_unlocked(lock_path(target), WRITING)
         if cfg.layers is not None and geometry:
             check_layers(geometry["n_layers"], list(cfg.layers))
     except SteerlabError as err:
