@@ -171,9 +171,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None
                    ) -> None:
-        """The stdlib's own refusals (bad request line, headers too long) in JSON too."""
+        """The stdlib's own refusals (bad request line, URI or headers too long) in JSON
+        too, with a status line even where the request line was unreadable."""
         self.close_connection, self.linger = True, True
-        self._error(RequestError(message or HTTPStatus(code).phrase, status=code,
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # the client's fault: a 4xx
+            code, message = 400, f"{message}; use HTTP/1.0 or HTTP/1.1"
+        phrase = HTTPStatus(code).phrase
+        self._error(RequestError(f"{phrase}: {message}" if message and message != phrase
+                                 else phrase, status=code,
                                  kind="server_error" if code >= 500 else "invalid_request_error"))
 
     def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
@@ -270,7 +277,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             raw = self.rfile.read(size)
         except TimeoutError:
-            raw = b""
+            raise RequestError(f"the body stopped coming for {self.timeout:g} s before the "
+                               f"{size} bytes its Content-Length announced",
+                               param="Content-Length") from None
         if len(raw) < size:
             raise RequestError(f"the body ended after {len(raw)} of the {size} bytes its "
                                "Content-Length announced", param="Content-Length")
