@@ -537,3 +537,47 @@ def test_a_second_writer_is_refused_and_the_first_completes(workspace, tmp_path)
     report = _steerlab("report", str(tmp_path / "run"))
     _, err = report.communicate(timeout=120)
     assert report.returncode == 0, err
+
+
+@pytest.mark.parametrize("command", ["infer", "extract"])
+def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire, tmp_path,
+                                                    monkeypatch, capsys):
+    """The second writer of a run folder / activation file is refused naming the holder's
+    PID; the lock is taken here on another file description, as another process would."""
+    from steerlab.cli import main
+    from steerlab.files import flock, lock_path
+
+    w, names = workspace
+    if command == "infer":
+        target = tmp_path / "run"
+        target.mkdir()
+        lock = target / ".lock"
+        args = [*(a.format(**names) for a in INFER[:5]), "--output-dir", str(target)]
+        busy = "another run or merge is writing this folder"
+    else:
+        target = tmp_path / "acts.h5"
+        lock = lock_path(target)
+        cfg = tmp_path / "extract.yaml"
+        cfg.write_text(Path(names["x_good"]).read_text().replace(str(w / "new-acts.h5"),
+                                                                  str(target)))
+        args = ["extract", "-c", str(cfg)]
+        busy = "another extract is writing this file"
+    monkeypatch.chdir(w)
+    with flock(lock, busy="held by the test"):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert busy in err and f"pid {os.getpid()} holds {lock.name}" in err, err
+    assert not target.with_name(target.name + ".parts").exists()
+
+
+def test_verbose_shows_the_traceback(workspace, tripwire):
+    from steerlab.cli import main
+    from steerlab.errors import SteerlabError
+
+    w, names = workspace
+    args = [a.format(**names) for a in INFER]
+    args[2] = names["bytes"]
+    with pytest.raises(SteerlabError, match="not UTF-8"):
+        main(["-v", *args])
