@@ -319,6 +319,15 @@ def _fingerprint(model: Any, vector: SteeringVector, questions: Sequence[str],
     return h.hexdigest()[:16]
 
 
+POINTS_BUSY = "another evaluation writes these points"
+
+
+def points_lock(path: str | os.PathLike) -> Path:
+    """The lock file of an evaluation's resumable points file."""
+    p = Path(path)
+    return p.with_name(p.name + ".lock")
+
+
 class _Points:
     """Rated settings of one evaluation in a JSONL file (``None``: in memory only)."""
 
@@ -332,8 +341,7 @@ class _Points:
         if self.path is None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(self.path.name + ".lock")
-        self._stack.enter_context(flock(lock, busy="another evaluation writes these points"))
+        self._stack.enter_context(flock(points_lock(self.path), busy=POINTS_BUSY))
         for n, rec in enumerate(read_jsonl(self.path), 1):
             if rec.get("key") != self.key:
                 raise SteerlabError(

@@ -539,10 +539,11 @@ def test_a_second_writer_is_refused_and_the_first_completes(workspace, tmp_path)
     assert report.returncode == 0, err
 
 
-@pytest.mark.parametrize("command", ["infer", "extract"])
+@pytest.mark.parametrize("command", ["infer", "extract", "eval"])
 def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire, tmp_path,
                                                     monkeypatch, capsys):
-    """The second writer of a run folder / activation file is refused naming the holder's
+    """The second writer of a run folder, activation file or evaluation is refused naming the
+    holder's
     PID; the lock is taken here on another file description, as another process would."""
     from steerlab.cli import main
     from steerlab.files import flock, lock_path
@@ -554,6 +555,13 @@ def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire
         lock = target / ".lock"
         args = [*(a.format(**names) for a in INFER[:5]), "--output-dir", str(target)]
         busy = "another run or merge is writing this folder"
+    elif command == "eval":
+        from steerlab.evaluate import points_lock
+
+        target = tmp_path / "e"
+        lock = points_lock(tmp_path / "e.points.jsonl")
+        args = ["vectors", "eval", names["vec"], "--output", str(target)]
+        busy = "another evaluation writes these points"
     else:
         target = tmp_path / "acts.h5"
         lock = lock_path(target)

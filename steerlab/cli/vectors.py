@@ -81,7 +81,8 @@ def evaluate(
     a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
     from steerlab.calibrate import Search
     from steerlab.checks import input_file, integer, number, output_file
-    from steerlab.evaluate import EvalConfig, evaluate_steering
+    from steerlab.evaluate import POINTS_BUSY, EvalConfig, evaluate_steering, points_lock
+    from steerlab.files import check_unlocked
     from steerlab.fitters import shuffled_control
     from steerlab.traits import load_trait
     from steerlab.validation import validation_report, write_validation_html
@@ -112,6 +113,7 @@ def evaluate(
     out = Path(output)
     for suffix in (".json", ".html", ".points.jsonl"):
         output_file(out.with_name(out.name + suffix), "output")
+    check_unlocked(points_lock(out.with_name(out.name + ".points.jsonl")), POINTS_BUSY)
     shuffled = None
     if source is not None and source.is_file():
         try:
