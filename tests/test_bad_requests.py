@@ -93,8 +93,8 @@ REQUEST_ROWS: list[Row] = [
     Row("a garbage request line", 400, "Bad request syntax", raw=b"GARBAGE\r\n\r\n"),
     Row("HTTP/9.9", 400, "HTTP/1.1", raw=b"GET /v1/models HTTP/9.9\r\n\r\n"),
     Row("a 70,000-byte URI", 414, "URI", raw=b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"),
-    Row("a 70,000-byte header", 431, "Header Fields Too Large", raw=b"GET /health HTTP/1.1\r\nX-Big: "
-        + b"a" * 70_000 + b"\r\n\r\n"),
+    Row("a 70,000-byte header", 431, "Header Fields Too Large",
+        raw=b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"),
     Row("body over the limit", 413, "--max-body-bytes",
         body={"messages": [{"role": "user", "content": "x" * 300_000}]}),
     Row("empty body", 400, "empty", body=b""),

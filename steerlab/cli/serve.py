@@ -68,8 +68,10 @@ def serve(
 
     Persona and steering request fields; concurrent requests batched (continuous batching);
     a key required beyond localhost; tokens, prompt, body, time and queue bounded."""
+    from steerlab.checks import integer
     from steerlab.serve import Limits, check_exposure, make_server
 
+    integer(port, "port", lo=0, hi=65535)
     engine = check_serving(model, engine, max_batch, max_context, sync_every)
     check_exposure(host, api_key, no_auth)
     limits = Limits(max_tokens=max_tokens_cap, max_body_bytes=max_body_bytes,
