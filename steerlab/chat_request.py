@@ -10,9 +10,9 @@ No model runs here, and nothing is tokenised: the server decides prompt lengths.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
+from steerlab import checks
 from steerlab.errors import SteerlabError
 from steerlab.personas import ASSISTANT, Persona
 from steerlab.steer import Steering
@@ -79,18 +79,21 @@ def decode_body(raw: bytes) -> dict:
 
 
 def _number(v: Any, name: str, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-            math.isfinite(v) and lo <= v <= hi):
-        raise RequestError(f"'{name}' must be a finite number in [{lo:g}, {hi:g}], got "
-                           f"{_shown(v)}", param=name)
-    return float(v)
+    """A finite number in ``[lo, hi]`` (steerlab's one check), or a 400 naming ``name``."""
+    try:
+        return checks.number(v, name, lo=lo, hi=hi)
+    except SteerlabError as err:
+        raise RequestError(str(err), param=name) from None
 
 
 def _integer(v: Any, name: str, lo: int, hi: int, hint: str = "") -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise RequestError(f"'{name}' must be an integer in [{lo}, {hi}]{hint}, got "
-                           f"{_shown(v)}", param=name)
-    return v
+    """A JSON integer in ``[lo, hi]`` (``5.0`` is not one here), or a 400 naming ``name``."""
+    try:
+        if isinstance(v, float):
+            raise SteerlabError(f"got {_shown(v)}; expected an integer", field=name)
+        return checks.integer(v, name, lo=lo, hi=hi, hint=hint.strip())
+    except SteerlabError as err:
+        raise RequestError(str(err), param=name) from None
 
 
 def _persona(v: Any) -> Persona:
