@@ -230,6 +230,33 @@ def model_id(model: Any) -> str:
     return str(getattr(model.cfg, "model_name", "unknown"))
 
 
+
+def _model_config(name_or_path: str | os.PathLike) -> dict | None:
+    """A model's ``config.json`` without loading it: a local folder's, the embedded model's
+    (also under its hub id), or a hub id's from the local cache (None when not cached).
+    A missing local directory raises."""
+    import json
+
+    name = str(name_or_path)
+    source, _ = _resolve_source(EMBEDDED if name == EMBEDDED_REPO_ID else name)
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # an id the hub cache cannot name: leave the checks to the load
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SteerlabError(f"unreadable model config ({err})", source=str(path)) from None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
     """``n_layers``, ``d_model`` and ``vocab_size`` of a model from its ``config.json``,
     without loading weights (so layer indices and top-k can be checked before a load).
@@ -241,27 +268,25 @@ def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
         >>> model_geometry("embedded")["n_layers"]
         30
     """
-    import json
-
-    source, _ = _resolve_source(name_or_path)
-    path = Path(source) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(source, "config.json")
-        except Exception:  # an unusual id: leave the check to after the load
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SteerlabError(f"unreadable model config ({err})", source=str(path)) from None
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    cfg = _model_config(name_or_path) or {}
+    cfg = cfg.get("text_config", cfg)
     keys = {"n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
             "d_model": ("hidden_size", "n_embd", "d_model"), "vocab_size": ("vocab_size",)}
     out = {name: next((cfg[k] for k in options if isinstance(cfg.get(k), int)), None)
            for name, options in keys.items()}
     return out if all(isinstance(v, int) for v in out.values()) else None  # type: ignore[return-value]
+
+
+def model_type(name_or_id: str | os.PathLike) -> str | None:
+    """A model's architecture name (its config's ``model_type``, e.g. ``llama``, ``qwen3``),
+    read without loading it; None when its config is not available here.
+
+    Example:
+        >>> model_type("embedded")
+        'llama'
+    """
+    try:
+        kind = (_model_config(name_or_id) or {}).get("model_type")
+    except SteerlabError:
+        return None
+    return kind if isinstance(kind, str) and kind else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,8 @@ from jaxtyping import Float
 from steerlab.checks import finite_values
 from steerlab.errors import SteerlabError
 from steerlab.files import atomic_path, read_text, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = "steerlab.vector/1"
 
@@ -196,8 +199,14 @@ class SteeringVector:
             raise SteerlabError(str(err), source=str(st)) from None
 
     def to_gguf(self, path: str | os.PathLike, model_hint: str | None = None) -> Path:
-        """Export as a llama.cpp control vector (``--control-vector``): one f32 tensor
-        ``direction.{layer + 1}`` per layer, arch ``controlvector``.
+        """Export as a llama.cpp control vector (``--control-vector``): arch
+        ``controlvector``, one f32 tensor ``direction.{L}`` per layer ``L``.
+
+        llama.cpp adds ``direction.N`` to the output of its 0-based layer ``N``: the residual
+        steerlab steers at layer ``N`` (``resid_post``), so the numbers are the same. It has no
+        slot for layer 0 (index 0 is invalid there), so layer 0 is left out with a warning.
+        ``model_hint`` defaults to the model's architecture (``llama``, ``qwen3``: its
+        ``model_type``, what llama.cpp's own generator writes), else its id.
 
         Example:
             >>> v.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
@@ -205,15 +214,27 @@ class SteeringVector:
         import gguf
 
         path = Path(path)
+        layers = [x for x in self.layers if x > 0]
+        if len(layers) < len(self.layers):
+            log.warning("llama.cpp cannot steer layer 0 (no control-vector slot for it); "
+                        "%s leaves it out", path)
+        if not layers:
+            raise SteerlabError("the vector has only layer 0, which llama.cpp cannot steer",
+                                source=str(path), field="layers")
+        if model_hint is None:
+            from steerlab.models import model_type
+
+            model_hint = model_type(self.provenance.model_id) or self.provenance.model_id
         with atomic_path(path) as tmp:
-            self._write_gguf(gguf.GGUFWriter(str(tmp), "controlvector"), model_hint)
+            self._write_gguf(gguf.GGUFWriter(str(tmp), "controlvector"), model_hint, layers)
         return path
 
-    def _write_gguf(self, writer: Any, model_hint: str | None) -> None:
-        writer.add_string("controlvector.model_hint", model_hint or self.provenance.model_id)
-        writer.add_uint32("controlvector.layer_count", len(self.layers))
-        for layer, vec in zip(self.layers, self.directions, strict=True):
-            writer.add_tensor(f"direction.{layer + 1}", vec.detach().float().cpu().numpy())
+    def _write_gguf(self, writer: Any, model_hint: str, layers: list[int]) -> None:
+        writer.add_string("controlvector.model_hint", model_hint)
+        writer.add_uint32("controlvector.layer_count", len(layers))
+        for layer in layers:
+            writer.add_tensor(f"direction.{layer}",
+                              self.direction(layer).detach().float().cpu().numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -221,14 +242,15 @@ class SteeringVector:
 
 
 def read_gguf(path: str | os.PathLike) -> dict[int, Any]:
-    """``{layer: direction}`` of a GGUF control vector (0-based layers), via ``GGUFReader``."""
+    """``{layer: direction}`` of a GGUF control vector, via ``GGUFReader``: tensor
+    ``direction.N`` is steerlab layer ``N`` (the inverse of :meth:`SteeringVector.to_gguf`)."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as err:
         raise SteerlabError(f"not a readable GGUF file ({err})", source=str(path)) from None
-    return {int(t.name.split(".")[1]) - 1: torch.from_numpy(t.data.copy())
+    return {int(t.name.split(".")[1]): torch.from_numpy(t.data.copy())
             for t in reader.tensors if t.name.startswith("direction.")}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import EPS32
@@ -81,18 +83,34 @@ def test_bad_vector_files(tmp_path):
         SteeringVector.load(tmp_path / "nothing")
 
 
-def test_gguf_control_vector_reads_back(tmp_path):
+def _field(reader, name):
+    f = reader.fields[name]
+    return f.parts[f.data[0]]
+
+
+def test_gguf_control_vector_names_layers_as_llama_cpp_does(tmp_path, caplog):
+    """llama.cpp adds ``direction.N`` to the output of its 0-based layer N, the residual
+    steerlab steers at layer N; it has no slot for layer 0, which is left out (warned)."""
     import gguf
 
-    a = vec(layers=(0, 4, 9))
-    path = a.to_gguf(tmp_path / "c.gguf", model_hint="llama")
+    from steerlab.models import EMBEDDED_REPO_ID
+
+    a = replace(vec(layers=(0, 4, 9)), provenance=Provenance(model_id=EMBEDDED_REPO_ID))
+    with caplog.at_level("WARNING", logger="steerlab.vectors"):
+        path = a.to_gguf(tmp_path / "c.gguf")
+    assert "layer 0" in caplog.text
     reader = gguf.GGUFReader(str(path))
-    names = sorted(t.name for t in reader.tensors)
-    assert names == ["direction.1", "direction.10", "direction.5"]
-    arch = reader.fields["general.architecture"]
-    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
-    hint = reader.fields["controlvector.model_hint"]
-    assert bytes(hint.parts[hint.data[0]]).decode() == "llama"
-    back = read_gguf(path)
-    for layer in a.layers:
+    assert sorted(t.name for t in reader.tensors) == ["direction.4", "direction.9"]
+    assert bytes(_field(reader, "general.architecture")).decode() == "controlvector"
+    # the architecture, as llama.cpp's own generator and repeng write it, not the model id
+    assert bytes(_field(reader, "controlvector.model_hint")).decode() == "llama"
+    assert int(_field(reader, "controlvector.layer_count")[0]) == 2
+    back = read_gguf(path)  # the exact inverse, layer numbers included
+    assert sorted(back) == [4, 9]
+    for layer in back:
         assert torch.equal(back[layer], a.direction(layer))
+    hinted = a.to_gguf(tmp_path / "d.gguf", model_hint="qwen3")
+    assert bytes(_field(gguf.GGUFReader(str(hinted)), "controlvector.model_hint")).decode() \
+        == "qwen3"
+    with pytest.raises(SteerlabError, match="only layer 0"):
+        vec(layers=(0,)).to_gguf(tmp_path / "e.gguf")

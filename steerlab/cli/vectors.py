@@ -138,9 +138,12 @@ def evaluate(
 def export_gguf(
     vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file.")],
-    model_hint: str = typer.Option("", help="controlvector.model_hint (default: model id)."),
+    model_hint: str = typer.Option("", help="controlvector.model_hint [default: the model's "
+                                   "architecture, e.g. llama]."),
 ) -> None:
-    """Export a vector as a llama.cpp control vector (use with --control-vector)."""
+    """Export a vector as a llama.cpp control vector (use with --control-vector): steerlab
+    layer L is direction.L (llama.cpp steers the output of its layer L); layer 0 has no slot
+    there and is left out."""
     from steerlab.vectors import SteeringVector, read_gguf
 
     path = SteeringVector.load(vector).to_gguf(output, model_hint or None)
