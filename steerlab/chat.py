@@ -134,6 +134,22 @@ def render_chat(
     )
 
 
+def has_thinking_mode(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template reacts to ``enable_thinking`` (Qwen3 does; a
+    template that renders the same either way has no thinking mode to switch).
+
+    Example:
+        >>> has_thinking_mode(model.tokenizer)
+        False
+    """
+    probe = [{"role": "user", "content": "Hi"}]
+    try:
+        on, off = (render_chat(tokenizer, probe, enable_thinking=flag) for flag in (True, False))
+        return on != off
+    except Exception:  # noqa: BLE001 - a template that fails on the flag has no such mode
+        return False
+
+
 def encode_chat(tokenizer: Any, messages: str | Sequence[Message], **kwargs: Any) -> list[int]:
     """Token ids of :func:`render_chat`'s text, with exactly one BOS where the model uses one."""
     return encode_text(tokenizer, render_chat(tokenizer, messages, **kwargs))

@@ -167,3 +167,15 @@ def test_load_personae_errors(tmp_path):
         with pytest.raises(SteerlabError, match=needle) as err:
             load_personae(bad)
         assert "bad.json" in str(err.value)
+
+
+def test_has_thinking_mode_only_where_the_template_reacts(tokenizer):
+    import copy
+
+    from steerlab.chat import has_thinking_mode
+
+    assert not has_thinking_mode(tokenizer)  # SmolLM2 ships ChatML without thinking
+    for template, thinks in ((QWEN3, True), (CHATML, False), (LLAMA3, False)):
+        tok = copy.deepcopy(tokenizer)
+        tok.chat_template = template
+        assert has_thinking_mode(tok) is thinks, template[:40]

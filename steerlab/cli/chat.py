@@ -132,7 +132,12 @@ def run_command(session: Any, command: Command) -> str:
         return f"system prompt: {arg}" if arg else "system prompt: the persona's default"
     if name in ("thinking", "nothinking"):
         session.thinking = name == "thinking"
-        return f"thinking {'on' if session.thinking else 'off'}"
+        line = f"thinking {'on' if session.thinking else 'off'}"
+        from steerlab.chat import has_thinking_mode
+
+        if not has_thinking_mode(session.model.tokenizer):
+            line += " (no effect: this model's chat template has no thinking mode)"
+        return line
     if name == "tokens":
         usage = f"usage: /tokens N with N a whole number >= 1 (got {arg!r})"
         try:
@@ -252,6 +257,11 @@ def chat(
     keys = _StopKeys()
     _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
+    if thinking:
+        from steerlab.chat import has_thinking_mode
+
+        if not has_thinking_mode(bridge.tokenizer):
+            _out("--thinking has no effect: this model's chat template has no thinking mode\n")
     while True:
         try:
             line = input("you> ")
