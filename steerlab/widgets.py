@@ -88,7 +88,10 @@ class SteeringChat(w.VBox):
         self.thinking = w.Checkbox(value=False, description="thinking")
         self.show_projection = w.ToggleButton(value=False, description="projection",
                                               tooltip="colour tokens by projection on the vector")
-        self.message = w.Text(placeholder="message", layout=w.Layout(width="60%"))
+        # continuous_update=False: the box syncs its value on Enter (and on leaving it), which
+        # sends; ipywidgets 8's replacement for the deprecated on_submit
+        self.message = w.Text(placeholder="message (Enter sends)", continuous_update=False,
+                              layout=w.Layout(width="60%"))
         self.send_button = w.Button(description="send", button_style="primary")
         self.clear_button = w.Button(description="clear")
         self.output = w.Output(layout=w.Layout(border="1px solid #ccc", min_height="6em"))
@@ -97,6 +100,9 @@ class SteeringChat(w.VBox):
         self.last_chunks: list[str] = []
         self.last_reply: ChatReply | None = None
         self.vector_picker.observe(self._on_vector, names="value")
+        self.message.observe(lambda _: self._send_message(), names="value")
+        for control in (self.vector_picker, self.layer_picker, self.strength):
+            control.observe(lambda _: self._show_status(), names="value")
         self.send_button.on_click(lambda _: self._send_message())
         self.clear_button.on_click(lambda _: self.clear())
         super().__init__([
@@ -134,9 +140,7 @@ class SteeringChat(w.VBox):
         reply = s.reply(text, on_text=on_text, projection_layer=watch)
         self.output.append_stdout("\n")
         self.last_reply = reply
-        on = s.steering is not None and s.steering.active
-        steering = f"{self.vector_picker.value} × {s.steering.alpha:g}" if on else "off"
-        self.status.value = f"<small>{reply.n_tokens} tokens · steering {steering}</small>"
+        self._show_status()
         self.projection_view.value = (
             self._projection_html(reply, watch) if reply.projection is not None else "")
         return reply
@@ -158,11 +162,27 @@ class SteeringChat(w.VBox):
                 SteeringVector.load(item))
         return self._loaded[name]
 
+    def steering_label(self) -> str:
+        """The steering the controls set for the next reply: ``"pirate × 4 (layer 12)"`` or
+        ``"off"`` (no vector, or strength 0)."""
+        name, alpha, layer = self.vector_picker.value, self.strength.value, \
+            self.layer_picker.value
+        if name in (None, "(none)") or alpha == 0:
+            return "off"
+        return f"{name} × {alpha:g}" + ("" if layer is None else f" (layer {layer})")
+
     # --- callbacks --------------------------------------------------------------------------
+    def _show_status(self) -> None:
+        """The status line: the last reply's length and the steering in force now (it follows
+        the controls at once, so it never shows a stale strength)."""
+        done = "" if self.last_reply is None else f"{self.last_reply.n_tokens} tokens · "
+        self.status.value = f"<small>{done}steering {html.escape(self.steering_label())}</small>"
+
     def _send_message(self) -> None:
-        text, self.message.value = self.message.value.strip(), ""
+        text = self.message.value.strip()
         if not text:
             return
+        self.message.value = ""  # observed again, empty: nothing is sent twice
         try:
             self.send(text)
         except SteerlabError as err:

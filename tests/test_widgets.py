@@ -82,3 +82,23 @@ def test_vector_objects_and_bad_input_in_status(tiny_model):
     chat.message.value = "Hi"
     chat.send_button.click()
     assert "persona" in chat.status.value
+
+
+def test_enter_sends_and_the_status_follows_the_controls(tiny_model):
+    chat = SteeringChat(tiny_model, {"planted": _vector((1,), 5.0)}, max_tokens=4)
+    # Enter in the box syncs its value (continuous_update=False): that alone sends
+    assert chat.message.continuous_update is False
+    chat.message.value = "Hi"
+    assert chat.last_reply is not None and chat.message.value == ""
+    assert _stream_texts(chat)[0].startswith("you: Hi\n")
+    assert "steering off" in chat.status.value
+    chat.vector_picker.value = "planted"
+    chat.strength.value = 2.5  # no reply yet: the status shows the strength set now
+    assert "steering planted × 2.5" in chat.status.value
+    chat.strength.value = -1.0
+    assert "planted × -1" in chat.status.value and "2.5" not in chat.status.value
+    chat.layer_picker.value = 1
+    assert "planted × -1 (layer 1)" in chat.status.value
+    before = len(_stream_texts(chat))
+    chat.message.value = "   "  # blank: nothing is sent
+    assert len(_stream_texts(chat)) == before
