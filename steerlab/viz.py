@@ -29,7 +29,8 @@ def _values(records: Iterable[dict], field: str) -> list[float]:
 
 
 def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str = "") -> Any:
-    """Box-and-whisker per category, one panel per field (missing values are left out).
+    """Box-and-whisker per category, one panel per field (missing values are left out). A
+    panel with no value at all says so, and why for the thinking fields.
 
     Example:
         >>> box_by_category(load_results("logs/run"), ENTROPY_FIELDS).show()
@@ -44,6 +45,14 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
         for col, field in enumerate(fields, start=1):
             fig.add_box(y=_values(rows, field), name=cat, legendgroup=cat, showlegend=col == 1,
                         marker_color=palette[i % len(palette)], boxmean=True, row=1, col=col)
+    for col, field in enumerate(fields, start=1):
+        if not _values(records, field):
+            why = (" (no reply had a thinking section: the model's chat template has no "
+                   "thinking mode, or thinking was off)" if "think" in field else "")
+            axis = "" if col == 1 else str(col)
+            fig.add_annotation(text=f"no {field} values{why}", showarrow=False,
+                               xref=f"x{axis} domain", yref=f"y{axis} domain", x=0.5, y=0.5,
+                               width=max(120, 700 // len(fields)), font_size=11)
     fig.update_layout(title=title, boxmode="group", height=420)
     return fig
 
@@ -138,17 +147,23 @@ def steering_figure(ev: Any) -> Any:
         pts = sorted((s for s in ev.sweep if s.label == label), key=lambda s: s.alpha)
         colour = palette[i % len(palette)]
         for col, (key, _) in enumerate(keys, 1):
+            # markers too: left alone they take the colourway's colour of the trace's index,
+            # so panels 2 and 3 would not match the legend
             fig.add_trace(go.Scatter(x=[s.alpha for s in pts], y=[getattr(s, key)
                                      for s in pts], mode="lines+markers",
                                      name=f"layer {label}", legendgroup=label,
-                                     line_color=colour, showlegend=col == 1), row=1, col=col)
+                                     line_color=colour, marker_color=colour,
+                                     showlegend=col == 1), row=1, col=col)
+    # reference labels at opposite ends (and sides) of their lines, so they never overlap
+    # however close the two values are
     for col, (key, _) in enumerate(keys, 1):
-        for s, name, dash in ((ev.unsteered, "unsteered", "dot"),
-                              (ev.prompted, "prompted", "dash")):
+        for s, name, dash, where in ((ev.unsteered, "unsteered", "dot", "bottom left"),
+                                     (ev.prompted, "prompted", "dash", "top right")):
             fig.add_hline(y=getattr(s, key), line_dash=dash, annotation_text=name,
-                          row=1, col=col)
+                          annotation_position=where, row=1, col=col)
     fig.add_hline(y=ev.floor, line_dash="dot", line_color="red",
-                  annotation_text="min coherence", row=1, col=3)
+                  annotation_text="min coherence", annotation_position="bottom right",
+                  row=1, col=3)
     for control, symbol in ((ev.random, "x"), (ev.shuffled, "cross")):
         if control is not None:
             fig.add_trace(go.Scatter(x=[control.alpha], y=[control.coherent_trait],

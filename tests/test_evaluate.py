@@ -41,7 +41,20 @@ def test_gap_and_figure():
     assert ev.gap_closed(ev.random) == pytest.approx(0.025)
     assert [x.label for x in sweep] == ["4", "4", "2+4"] and ev.unsteered.label == "-"
     # coherent trait, raw trait and coherence for each of two groups, and the random control
-    assert len(steering_figure(ev).data) == 7
+    fig = steering_figure(ev)
+    assert len(fig.data) == 7
+    # one colour per layer group, lines and markers alike, in every panel
+    for group in ("4", "2+4"):
+        traces = [t for t in fig.data if t.legendgroup == group]
+        assert len(traces) == 3
+        assert len({(t.line.color, t.marker.color) for t in traces}) == 1
+        assert traces[0].line.color == traces[0].marker.color
+    assert len({t.line.color for t in fig.data if t.legendgroup}) == 2
+    # the two reference labels of a panel sit at different places
+    refs = [a for a in fig.layout.annotations if a.text in ("unsteered", "prompted")]
+    for axis in {a.xref for a in refs}:
+        spots = [(a.x, a.xanchor, a.yanchor) for a in refs if a.xref == axis]
+        assert len(spots) == 2 and len(set(spots)) == 2, spots
 
 
 def test_spread_groups():

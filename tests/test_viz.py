@@ -107,3 +107,15 @@ def test_notebook_runs_top_to_bottom(embedded_run):
     assert not all(x.split(":", 1)[1].isdigit() for x in heat["x"])  # token text, not ids
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "8 of 8 results" in html and "Hamlet" in html  # summary and raw table
+
+
+def test_empty_panels_say_why():
+    no_thinking = [{**r, "avg_entropy_thinking": None, "think_end_position": None}
+                   for r in RECORDS]
+    fig = viz.box_by_category(no_thinking, ["avg_entropy", "avg_entropy_thinking"])
+    texts = [a.text for a in fig.layout.annotations if a.text.startswith("no ")]
+    assert len(texts) == 1 and "thinking mode" in texts[0]
+    assert fig.layout.annotations[-1].xref == "x2 domain"
+    # a panel with values gets no such note
+    assert not [a for a in viz.box_by_category(RECORDS, ["avg_entropy"]).layout.annotations
+                if a.text.startswith("no ")]
