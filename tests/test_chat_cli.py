@@ -203,8 +203,31 @@ def test_terminal_chat(tmp_path, embedded_model):
     t.child.expect(r"\[stopped after (\d+) tokens\]")
     assert 1 <= int(t.child.match.group(1)) < 2000
     t.prompt()
-    t.command("/tokens 6")
-    assert t.say("Thanks!", "Hamlet")
+    # type-ahead while a reply streams is kept: a line ended with Enter is sent next, an
+    # unfinished one starts the next prompt
+    t.command("/tokens 2000")
+    t.child.sendline("Count from 1 to 500, one number per line.")
+    t.child.expect_exact("Hamlet> ")
+    t.child.expect(r"\S+\s+\S+\s+\S+")
+    t.child.send("/tokens 6\r/persx\x7fo")  # typed during the stream (not echoed yet)
+    t.child.send("\x1b")
+    t.child.expect(r"\[stopped after \d+ tokens\]")
+    t.child.expect_exact("you> /tokens 6")  # the queued line, echoed as it is sent
+    t.child.expect_exact("max tokens per reply: 6")
+    t.child.expect_exact("you> /perso")  # the unfinished line (backspace applied), editable
+    t.child.sendline("na Ophelia")
+    t.child.expect_exact("persona: Ophelia")
+    t.prompt()
+    assert t.say("Thanks!", "Ophelia")
+    # Ctrl-C stops a stream too, and the session goes on
+    t.command("/tokens 2000")
+    t.child.sendline("Count from 1 to 500, one number per line.")
+    t.child.expect_exact("Ophelia> ")
+    t.child.expect(r"\S+\s+\S+\s+\S+")
+    t.child.sendintr()
+    t.child.expect(r"\[stopped after \d+ tokens\]")
+    t.prompt()
+    assert "max tokens per reply: 4" in t.command("/tokens 4")
     t.child.sendeof()
     t.child.expect(pexpect.EOF)
     t.child.close()

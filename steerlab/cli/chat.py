@@ -38,7 +38,8 @@ HELP = """commands:
   /steer ALPHA         change the strength of the loaded vector
   /unsteer             stop steering
   /help                this text
-Esc (or Ctrl-C) stops a reply; Ctrl-D or /quit leaves."""
+Esc (or Ctrl-C) stops a reply; what you type while it streams is kept for the next prompt;
+Ctrl-D or /quit leaves."""
 
 COMMANDS = ("clear", "persona", "system", "thinking", "nothinking", "tokens", "steer",
             "unsteer", "help", "quit", "exit")
@@ -156,24 +157,48 @@ def run_command(session: Any, command: Command) -> str:
 
 
 class _StopKeys:
-    """Watch the terminal for Esc (and Ctrl-C) while a reply streams.
+    """Watch the terminal for Esc (and Ctrl-C) while a reply streams, keeping what else is
+    typed meanwhile (type-ahead) for the next prompt.
 
     On a tty the terminal is put in cbreak mode for the duration so Esc arrives at once;
-    elsewhere (pipes) only Ctrl-C stops a reply.
+    elsewhere (pipes) only Ctrl-C stops a reply (and piped input is read as it comes).
     """
 
     def __init__(self) -> None:
         self.fd = sys.stdin.fileno() if sys.stdin.isatty() else None
         self.pressed = False
+        self.typed = bytearray()
 
     def __call__(self) -> bool:
         if self.fd is not None and not self.pressed:
-            while select.select([self.fd], [], [], 0)[0]:
-                data = os.read(self.fd, 64)
-                if not data or ESC in data:
-                    self.pressed = True
-                    break
+            self._read()
         return self.pressed
+
+    def _read(self) -> None:
+        while select.select([self.fd], [], [], 0)[0]:
+            data = os.read(self.fd, 256)
+            if not data or ESC in data:  # Esc (an arrow key's sequence too) stops the reply
+                self.typed += data.split(ESC, 1)[0]
+                self.pressed = True
+                return
+            self.typed += data
+
+    def take_typed(self) -> tuple[list[str], str]:
+        """What was typed during the reply: ``(complete lines, the unfinished line)``, with
+        backspace and Ctrl-U applied as the terminal would have."""
+        line, lines = "", []
+        for ch in self.typed.decode("utf-8", errors="ignore"):
+            if ch in "\r\n":
+                lines.append(line)
+                line = ""
+            elif ch in "\x7f\b":
+                line = line[:-1]
+            elif ch == "\x15":  # Ctrl-U
+                line = ""
+            elif ch.isprintable():
+                line += ch
+        self.typed.clear()
+        return [x for x in lines if x.strip()], line
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -196,8 +221,27 @@ class _StopKeys:
             if old_attrs is not None:
                 import termios
 
+                if not self.pressed:
+                    self._read()  # what was typed after the last token
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, old_attrs)
             signal.signal(signal.SIGINT, old_handler)
+
+
+def _read_line(prompt: str, ahead: str) -> str:
+    """``input(prompt)`` with ``ahead`` (type-ahead) already on the line, editable where
+    readline is available."""
+    if not ahead:
+        return input(prompt)
+    try:
+        import readline
+    except ImportError:
+        _out(prompt + ahead)
+        return ahead + input("")
+    readline.set_startup_hook(lambda: readline.insert_text(ahead))
+    try:
+        return input(prompt)
+    finally:
+        readline.set_startup_hook()
 
 
 def _out(text: str) -> None:
@@ -255,6 +299,8 @@ def chat(
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     keys = _StopKeys()
+    pending: list[str] = []  # lines typed (with Enter) while a reply streamed: sent next
+    ahead = ""  # an unfinished line typed while a reply streamed: the next prompt's start
     _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
     if thinking:
@@ -264,7 +310,11 @@ def chat(
             _out("--thinking has no effect: this model's chat template has no thinking mode\n")
     while True:
         try:
-            line = input("you> ")
+            if pending:
+                line = pending.pop(0)
+                _out(f"you> {line}\n")
+            else:
+                line, ahead = _read_line("you> ", ahead), ""
         except (EOFError, KeyboardInterrupt):
             _out("\n")
             return
@@ -286,3 +336,6 @@ def chat(
         if reply.interrupted:
             _out(f" [stopped after {reply.n_tokens} tokens]")
         _out("\n")
+        lines, rest = keys.take_typed()
+        pending += lines
+        ahead += rest
