@@ -18,7 +18,7 @@ LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.p
 PYTEST_ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-extended demo lint bench install lock test-latest doctor clean
+.PHONY: test test-extended test-gguf demo lint bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
@@ -43,6 +43,27 @@ test: $(STAMP) lint
 # demo is `make demo`'s job: its steering outcome is its report, not a test assertion.
 test-extended: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -m extended $(PYTEST_ARGS)
+
+# The GGUF export in the real llama.cpp: llama-cpp-python (CPU) is built once into $(GGUF_LIB),
+# outside the locked venv, then tests/test_gguf_llama_cpp.py compares its logit shift with
+# steerlab's. Where it cannot be built (no compiler), one line says so and nothing fails.
+LLAMA_CPP ?= llama-cpp-python==0.3.36 diskcache==5.6.3
+GGUF_LIB ?= .llama-cpp
+test-gguf: $(STAMP)
+	@if ! test -d $(GGUF_LIB)/llama_cpp; then \
+	  echo "test-gguf: building $(LLAMA_CPP) (CPU, a few minutes; log: $(GGUF_LIB).log)"; \
+	  rm -rf $(GGUF_LIB).tmp; \
+	  if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	      $(BIN)/python -m pip install -q --no-deps --target $(GGUF_LIB).tmp $(LLAMA_CPP) \
+	      > $(GGUF_LIB).log 2>&1; then \
+	    rm -rf $(GGUF_LIB).tmp; \
+	    echo "test-gguf: skipped: llama-cpp-python did not build here (see $(GGUF_LIB).log)"; \
+	    exit 0; \
+	  fi; \
+	  mv $(GGUF_LIB).tmp $(GGUF_LIB); \
+	fi; \
+	$(OFFLINE) STEERLAB_REQUIRE_LLAMA_CPP=1 PYTHONPATH=$(GGUF_LIB) \
+	  $(BIN)/python -m pytest -q -s -p no:randomly tests/test_gguf_llama_cpp.py
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/steerlab demo
