@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "slurm").glob("*.slurm"))
+RUNS = [t for t in TEMPLATES if t.stem != "install_package"]  # the ones that run steerlab
 STANDIN = """#!/bin/bash
 printf '%s|%s\\n' "${STEERLAB_TEST_SETUP:-unset}" "$(basename "$0") $*" >> "$CALLS"
 [[ "$(basename "$0")" == apptainer ]] && shift 3  # exec --nv IMAGE
@@ -42,7 +43,7 @@ def _run(template: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_directives_come_first_and_logs_are_appended():
-    assert len(TEMPLATES) == 4
+    assert len(TEMPLATES) == 5
     for t in TEMPLATES:
         lines = t.read_text().splitlines()
         first_command = next(i for i, line in enumerate(lines[1:], 1)
@@ -53,7 +54,7 @@ def test_directives_come_first_and_logs_are_appended():
         assert subprocess.run(["bash", "-n", str(t)]).returncode == 0, t.name
 
 
-@pytest.mark.parametrize("template", TEMPLATES, ids=[t.stem for t in TEMPLATES])
+@pytest.mark.parametrize("template", RUNS, ids=[t.stem for t in RUNS])
 def test_template_sources_the_site_hook_then_runs_steerlab(template, stand_ins, tmp_path):
     env, calls = stand_ins
     inference = template.stem.startswith("batch_inference")
@@ -80,3 +81,22 @@ def test_container_wraps_the_command(stand_ins):
     srun, apptainer = (line.split("|")[1] for line in calls.read_text().splitlines())
     assert srun.startswith("srun apptainer exec --nv /images/steerlab.sif steerlab infer")
     assert apptainer.startswith("apptainer exec --nv /images/steerlab.sif steerlab infer")
+
+
+def test_install_package_pip_installs_into_the_venv_in_the_container(stand_ins, tmp_path):
+    env, calls = stand_ins
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(STANDIN)  # logs `python -m pip install ...`
+    (venv / "bin" / "python").chmod(0o755)
+    template = ROOT / "slurm" / "install_package.slurm"
+    out = _run(template, {**env, "STEERLAB_VENV": str(venv), "STEERLAB_CONTAINER": "img.sif"},
+               "flash-attn", "--no-build-isolation")
+    # srun -> apptainer -> the venv's python (a stand-in too): each logs what it was given
+    lines = calls.read_text().splitlines()
+    assert lines[0] == (f"sourced|srun apptainer exec --nv img.sif {venv}/bin/python -m pip "
+                        "install flash-attn --no-build-isolation"), (lines, out.stderr)
+    assert lines[2].endswith("python -m pip install flash-attn --no-build-isolation")
+    missing = _run(template, {**env, "STEERLAB_VENV": str(tmp_path / "none")}, "flash-attn")
+    assert missing.returncode == 2 and "no such venv" in missing.stderr
+    assert _run(template, {**env, "STEERLAB_VENV": str(venv)}).returncode == 2  # no package
