@@ -68,12 +68,9 @@ def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | Non
     root = check_finished(results_dir)
     output = output_file(Path(output) if output else root / "report.html", "output")
     records = load_results(root)
-    config = root / CONFIG
-    parts = [f"<h1>steerlab inference report: {html.escape(root.name)}</h1>"]
-    if config.is_file():
-        cfg = read_json(config, "a run's config.json")
-        parts.append("<h2>Run</h2>" + html_table([{"setting": k, "value": v}
-                                                  for k, v in cfg.items()]))
+    cfg = read_json(root / CONFIG, "a run's config.json")  # check_finished: it is there
+    parts = [f"<h1>steerlab inference report: {html.escape(root.name)}</h1>",
+             "<h2>Run</h2>" + html_table([{"setting": k, "value": v} for k, v in cfg.items()])]
     parts.append(f"<h2>Summary ({len(records)} results)</h2>" + html_table(summary_stats(records)))
     first = True
     for fig in summary_figures(records).values():

@@ -61,29 +61,45 @@ def open_run(root: str | os.PathLike, identity: Mapping[str, Any],
     holding another run is refused naming the first differing field with both values. A
     change of devices is allowed: it is logged and added to ``provenance.devices``.
     """
-    root = check_run_target(root, shard)
+    root = _check_folder(root)
     store = RunStore(root)
-    i, n = shard
     root.mkdir(parents=True, exist_ok=True)
+    if shard[1] > 1:
+        (root / SHARDS).mkdir(exist_ok=True)
     with ExitStack() as locks:
-        if n == 1:
-            locks.enter_context(flock(root / LOCK, busy="another run or merge is writing "
-                                      "this folder"))
+        for path, shared, busy in _run_locks(root, shard):
+            locks.enter_context(flock(path, shared=shared, busy=busy))
+        if shard[1] == 1:
             store.parts.sweep()  # the sole writer: clear what a crashed commit left
-        else:
-            locks.enter_context(flock(root / LOCK, shared=True, busy="an unsharded run or a "
-                                      "merge is writing this folder"))
-            (root / SHARDS).mkdir(exist_ok=True)
-            locks.enter_context(flock(store.marker(shard).with_suffix(".lock"),
-                                      busy=f"shard {i} of {n} is already running"))
         _write_config(root, identity, provenance, extra)
         yield store
+
+
+def _run_locks(root: Path, shard: tuple[int, int]) -> list[tuple[Path, bool, str]]:
+    """The locks a writer of ``root`` holds: ``(file, shared, refusal)``. An unsharded run
+    holds ``.lock`` exclusively; shard ``(i, n)`` shares it and holds its own shard's."""
+    i, n = shard
+    if n == 1:
+        return [(root / LOCK, False, "another run or merge is writing this folder")]
+    return [(root / LOCK, True, "an unsharded run or a merge is writing this folder"),
+            (RunStore(root).marker(shard).with_suffix(".lock"), False,
+             f"shard {i} of {n} is already running")]
 
 
 def check_run_target(root: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Path:
     """Refuse, before anything loads or is created, a folder a run cannot write: a file, a
     path under a file or in an unwritable folder, a folder holding something else, a damaged
     ``config.json``, or a folder another process is writing (naming its PID)."""
+    root = _check_folder(root)
+    if root.is_dir():
+        for path, shared, busy in _run_locks(root, shard):
+            check_unlocked(path, busy, shared=shared)
+    return root
+
+
+def _check_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a folder a run can write: writable, and new, empty or holding a run with
+    a readable ``config.json``."""
     from steerlab.checks import output_dir
 
     root = output_dir(root, "output_dir")
@@ -93,19 +109,9 @@ def check_run_target(root: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -
         if any(not p.name.startswith(".") and p.name != SHARDS for p in root.iterdir()):
             raise SteerlabError("exists and is not a steerlab run folder; use a new "
                                 "--output-dir", source=str(root))
-    else:
-        config = read_json(root / CONFIG, "a run's config.json")
-        if not isinstance(config, dict):
-            raise SteerlabError("expected a JSON object; not a steerlab run's config",
-                                source=str(root / CONFIG))
-    i, n = shard
-    if n == 1:
-        check_unlocked(root / LOCK, "another run or merge is writing this folder")
-    else:
-        check_unlocked(root / LOCK, "an unsharded run or a merge is writing this folder",
-                       shared=True)
-        check_unlocked(RunStore(root).marker(shard).with_suffix(".lock"),
-                       f"shard {i} of {n} is already running")
+    elif not isinstance(read_json(root / CONFIG, "a run's config.json"), dict):
+        raise SteerlabError("expected a JSON object; not a steerlab run's config",
+                            source=str(root / CONFIG))
     return root
 
 
