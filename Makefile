@@ -18,7 +18,7 @@ LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.p
 PYTEST_ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-extended test-gguf demo lint bench install lock test-latest doctor clean
+.PHONY: test test-extended test-gguf test-browser test-slurm demo lint bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
@@ -64,6 +64,17 @@ test-gguf: $(STAMP)
 	fi; \
 	$(OFFLINE) STEERLAB_REQUIRE_LLAMA_CPP=1 PYTHONPATH=$(GGUF_LIB) \
 	  $(BIN)/python -m pytest -q -s -p no:randomly tests/test_gguf_llama_cpp.py
+
+# notebook 03 and the demo's report.html in JupyterLab + the distribution's Chromium, driven
+# by Playwright (installed outside the locked venv into .playwright/). Skips in one line where
+# Chromium cannot be installed.
+test-browser: $(STAMP)
+	@PYTHON=$(BIN)/python bash tests/browser/run.sh
+
+# Every slurm/ template on a throwaway one-node SLURM cluster (slurm-wlm + munge from the
+# distribution, fake GPU gres). Skips in one line where the packages cannot be installed.
+test-slurm: $(STAMP)
+	@PYTHON=$(BIN)/python bash tests/slurm_cluster/run.sh
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/steerlab demo
