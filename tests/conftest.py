@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +97,39 @@ def matmul_delta(x: torch.Tensor, w: torch.Tensor) -> float:
     """Largest difference between two float32 evaluations of ``x @ w.T`` in any summation
     orders: a K-term dot product is within K (eps / 2) sum|x w| of exact, whatever the order."""
     return x.shape[-1] * EPS32 * float((x.detach().abs() @ w.detach().abs().T).max())
+
+
+def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
+    """Same records and per-token arrays. The shards compute the same batches through the same
+    kernels, so values are bit-identical in one process (``exact``); between processes with the
+    same thread count, floats may differ in the last bits (thread scheduling inside BLAS
+    reductions): rtol 1e-6 (8 eps), and an atol of 1e-6 of each array's largest value for the
+    entries near zero, which carry the rounding of their logits' scale (a low entropy moves by
+    the log-softmax's rounding, ~eps (max|z| + ln V) ~ 6e-6 nats, not by eps of itself)."""
+    from steerlab.results import load_results
+
+    ra, rb = load_results(a), load_results(b)
+    if exact:
+        assert ra == rb
+    else:
+        assert len(ra) == len(rb)
+        for x, y in zip(ra, rb, strict=True):
+            assert x.keys() == y.keys()
+            for k in x:
+                if isinstance(x[k], float) or isinstance(x[k], list):
+                    np.testing.assert_allclose(x[k], y[k], rtol=1e-6, err_msg=k)
+                else:
+                    assert x[k] == y[k], k
+    with h5py.File(a / "per_token.h5") as fa, h5py.File(b / "per_token.h5") as fb:
+        assert sorted(fa) == sorted(fb)
+        for name in fa:
+            x, y = fa[name][:], fb[name][:]
+            if x.dtype.kind == "f" and not exact:
+                atol = 1e-6 * float(np.abs(y).max(initial=0.0))
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol, err_msg=name)
+            else:
+                assert np.array_equal(x, y), name
+        assert dict(fa.attrs) == dict(fb.attrs)
 
 
 def run_cli(*args: str) -> int:

@@ -14,14 +14,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_tokens, run_cli
+from conftest import assert_same_run, assert_same_tokens, run_cli
 
 from steerlab.errors import SteerlabError
 from steerlab.extract import extract, merge_shards
 from steerlab.infer import InferConfig, run_identity, run_inference
 from steerlab.personas import Persona
 from steerlab.placement import provenance
-from steerlab.results import load_results
 from steerlab.runs import merge_run, open_run
 from steerlab.shards import parse_shard
 
@@ -30,37 +29,6 @@ PROMPTS = ["Who are you?", "Name a colour.", "Count to three."]
 # 6 tasks in 3 batches of 2: with 3 shards, shard k owns batch k; with 2, [0] and [1, 2].
 CFG = InferConfig(max_tokens=6, batch_size=2)
 STEERLAB = Path(sys.executable).with_name("steerlab")
-
-
-def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
-    """Same records and per-token arrays. The shards compute the same batches through the same
-    kernels, so values are bit-identical in one process (``exact``); between processes with the
-    same thread count, floats may differ in the last bits (thread scheduling inside BLAS
-    reductions): rtol 1e-6 (8 eps), and an atol of 1e-6 of each array's largest value for the
-    entries near zero, which carry the rounding of their logits' scale (a low entropy moves by
-    the log-softmax's rounding, ~eps (max|z| + ln V) ~ 6e-6 nats, not by eps of itself)."""
-    ra, rb = load_results(a), load_results(b)
-    if exact:
-        assert ra == rb
-    else:
-        assert len(ra) == len(rb)
-        for x, y in zip(ra, rb, strict=True):
-            assert x.keys() == y.keys()
-            for k in x:
-                if isinstance(x[k], float) or isinstance(x[k], list):
-                    np.testing.assert_allclose(x[k], y[k], rtol=1e-6, err_msg=k)
-                else:
-                    assert x[k] == y[k], k
-    with h5py.File(a / "per_token.h5") as fa, h5py.File(b / "per_token.h5") as fb:
-        assert sorted(fa) == sorted(fb)
-        for name in fa:
-            x, y = fa[name][:], fb[name][:]
-            if x.dtype.kind == "f" and not exact:
-                atol = 1e-6 * float(np.abs(y).max(initial=0.0))
-                np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol, err_msg=name)
-            else:
-                assert np.array_equal(x, y), name
-        assert dict(fa.attrs) == dict(fb.attrs)
 
 
 @pytest.fixture(scope="module")
