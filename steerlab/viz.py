@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -42,17 +43,23 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
     palette = plotly.colors.qualitative.Plotly
     for i, cat in enumerate(categories(records)):
         rows = [r for r in records if r["category"] == cat]
+        # the legend entry goes on the first panel with values: plotly hides an empty box
+        # trace, legend entry and all
+        shown = next((f for f in fields if _values(rows, f)), None)
         for col, field in enumerate(fields, start=1):
-            fig.add_box(y=_values(rows, field), name=cat, legendgroup=cat, showlegend=col == 1,
-                        marker_color=palette[i % len(palette)], boxmean=True, row=1, col=col)
+            fig.add_box(y=_values(rows, field), name=cat, legendgroup=cat,
+                        showlegend=field == shown, marker_color=palette[i % len(palette)],
+                        boxmean=True, row=1, col=col)
     for col, field in enumerate(fields, start=1):
         if not _values(records, field):
             why = (" (no reply had a thinking section: the model's chat template has no "
                    "thinking mode, or thinking was off)" if "think" in field else "")
             axis = "" if col == 1 else str(col)
-            fig.add_annotation(text=f"no {field} values{why}", showarrow=False,
-                               xref=f"x{axis} domain", yref=f"y{axis} domain", x=0.5, y=0.5,
-                               width=max(120, 700 // len(fields)), font_size=11)
+            # plotly does not wrap annotations (a set width clips them): lines of at most
+            # ~200 px of 11 px text per panel of three
+            text = "<br>".join(textwrap.wrap(f"no {field} values{why}", 96 // len(fields)))
+            fig.add_annotation(text=text, showarrow=False, xref=f"x{axis} domain",
+                               yref=f"y{axis} domain", x=0.5, y=0.5, font_size=11)
     fig.update_layout(title=title, boxmode="group", height=420)
     return fig
 
@@ -164,12 +171,14 @@ def steering_figure(ev: Any) -> Any:
     fig.add_hline(y=ev.floor, line_dash="dot", line_color="red",
                   annotation_text="min coherence", annotation_position="bottom right",
                   row=1, col=3)
-    for control, symbol in ((ev.random, "x"), (ev.shuffled, "cross")):
+    # the controls in greys: left to the colourway (by trace index) they take a layer
+    # group's colour once there are three groups or more
+    for control, name, symbol, colour in ((ev.random, "random", "x", "#222222"),
+                                          (ev.shuffled, "shuffled", "cross", "#888888")):
         if control is not None:
             fig.add_trace(go.Scatter(x=[control.alpha], y=[control.coherent_trait],
                                      mode="markers", marker_symbol=symbol, marker_size=10,
-                                     name=f"{'random' if control is ev.random else 'shuffled'}"
-                                     " vector"), row=1, col=1)
+                                     marker_color=colour, name=f"{name} vector"), row=1, col=1)
     unit = "fraction of the residual norm" if ev.units == "norm" else "x vector"
     fig.update_xaxes(title_text=f"alpha ({unit})", type="log" if ev.units == "norm" else "linear")
     return fig

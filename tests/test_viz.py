@@ -114,8 +114,40 @@ def test_empty_panels_say_why():
                    for r in RECORDS]
     fig = viz.box_by_category(no_thinking, ["avg_entropy", "avg_entropy_thinking"])
     texts = [a.text for a in fig.layout.annotations if a.text.startswith("no ")]
-    assert len(texts) == 1 and "thinking mode" in texts[0]
+    assert len(texts) == 1 and "thinking mode" in texts[0].replace("<br>", " ")
     assert fig.layout.annotations[-1].xref == "x2 domain"
     # a panel with values gets no such note
     assert not [a for a in viz.box_by_category(RECORDS, ["avg_entropy"]).layout.annotations
                 if a.text.startswith("no ")]
+
+
+def test_box_legend_survives_an_empty_first_panel_and_notes_fit_their_panel():
+    no_thinking = [{**r, "avg_entropy_thinking": None} for r in RECORDS]
+    fields = ["avg_entropy_thinking", "avg_entropy"]
+    fig = viz.box_by_category(no_thinking, fields)
+    # plotly hides an empty box trace, legend entry and all: the entry goes with the values
+    assert [(t.name, t.showlegend) for t in fig.data if t.showlegend] == [("a", True),
+                                                                          ("b", True)]
+    assert all(len(t.y) for t in fig.data if t.showlegend)
+    note = next(a for a in fig.layout.annotations if a.text.startswith("no "))
+    # plotly does not wrap: a set width would clip the note, so it is broken into lines
+    assert note.width is None and note.text.count("<br>") >= 2
+    assert max(len(line) for line in note.text.split("<br>")) <= 96 // len(fields)
+
+
+def test_sweep_controls_never_take_a_layer_groups_colour():
+    from steerlab.evaluate import SteeringEval
+    from steerlab.rating import Setting
+
+    def s(layers, alpha):
+        return Setting(layers, alpha, 1.0, 1.0, 1.0, 1.0, coherent_trait=1.0)
+
+    # three groups: by trace index the shuffled control would take the first group's colour
+    sweep = tuple(s(layers, a) for layers in ((1,), (2,), (1, 2)) for a in (1.0, 2.0))
+    ev = SteeringEval(s((), 0.0), s((), 0.0), sweep, sweep[0], s((1,), 1.0), 0.8,
+                      shuffled=s((1,), 1.0))
+    fig = viz.steering_figure(ev)
+    groups = {t.line.color for t in fig.data if t.legendgroup}
+    controls = [t.marker.color for t in fig.data if t.name.endswith(" vector")]
+    assert len(groups) == 3 and len(controls) == 2
+    assert None not in controls and len(set(controls)) == 2 and not groups & set(controls)
