@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 
 import h5py
@@ -121,15 +122,39 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
                 else:
                     assert x[k] == y[k], k
     with h5py.File(a / "per_token.h5") as fa, h5py.File(b / "per_token.h5") as fb:
-        assert sorted(fa) == sorted(fb)
-        for name in fa:
-            x, y = fa[name][:], fb[name][:]
-            if x.dtype.kind == "f" and not exact:
-                atol = 1e-6 * float(np.abs(y).max(initial=0.0))
-                np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol, err_msg=name)
-            else:
-                assert np.array_equal(x, y), name
+        assert_same_datasets(fa, fb, exact)
         assert dict(fa.attrs) == dict(fb.attrs)
+
+
+def assert_same_datasets(fa: h5py.File, fb: h5py.File, exact: bool = True) -> list[str]:
+    """Every dataset of ``fa`` (groups included) is in ``fb`` and the same, and ``fb`` has no
+    other: exactly, or (``exact=False``, floats only) to the between-process tolerance of
+    :func:`assert_same_run` (rtol 1e-6, atol 1e-6 of the reference ``fb``'s largest value).
+    Returns the datasets' names."""
+
+    def datasets(f: h5py.File) -> list[str]:
+        names: list[str] = []
+        f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) else None)
+        return sorted(names)
+
+    names = datasets(fa)
+    assert names and names == datasets(fb), (names, datasets(fb))
+    for name in names:
+        x, y = fa[name][()], fb[name][()]
+        if x.dtype.kind == "f" and not exact:
+            atol = 1e-6 * float(np.abs(y).max(initial=0.0))
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol, err_msg=name)
+        else:
+            assert np.array_equal(x, y), name
+    return names
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a server to bind, or, left unbound,
+    an address whose connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from steerlab.store import Rows, StoreMeta, write_rows_file
 from steerlab.vectors import SteeringVector
@@ -295,9 +295,7 @@ def _read_only_dir(w: Path) -> Path:
 
 
 def _dead_url() -> str:
-    with socket.socket() as s:  # a port that was free a moment ago: connection refused
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
 
 
 @pytest.fixture(scope="module")

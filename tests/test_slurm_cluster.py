@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
-from conftest import assert_same_run
+from conftest import assert_same_datasets, assert_same_run
 
 if not os.environ.get("STEERLAB_SLURM_CLUSTER"):
     pytest.skip("starts a real SLURM cluster: make test-slurm runs it", allow_module_level=True)
@@ -47,7 +46,8 @@ PROMPTS = ["Who are you?", "Name a colour.", "Count to three.", "Say hello.",
            "What is rain?", "Name a fruit."]
 PERSONAE = [{"persona": "assistant", "category": "assistant", "article": "an"},
             {"persona": "Hamlet", "category": "fictional-character", "article": ""}]
-# 12 tasks in 4 batches of 3: --array=1-4 gives each task one batch.
+N_TASKS = len(PROMPTS) * len(PERSONAE)  # 12 tasks in 4 batches of 3: --array=1-4 gives
+# each array task one batch
 INFER = ("--model", "embedded", "--device", "cpu", "--dtype", "float32", "--max-tokens", "24",
          "--batch-size", "3")
 PAIRS = [("How are you?", "Arr, I be fine, matey!", "I am fine, thank you."),
@@ -106,7 +106,7 @@ def _infer_args(work: Path) -> tuple[str, ...]:
             "--personae-json", str(work / "personae.json"), *INFER)
 
 
-def _completed(cluster: LocalCluster, job: str, work: Path, seconds: float = 600) -> list[dict]:
+def _completed(cluster: LocalCluster, job: str, seconds: float = 600) -> list[dict]:
     tasks = cluster.wait(job, seconds)
     for t in tasks:
         out = Path(t["StdOut"])
@@ -143,7 +143,7 @@ def test_single_run_requeued_and_array_plus_merge_agree(cluster, work):
         assert time.monotonic() < deadline and state["JobState"] in ("PENDING", "RUNNING"), state
         time.sleep(0.2)
     assert not (run / "results.json").exists() or \
-        len(json.loads((run / "results.json").read_text())) < len(PROMPTS) * len(PERSONAE)
+        len(json.loads((run / "results.json").read_text())) < N_TASKS
     cluster.run("scontrol", "requeue", single)
     # Once requeued (killed, then PENDING), SLURM holds the job 120 s (its BeginTime); the
     # test releases it at once to stay short.
@@ -153,18 +153,18 @@ def test_single_run_requeued_and_array_plus_merge_agree(cluster, work):
                            *_infer_args(work), cwd=work, env=env)
     merge = _merge_job(cluster, work, array,
                        f"steerlab merge logs/personae-inference-{array}")
-    (task,) = _completed(cluster, single, work)
+    (task,) = _completed(cluster, single)
     assert int(task["Restarts"]) == 1, task
     print(f"  job {single} requeued after its first batch: Restarts={task['Restarts']}")
-    _completed(cluster, array, work)
-    _completed(cluster, merge, work)
+    _completed(cluster, array)
+    _completed(cluster, merge)
     log = Path(task["StdOut"]).read_text()
     done = [int(n) for n in re.findall(r"(\d+) of them already done", log)]
     print(f"  requeued job {single}: already-done counts per start {done}")
     assert len(done) == 2 and done[0] == 0 and done[1] > 0, log  # both starts, in one log
-    assert log.count("finished: 12 results") == 1, log
+    assert log.count(f"finished: {N_TASKS} results") == 1, log
     assert_same_run(work / "logs" / f"personae-inference-{array}", run, exact=False)
-    print(f"  --array=1-4 + merge == the requeued single run ({len(PROMPTS) * 2} results)")
+    print(f"  --array=1-4 + merge == the requeued single run ({N_TASKS} results)")
 
 
 def test_extract_array_plus_merge_equals_one_extract(cluster, work):
@@ -175,27 +175,11 @@ def test_extract_array_plus_merge_equals_one_extract(cluster, work):
                            "extract-sharded.yaml", cwd=work, env=env)
     merge = _merge_job(cluster, work, array, "steerlab merge --config extract-sharded.yaml")
     for job in (one, array, merge):
-        _completed(cluster, job, work)
-    with h5py.File(work / "out-single" / "acts.h5") as a, \
-            h5py.File(work / "out-sharded" / "acts.h5") as b:
-        names: list[str] = []
-        a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
-        assert names and sorted(names) == sorted(
-            n for n in _datasets(b)), (names, _datasets(b))
-        for n in names:
-            x, y = a[n][()], b[n][()]
-            if x.dtype.kind == "f":
-                np.testing.assert_allclose(x, y, rtol=1e-6,
-                                           atol=1e-6 * float(np.abs(x).max(initial=0)), err_msg=n)
-            else:
-                assert np.array_equal(x, y), n
+        _completed(cluster, job)
+    with h5py.File(work / "out-sharded" / "acts.h5") as merged, \
+            h5py.File(work / "out-single" / "acts.h5") as single:
+        names = assert_same_datasets(merged, single, exact=False)
     print(f"  --array=0-1 + merge == one extract ({len(names)} datasets, {len(PAIRS)} pairs)")
-
-
-def _datasets(f: h5py.File) -> list[str]:
-    names: list[str] = []
-    f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) else None)
-    return names
 
 
 def test_install_package_into_a_venv(cluster, work):
@@ -215,7 +199,7 @@ def test_install_package_into_a_venv(cluster, work):
     job = cluster.sbatch(*SMALL, str(SLURM / "install_package.slurm"), "--no-index",
                          "--no-deps", str(wheel), cwd=work,
                          env={**_env(work), "STEERLAB_VENV": str(venv)})
-    _completed(cluster, job, work)
+    _completed(cluster, job)
     got = subprocess.run([str(venv / "bin" / "python"), "-c",
                           "import steerlab_probe; print(steerlab_probe.VALUE)"],
                          capture_output=True, text=True, cwd="/")

@@ -21,22 +21,18 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_port  # the harness runs under tests/ (its sys.path)
+
 NODE = "localnode"
 N_GPUS = 2
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def missing_programs() -> list[str]:
     """The daemons and clients not on PATH (empty: a cluster can start)."""
-    return [p for p in DAEMONS if shutil.which(p) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [p for p in PROGRAMS if shutil.which(p) is None]
 
 
 def _mem_mb() -> int:
@@ -74,7 +70,7 @@ class LocalCluster:
         settings = {
             "ClusterName": "steerlabtest",
             "SlurmctldHost": f"{socket.gethostname().split('.')[0]}(127.0.0.1)",
-            "SlurmctldPort": _free_port(), "SlurmdPort": _free_port(),
+            "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
             "SlurmUser": "root", "SlurmdUser": "root",
             "AuthType": "auth/munge", "CredType": "cred/munge",
             "AuthInfo": f"socket={r}/munge/munge.socket",
