@@ -14,12 +14,15 @@ input with exit code 2 before a model loads, a folder is created or generation s
   a file goes (or the reverse), under no file, in a folder this process can write to (probed
   with a temporary file that is removed at once; nothing else is created).
 * :func:`finite_values`: data (activations, vectors) with no NaN or infinity.
+* :func:`text`: a string that can be written as UTF-8 (no lone surrogate), with no NUL
+  character, within a length limit.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from urllib.parse import urlsplit
 from steerlab.errors import SteerlabError
 
 __all__ = ["MAX_SEED", "finite_values", "input_file", "integer", "number", "output_dir",
-           "output_file", "seed", "url"]
+           "output_file", "seed", "text", "url"]
 
 
 def _range(lo: int | float | None, hi: int | float | None, lo_open: bool) -> str:
@@ -208,3 +211,35 @@ def finite_values(values: Any, what: str, *, source: str | None = None,
     if good != size:
         raise SteerlabError(f"{what} has {size - good} NaN or infinite value(s) of {size}; "
                             "expected finite numbers", source=source, field=field)
+
+
+_UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text(value: Any, field: str, *, max_chars: int | None = None, empty: bool = True,
+         source: str | None = None) -> str:
+    """``value`` as a string every later stage can handle: encodable as UTF-8 (a lone
+    surrogate such as ``"\\ud800"``, which JSON can carry, is not), no NUL character (C
+    libraries and tokenizers cut there), at most ``max_chars`` characters, and non-blank
+    unless ``empty``.
+
+    Example:
+        >>> text("pirate", "persona", max_chars=256)
+        'pirate'
+    """
+    if not isinstance(value, str):
+        raise SteerlabError(f"got {value!r:.60}; expected a string", source=source,
+                            field=field)
+    if max_chars is not None and len(value) > max_chars:
+        raise SteerlabError(f"is {len(value)} characters long; at most {max_chars} are "
+                            "allowed", source=source, field=field)
+    if not empty and not value.strip():
+        raise SteerlabError("is empty; expected some text", source=source, field=field)
+    found = _UNWRITABLE.search(value)
+    if found is not None:
+        bad = found.start()
+        what = "a NUL character" if value[bad] == "\x00" else \
+            f"a lone surrogate (U+{ord(value[bad]):04X})"
+        raise SteerlabError(f"holds {what} at character {bad}; expected text that can be "
+                            "written as UTF-8", source=source, field=field)
+    return value
