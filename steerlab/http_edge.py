@@ -3,23 +3,33 @@
 :class:`Handler` answers everything that needs no model: a refusal by the stdlib's parser, a
 missing or wrong key (401), an unknown route (404), a method a route does not take (405 with
 ``Allow``), a bad ``Content-Length`` or a short body (400), a body over the limit (413), a
-body that is not a JSON object (400), and the field checks of
-:mod:`steerlab.chat_request`. Every refusal is JSON in OpenAI's error shape
-(``{"error": {"message", "type", "param", "code"}}``), never a dropped connection. What
-passes goes to the server's ``complete(handler, request)``. :class:`Watch` is a request's
-deadline and its client's socket, looked at while it waits or decodes.
+request that did not arrive whole within ``read_timeout`` (408), a body that is not a JSON
+object (400), and the field checks of :mod:`steerlab.chat_request`. Every refusal is JSON in
+OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``), never a dropped
+connection. What passes goes to the server's ``complete(handler, request)``.
+
+Connections (:class:`ConnectionCap`, the server's mixin, and the clocks of
+:mod:`steerlab.deadlines`): HTTP/1.1 keep-alive. An answer of known length
+(``Content-Length``) to a request read whole keeps the connection for the next request,
+which must begin within ``idle_timeout``; an SSE stream, and a refusal that leaves the body
+unread, say ``Connection: close`` and close. Each request (request line, headers and body)
+must arrive within ``read_timeout`` in all, counted from the connection's accept for its
+first request and from the first byte for later ones: a client that trickles bytes gets 408,
+then a close. Beyond ``max_connections`` open connections, the next one is answered 503 with
+``Retry-After`` by the accepting thread itself and closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import re
-import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, fields
 from http import HTTPStatus
@@ -27,10 +37,12 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from steerlab.chat_request import RequestError, decode_body, parse_chat_request
+from steerlab.checks import integer, number
+from steerlab.deadlines import Clock, Late, Watch
 from steerlab.errors import SteerlabError
 
-__all__ = ["Handler", "Limits", "Watch", "authorize", "check_exposure", "error_body",
-           "server_error"]
+__all__ = ["ConnectionCap", "Handler", "Limits", "Watch", "authorize", "check_exposure",
+           "error_body", "server_error"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,16 @@ class Limits:
             (``--request-timeout``).
         max_queue: requests that may wait for a slot; more get 429 with ``Retry-After``
             (``--max-queue``).
-        read_timeout: seconds a client may take to send its request.
+        read_timeout: seconds a request (request line, headers and body) may take to arrive,
+            in all, from the connection's accept or the request's first byte; past them a
+            408 and a close (``--read-timeout``). Also the most one write waits on a client
+            that does not read.
+        idle_timeout: seconds a keep-alive connection may sit idle between requests before
+            it is closed (``--idle-timeout``; longer than the 5 s after which httpx, the
+            OpenAI SDK's client, drops an idle connection itself, so it closes first and
+            never sends on a connection the server is closing).
+        max_connections: open connections; one more is answered 503 with ``Retry-After``
+            and closed (``--max-connections``).
     """
 
     max_tokens: int = 1024
@@ -59,13 +80,17 @@ class Limits:
     request_timeout: float = 300.0
     max_queue: int = 64
     read_timeout: float = 30.0
+    idle_timeout: float = 10.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            low = 0 if f.name == "max_queue" else 1
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= low:
-                raise SteerlabError(f"got {v!r}; expected a number >= {low}", field=f.name)
+            if f.type == "int":
+                v = integer(v, f.name, lo=0 if f.name == "max_queue" else 1)
+            else:
+                v = number(v, f.name, lo=0, lo_open=True)
+            object.__setattr__(self, f.name, v)
 
 
 def _loopback(host: str) -> bool:
@@ -117,50 +142,95 @@ def server_error(err: BaseException) -> RequestError:
     return RequestError(f"{type(err).__name__}: {err}", status=500, kind="server_error")
 
 
-def _hung_up(sock: socket.socket) -> bool:
-    """True once the client has closed its end (EOF or reset); unread bytes stay unread."""
-    try:
-        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has many sockets
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            readable = bool(poller.poll(0))
-        else:
-            readable = bool(select.select([sock], [], [], 0)[0])
-        return readable and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+def _refuse(sock: socket.socket, cap: int) -> None:
+    """503 on a connection beyond the cap, written without waiting on the client, then close."""
+    err = RequestError(f"the server has {cap} open connections, its --max-connections; retry "
+                       "later", status=503, kind="server_error", code="too_many_connections")
+    body = json.dumps(error_body(err)).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(head.encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 16):  # what it sent already (unread bytes would reset the answer)
+            pass
+    sock.close()
 
 
-class Watch:
-    """A request's deadline and its client: :meth:`stop` says when to give up, and why."""
+class ConnectionCap:
+    """Mixin of ``serve``'s ThreadingHTTPServer (before it in the bases): at most
+    ``limits.max_connections`` open connections; the next is refused with 503 and
+    ``Retry-After`` by the accepting thread itself (no handler thread), and closed."""
 
-    def __init__(self, sock: socket.socket, seconds: float):
-        self.sock, self.seconds = sock, seconds
-        self.deadline = time.monotonic() + seconds
-        self.reason: str | None = None  # "timeout" or "gone"
+    limits: Limits
 
-    def stop(self) -> bool:
-        if self.reason is None:
-            if time.monotonic() > self.deadline:
-                self.reason = "timeout"
-            elif _hung_up(self.sock):
-                self.reason = "gone"
-        return self.reason is not None
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
-    def error(self) -> RequestError:
-        return RequestError(f"the request ran past the server's --request-timeout of "
-                            f"{self.seconds:g} s; its slot is freed", status=504,
-                            kind="timeout_error", code="request_timeout")
+    @property
+    def connections(self) -> int:
+        with self._open_lock:
+            return len(self._open)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            full = len(self._open) >= self.limits.max_connections
+            if not full:
+                self._open.add(request)
+        if full:
+            log.info("refused a connection: %d open (--max-connections)", len(self._open))
+            _refuse(request, self.limits.max_connections)
+            return
+        super().process_request(request, client_address)  # type: ignore[misc]
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)  # type: ignore[misc]
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Any  # steerlab.serve's server: limits, authorize, health, models, complete
+    protocol_version = "HTTP/1.1"  # keep-alive: see the module's docstring
     responded = False
     linger = False  # answered before reading the body: drain it, so the answer is not reset
+    code, sized, served = 0, False, 0  # this answer's status, its Content-Length; requests
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.read_timeout
+        limits = self.server.limits
+        self.timeout = limits.read_timeout
         super().setup()
+        self.rfile.close()  # the socket's plain reader, replaced by one held to deadlines
+        self.clock = Clock(self.connection, limits.read_timeout, limits.idle_timeout)
+        self.rfile = io.BufferedReader(self.clock)
+
+    def handle_one_request(self) -> None:
+        """One request of the connection; one that arrives late gets 408 and a close, an
+        idle keep-alive connection is closed without a word."""
+        self.responded = self.linger = False
+        self.raw_requestline, self.requestline, self.request_version, self.command = (
+            b"", "", "", "")
+        if self.served:
+            self.clock.next_request()
+        self.served += 1
+        try:
+            super().handle_one_request()
+        except Late as late:
+            self.close_connection = True
+            if late.started or self.raw_requestline:
+                self.linger = True
+                self._error(self._late())
+        except ConnectionError:  # reset by the client: no one to answer
+            self.close_connection = True
+
+    def _late(self) -> RequestError:
+        return RequestError(f"the request did not arrive whole (request line, headers and "
+                            f"body) within the server's --read-timeout of "
+                            f"{self.clock.read_s:g} s", status=408,
+                            kind="timeout_error", code="read_timeout")
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -168,6 +238,21 @@ class Handler(BaseHTTPRequestHandler):
     def send_response(self, code: int, message: str | None = None) -> None:
         self.responded = True
         super().send_response(code, message)
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        self.code, self.sized = code, False
+        super().send_response_only(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        self.sized = self.sized or keyword.lower() == "content-length"
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        """Keep the connection only after an answer of known length to a request read whole;
+        else (a stream, a refusal before the body is read) ``Connection: close``."""
+        if self.code >= 200 and (self.linger or self.close_connection or not self.sized):
+            self.send_header("Connection", "close")  # also sets close_connection
+        super().end_headers()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None
                    ) -> None:
@@ -222,6 +307,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection, self.linger = True, True
             self._error(err)
             return False
+        if self.command != "POST" and (self.headers.get("Transfer-Encoding") or self.headers.get(
+                "Content-Length", "0").strip() != "0"):
+            self.linger = True  # a body no route reads: answer, drain it and close
         return True
 
     def finish(self) -> None:
@@ -276,10 +364,8 @@ class Handler(BaseHTTPRequestHandler):
                                "(--max-body-bytes)", status=413, code="body_too_large")
         try:
             raw = self.rfile.read(size)
-        except TimeoutError:
-            raise RequestError(f"the body stopped coming for {self.timeout:g} s before the "
-                               f"{size} bytes its Content-Length announced",
-                               param="Content-Length") from None
+        except Late:
+            raise self._late() from None
         if len(raw) < size:
             raise RequestError(f"the body ended after {len(raw)} of the {size} bytes its "
                                "Content-Length announced", param="Content-Length")

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 16  # a prompt longer than this many characters per position is not tokenised
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many clients connect at once
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,23 +64,44 @@ def serve(
                                           "gets 504 (a stream: an error event)."),
     max_queue: int = typer.Option(64, help="Requests that may wait for a slot; more get 429 "
                                   "with Retry-After."),
+    read_timeout: float = typer.Option(30.0, help="Seconds a client may take to send a whole "
+                                       "request (request line, headers and body), counted "
+                                       "from the connection's accept (from the first byte "
+                                       "on a kept-alive connection); a slower one gets 408 "
+                                       "and is disconnected. Also the longest one write "
+                                       "waits on a client that does not read."),
+    idle_timeout: float = typer.Option(10.0, help="Seconds a keep-alive connection may sit "
+                                       "idle between requests before it is closed."),
+    max_connections: int = typer.Option(256, help="Open connections (each holds a thread); "
+                                        "one more is answered 503 with Retry-After and "
+                                        "closed at once."),
+    vectors_dir: Annotated[Path | None, typer.Option(
+        help="Folder of the vectors requests may steer with, by name (NAME.safetensors "
+        "and NAME.json); without it every steering request is refused.")] = None,
 ) -> None:
     """Serve /v1/models, /v1/chat/completions (streaming too) and /health over a local model.
 
     Persona and steering request fields; concurrent requests batched (continuous batching);
-    a key required beyond localhost; tokens, prompt, body, time and queue bounded."""
+    a key required beyond localhost; tokens, prompt, body, time, queue and connections
+    bounded; HTTP/1.1 keep-alive (a stream closes its connection)."""
     from steerlab.checks import integer
     from steerlab.serve import Limits, check_exposure, make_server
+    from steerlab.vector_names import VectorShelf
 
     integer(port, "port", lo=0, hi=65535)
     engine = check_serving(model, engine, max_batch, max_context, sync_every)
     check_exposure(host, api_key, no_auth)
     limits = Limits(max_tokens=max_tokens_cap, max_body_bytes=max_body_bytes,
-                    request_timeout=request_timeout, max_queue=max_queue)
+                    request_timeout=request_timeout, max_queue=max_queue,
+                    read_timeout=read_timeout, idle_timeout=idle_timeout,
+                    max_connections=max_connections)  # each value checked (steerlab.checks)
+    if vectors_dir is not None:
+        VectorShelf(vectors_dir)  # the server's own folder check, before the model loads
     name = name or model.model
     srv = make_server(model.load(), host, port, model_name=name, engine=engine,
                       max_batch=max_batch, max_context=max_context, sync_every=sync_every,
-                      api_key=api_key, no_auth=no_auth, limits=limits)
+                      api_key=api_key, no_auth=no_auth, limits=limits,
+                      vectors_dir=vectors_dir)
     h, p = srv.server_address[:2]
     typer.echo(f"serving {name} on http://{h}:{p}/v1")
     sys.stdout.flush()
