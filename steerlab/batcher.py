@@ -28,6 +28,7 @@ import torch
 from steerlab.compat import ensure_bridge_reads_cache
 from steerlab.engine import bucket_capacity
 from steerlab.errors import SteerlabError
+from steerlab.generate import NonFiniteError
 from steerlab.steer import Steering
 
 __all__ = ["Batcher", "Job"]
@@ -291,8 +292,8 @@ class Batcher:
     def _check(self) -> None:
         """One read of the state: deliver new tokens, retire finished and cancelled rows."""
         st = self.batch.st
-        made, active, stopped = torch.stack(
-            [st.n_out, st.active.long(), st.hit_stop.long()]).tolist()
+        made, active, stopped, broken = torch.stack(
+            [st.n_out, st.active.long(), st.hit_stop.long(), st.broken.long()]).tolist()
         slots = sorted(self._rows)
         lo = min(self._rows[s].told for s in slots)
         hi = max(made[s] for s in slots)
@@ -305,6 +306,12 @@ class Batcher:
             if job.cancelled:
                 log.info("%s: the client went away after %d of %d tokens; slot %d freed",
                          job.name or "a request", made[s], job.max_tokens, s)
+                retired.append(s)
+                continue
+            if broken[s]:  # this row alone fails; its slot is reset at its next admission
+                log.warning("%s: its logits went non-finite after %d tokens; failed alone",
+                            job.name or "a request", made[s])
+                job._put("error", NonFiniteError([0]))
                 retired.append(s)
                 continue
             if new:

@@ -16,10 +16,12 @@ from steerlab import checks
 from steerlab.errors import SteerlabError
 from steerlab.personas import ASSISTANT, Persona
 from steerlab.steer import Steering
+from steerlab.vector_names import NAME, VectorShelf
 
 __all__ = ["RequestError", "decode_body", "parse_chat_request", "parse_steering"]
 
 ROLES = ("system", "user", "assistant")
+MAX_NAME_CHARS = 256  # a persona's name, category or article (a system prompt is a message)
 # OpenAI fields steerlab serve does not implement: refused unless they hold a value that
 # changes nothing, never silently ignored
 UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "function_call", "logit_bias",
@@ -96,25 +98,35 @@ def _integer(v: Any, name: str, lo: int, hi: int, hint: str = "") -> int:
         raise RequestError(str(err), param=name) from None
 
 
+def _text(v: Any, name: str, max_chars: int | None = None, empty: bool = True) -> str:
+    """Text every later stage can handle (:func:`steerlab.checks.text`), or a 400."""
+    try:
+        return checks.text(v, name, max_chars=max_chars, empty=empty)
+    except SteerlabError as err:
+        raise RequestError(str(err), param=name) from None
+
+
 def _persona(v: Any) -> Persona:
     if v is None:
         return ASSISTANT
     if isinstance(v, str) and v.strip():
-        return Persona(v.strip(), "custom", "")
+        return Persona(_text(v, "persona", MAX_NAME_CHARS).strip(), "custom", "")
     if isinstance(v, dict) and not set(v) - {"persona", "category", "article"} and all(
             isinstance(v.get(k, ""), str) for k in ("persona", "category", "article")
     ) and v.get("persona", "").strip():
-        return Persona(v["persona"].strip(), v.get("category", "custom"), v.get("article", ""))
+        fields = {k: _text(v.get(k, d), f"persona.{k}", MAX_NAME_CHARS)
+                  for k, d in (("persona", ""), ("category", "custom"), ("article", ""))}
+        return Persona(fields["persona"].strip(), fields["category"], fields["article"])
     raise RequestError("'persona' must be a non-empty name or {'persona': str, 'category': "
                        f"str, 'article': str}}, got {_shown(v)}", param="persona")
 
 
 def _content(v: Any, where: str) -> str:
     if isinstance(v, str):
-        return v
+        return _text(v, f"{where}.content")
     if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                    and isinstance(p.get("text"), str) for p in v):
-        return "".join(p["text"] for p in v)
+        return _text("".join(p["text"] for p in v), f"{where}.content")
     raise RequestError(f"'{where}.content' must be a string or a list of {{'type': 'text', "
                        f"'text': str}} parts, got {_shown(v)}", param=f"{where}.content")
 
@@ -207,17 +219,18 @@ def _steering_shape(spec: Any) -> dict | None:
     if spec is None:
         return None
     if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers", "units"}:
-        raise RequestError("'steering' must be an object with 'vector' (path), 'alpha' "
+        raise RequestError("'steering' must be an object with 'vector' (a name), 'alpha' "
                            "(number), optional 'layers' (list of ints or null) and optional "
                            f"'units' ('raw' or 'norm'), got {_shown(spec)}", param="steering")
     units = spec.get("units", "raw")
     if units not in ("raw", "norm"):
         raise RequestError(f"'steering.units' must be 'raw' or 'norm', got {_shown(units)}",
                            param="steering.units")
-    path = spec.get("vector")
-    if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
-        raise RequestError(f"'steering.vector' must be the path of a vector file, got "
-                           f"{_shown(path)}", param="steering.vector")
+    name = spec.get("vector")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise RequestError(f"'steering.vector' must be the name of a vector the server offers "
+                           f"(letters, digits, '.', '_', '-'), got {_shown(name)}",
+                           param="steering.vector")
     alpha = _number(spec.get("alpha"), "steering.alpha", -1e6, 1e6)
     layers = spec.get("layers")
     if layers is not None and (not isinstance(layers, list) or not layers or not all(
@@ -226,32 +239,37 @@ def _steering_shape(spec: Any) -> dict | None:
         raise RequestError("'steering.layers' must be a non-empty list of distinct layer "
                            f"indices, or null (the vector's layers), got {_shown(layers)}",
                            param="steering.layers")
-    return {"vector": path, "alpha": alpha, "layers": layers, "units": units}
+    return {"vector": name, "alpha": alpha, "layers": layers, "units": units}
 
 
-def parse_steering(model: Any, spec: Any) -> Steering | None:
+def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None) -> Steering | None:
     """The :class:`steerlab.steer.Steering` a request's ``steering`` field asks for.
 
     Args:
         model: the served bridge (layers and width are checked against it).
-        spec: ``{"vector": path, "alpha": float, "layers": [int] | null, "units": "raw" |
+        spec: ``{"vector": name, "alpha": float, "layers": [int] | null, "units": "raw" |
             "norm"}`` (units default raw: alpha times the vector), or None (none).
+        shelf: the vectors the server offers by name (``--vectors-dir``); None refuses
+            every steering request.
 
     Raises:
-        RequestError: the field is malformed, the vector cannot be loaded or does not fit.
+        RequestError: the field is malformed, names no usable vector, or does not fit.
 
     Example:
-        >>> parse_steering(model, {"vector": "vectors/pirate", "alpha": 4.0, "layers": [10]})
+        >>> parse_steering(model, {"vector": "pirate", "alpha": 4.0, "layers": [10]}, shelf)
     """
     spec = _steering_shape(spec)
     if spec is None:
         return None
-    from steerlab.vectors import SteeringVector
-
+    if shelf is None:
+        raise RequestError("this server steers with no vector (it was started without "
+                           "--vectors-dir); leave 'steering' out", param="steering",
+                           code="steering_disabled")
     try:
-        vector = SteeringVector.load(spec["vector"])
-    except (SteerlabError, OSError, ValueError, TypeError) as err:
-        raise RequestError(f"'steering.vector': {err}", param="steering.vector") from None
+        vector = shelf.get(spec["vector"])
+    except SteerlabError as err:
+        raise RequestError(str(err), status=404, param="steering.vector",
+                           code="vector_not_found") from None
     try:
         return Steering.create(model, vector, spec["alpha"], layers=spec["layers"],
                                units=spec["units"])

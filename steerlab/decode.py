@@ -54,6 +54,8 @@ class DecodeState:
         self.rows, self.width, self.settings = rows, width, settings
         long, flag = torch.long, torch.bool
         self.active, self.hit_stop = alloc("active", (rows,), flag), alloc("hit", (rows,), flag)
+        # a row whose logits went NaN or infinite: stopped, its reply failed (others go on)
+        self.broken = alloc("broken", (rows,), flag)
         self.in_output = alloc("in_output", (rows,), flag)
         self.n_out, self.limit = alloc("n_out", (rows,), long), alloc("limit", (rows,), long)
         self.next_ids, self.seeds = alloc("next", (rows,), long), alloc("seeds", (rows,), long)
@@ -79,6 +81,7 @@ class DecodeState:
         dev = self.active.device
         self.active[rows] = True
         self.hit_stop[rows] = False
+        self.broken[rows] = False
         self.in_output[rows] = not self.settings.marker
         self.n_out[rows] = 0
         self.limit[rows] = torch.tensor(list(limits), device=dev)
@@ -118,8 +121,11 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
                        "lens_top_k_mass": lens_mass.T.to(ent.device)}
         for name, value in values.items():
             st.metrics[name][ix, col] = value.float()
-    is_stop = (nxt[:, None] == st.stops).any(-1) & active
-    emitted = active & ~is_stop
+    # NaN logits argmax to an arbitrary id: such a row stops here, flagged, emitting nothing
+    broken = active & ~torch.isfinite(logits).all(-1)
+    st.broken[ix] = st.broken[ix] | broken
+    is_stop = (nxt[:, None] == st.stops).any(-1) & active & ~broken
+    emitted = active & ~is_stop & ~broken
     st.tokens[ix, col] = torch.where(emitted, nxt, -1)
     st.hit_stop[ix] = st.hit_stop[ix] | is_stop
     if s.marker:

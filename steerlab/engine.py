@@ -88,7 +88,12 @@ class SlotCache:
         return bool(self.keys)
 
     def load(self, rows: torch.Tensor, prefill: Any, width: int) -> None:
-        """Copy a prefill's ``DynamicCache`` (``width`` positions) into slots ``rows``."""
+        """Copy a prefill's ``DynamicCache`` (``width`` positions) into slots ``rows``; the
+        rest of each row is zeroed.
+
+        Zeroing matters: positions past ``width`` are masked, but attention still multiplies
+        their values by a weight of zero, and ``0 * NaN`` is NaN. A row that went non-finite
+        (a hostile steering) would otherwise poison whichever request takes its slot next."""
         layers = prefill.layers
         if not self.keys:
             for layer in layers:
@@ -103,6 +108,8 @@ class SlotCache:
             at = rows.to(self.keys[i].device)
             self.keys[i][at, :, :width] = layer.keys.to(self.keys[i].dtype)
             self.values[i][at, :, :width] = layer.values.to(self.values[i].dtype)
+            self.keys[i][at, :, width:] = 0
+            self.values[i][at, :, width:] = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -20,12 +21,14 @@ from typing import Any
 from steerlab.calibrate import Candidate, Search
 from steerlab.errors import SteerlabError
 from steerlab.files import append_jsonl, flock, read_json, read_jsonl, write_json_atomic
-from steerlab.generate import generate
+from steerlab.generate import NonFiniteError, generate
 from steerlab.progress import progress_bar
 from steerlab.rating import AnswerRater, Setting
 from steerlab.scorers import Scorer
 from steerlab.steer import Positions, Steering, Units
 from steerlab.vectors import SteeringVector, random_like
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "SteeringEval", "evaluate_steering", "spread_groups"]
 
@@ -199,9 +202,14 @@ def evaluate_steering(
         with ExitStack() as stack:
             for s in per_layer.values():
                 stack.enter_context(s.apply(model))
-            g = generate(model, rows, max_new_tokens=config.max_new_tokens,
-                         engine=config.engine)
-        return g.tokens, g.texts(model.tokenizer)
+            try:
+                tokens = generate(model, rows, max_new_tokens=config.max_new_tokens,
+                                  engine=config.engine).tokens
+            except NonFiniteError as err:  # a strength past the model's range: rated as is
+                log.warning("%d replies went non-finite; rated on what came before",
+                            len(err.rows))
+                tokens = err.tokens
+        return tokens, [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
     def baseline(kind: str, rows: list[list[int]]) -> Setting:
         return store.get(kind) or store.put(kind, rater(*answers(rows, {})))

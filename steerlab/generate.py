@@ -11,6 +11,8 @@ graph on GPUs, the host checking every ``sync_every`` steps); both run the one l
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerlab.budget import HEADROOM, check_context, free_memory, generation_need, rows_per_batch
 from steerlab.compat import ensure_bridge_reads_cache
 from steerlab.decode import (
     DecodeState,
@@ -29,7 +32,7 @@ from steerlab.decode import (
     fresh,
     prefill,
 )
-from steerlab.engine import Engine, bucket_batch, bucket_capacity
+from steerlab.engine import Engine, bucket_batch, bucket_capacity, release_workspaces
 from steerlab.errors import SteerlabError
 from steerlab.lens import LastPositionRecorder
 from steerlab.sampling import (  # noqa: F401  (re-exported: the public helpers of decoding)
@@ -42,8 +45,24 @@ from steerlab.sampling import (  # noqa: F401  (re-exported: the public helpers 
 )
 from steerlab.steps import StepState, announce, generating, listeners, steerings_in_force
 
+log = logging.getLogger(__name__)
 OnToken = Callable[[list["int | None"]], "bool | None"]
 SYNC_EVERY = 8  # static engine: decode steps between host checks
+
+
+class NonFiniteError(SteerlabError):
+    """Rows whose logits went NaN or infinite while generating (a steering too strong for
+    the model, or an overflow in half precision): their replies would be garbage.
+
+    ``rows`` are the batch rows that failed (the other rows were fine); ``tokens`` every
+    row's tokens (a failed row's up to where it failed), for callers that score what came
+    out, such as a strength search that pushed a model past its range."""
+
+    def __init__(self, rows: Sequence[int], tokens: Sequence[Sequence[int]] = ()):
+        self.rows, self.tokens = list(rows), [list(t) for t in tokens]
+        super().__init__(f"the logits of row(s) {self.rows[:8]} went NaN or infinite while "
+                         "generating: the steering is too strong for this model, or its "
+                         "precision overflowed; lower the strength", field="steering")
 
 
 @dataclass(frozen=True)
@@ -91,22 +110,92 @@ def _settings(model: Any, temperature: float, stop_ids: set[int] | None,
 def _decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             temperature: float, seed: int | Sequence[int] | None, stop_ids: set[int] | None,
             think_marker: Sequence[int], on_token: OnToken | None, observer: Observer | None,
-            k: int, lens: bool, engine: str | Engine, sync_every: int | None) -> _Run:
-    """Run the decode loop on the chosen engine and read the results once at the end."""
+            k: int, lens: bool, engine: str | Engine, sync_every: int | None,
+            available_memory: int | None = None) -> _Run:
+    """Check the batch (context, memory), run the decode loop on the chosen engine, in parts
+    when the batch does not fit in memory, and read the results once at the end."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 1:
         raise SteerlabError(f"max_new_tokens is {max_new_tokens!r}; expected an integer >= 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SteerlabError("every prompt needs at least one token", field="prompts")
+    check_context(model, [len(p) for p in prompts], max_new_tokens)
     chosen = Engine.parse(engine, field="engine")
     if chosen is Engine.AUTO and (listeners(model) or observer is not None):
         chosen = Engine.EAGER  # step-by-step Python observers: nothing to replay
     chosen = chosen.resolve(model)
     ensure_bridge_reads_cache()
     settings = _settings(model, temperature, stop_ids, think_marker, k, lens)
-    device = next(model.original_model.parameters()).device
     n = len(prompts)
     seeds = row_seeds(seed, n, torch.device("cpu")).tolist() if temperature > 0 else [0] * n
+    size = _part_rows(model, prompts, max_new_tokens, chosen, settings, available_memory)
+    run = functools.partial(_decode_part, model, chosen=chosen, settings=settings,
+                            temperature=temperature, max_new_tokens=max_new_tokens,
+                            observer=observer, sync_every=sync_every)
+    if size >= n:
+        return run(prompts, seeds, on_token)
+    log.info("a batch of %d rows does not fit in memory: generating it as %d parts of at most "
+             "%d rows", n, -(-n // size), size)
+    parts: list[_Run] = []
+    stopped = False  # on_token asked to stop: the later parts are not run
+
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+
+        def told(new: list[int | None], lo: int = lo, hi: int = hi) -> bool:
+            nonlocal stopped
+            stopped = bool(on_token([None] * lo + new + [None] * (n - hi)))
+            return stopped
+
+        if stopped:
+            parts.append(_Run([[] for _ in range(lo, hi)], [False] * (hi - lo), {}))
+            continue
+        try:
+            parts.append(run(prompts[lo:hi], seeds[lo:hi], told if on_token else None))
+        except NonFiniteError as err:  # rows of the whole batch, not of the part
+            raise NonFiniteError([lo + r for r in err.rows]) from None
+    return _join(parts)
+
+
+def _part_rows(model: Any, prompts: Sequence[Sequence[int]], max_new: int, chosen: Engine,
+               settings: Settings, available: int | None) -> int:
+    """The most rows of ``prompts`` one part may hold (all of them when they fit)."""
+    width, n = max(len(p) for p in prompts), len(prompts)
+    static = chosen is Engine.STATIC
+    need = generation_need(model, width, max_new, static=static, metrics=settings.k > 0,
+                           lens=settings.lens)
+    if available is None:
+        available = free_memory(model)
+        if static and available is not None and need(n) > HEADROOM * available:
+            release_workspaces(model)  # the buckets kept from earlier batches hold the memory
+            available = free_memory(model)
+    return rows_per_batch(need, n, available, what=f"a {width}-token prompt with "
+                          f"max_new_tokens {max_new}")
+
+
+def _join(parts: Sequence[_Run]) -> _Run:
+    """One run of the parts' rows in order (metrics zero-padded to the longest part)."""
+    width = max((a.shape[1] for p in parts for a in p.metrics.values()), default=0)
+    shapes = {name: a.shape[2:] for p in parts for name, a in p.metrics.items()}
+    metrics = {}
+    for name, tail in shapes.items():
+        blocks = []
+        for p in parts:
+            a = p.metrics.get(name, np.zeros((len(p.tokens), 0, *tail), np.float32))
+            pad = [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * len(tail)
+            blocks.append(np.pad(a, pad))
+        metrics[name] = np.concatenate(blocks)
+    return _Run([t for p in parts for t in p.tokens], [s for p in parts for s in p.stopped],
+                metrics)
+
+
+def _decode_part(model: Any, prompts: Sequence[Sequence[int]], seeds: list[int],
+                 on_token: OnToken | None, *, chosen: Engine, settings: Settings,
+                 temperature: float, max_new_tokens: int, observer: Observer | None,
+                 sync_every: int | None) -> _Run:
+    """One batch on the chosen engine."""
+    device = next(model.original_model.parameters()).device
+    n = len(prompts)
     steerings = steerings_in_force(model)
     start = dict(limits=[max_new_tokens] * n, temps=[float(temperature)] * n, seeds=seeds)
     if chosen is Engine.STATIC:
@@ -191,10 +280,14 @@ def _steps(st: DecodeState, n_steps: int, step: Callable[[int], None],
 def _collect(st: DecodeState, n: int, end: int) -> _Run:
     """The host copy of the first ``n`` rows, cut at step ``end`` (one read per tensor)."""
     made = st.n_out[:n].clamp(max=end + 1)
-    stopped = (st.hit_stop[:n] & (st.n_out[:n] <= end)).tolist()
+    stopped, broken = torch.stack([st.hit_stop[:n] & (st.n_out[:n] <= end),
+                                   st.broken[:n]]).tolist()
     lengths = made.tolist()
     width = max(lengths, default=0)
     tokens = st.tokens[:n, :width].tolist()
+    if any(broken):
+        raise NonFiniteError([i for i, b in enumerate(broken) if b],
+                             [row[:m] for row, m in zip(tokens, lengths, strict=True)])
     metrics = {name: t[:n, :width].cpu().numpy() for name, t in st.metrics.items()}
     return _Run([row[:m] for row, m in zip(tokens, lengths, strict=True)], stopped, metrics)
 
@@ -213,6 +306,7 @@ def generate(
     on_token: OnToken | None = None,
     engine: str | Engine = Engine.AUTO,
     sync_every: int | None = None,
+    available_memory: int | None = None,
 ) -> Generation:
     """Generate replies for a batch of prompt token ids with a KV cache.
 
@@ -237,6 +331,15 @@ def generate(
             engine calls it in bursts, at each host check.
         engine: ``"auto"`` (static on CUDA, else eager), ``"eager"`` or ``"static"``.
         sync_every: steps between host checks (default 1 eager, 8 static).
+        available_memory: bytes the batch may plan with (default: free on the device now,
+            :func:`steerlab.budget.free_memory`). A batch whose estimate
+            (:func:`steerlab.budget.batch_memory`) does not fit runs as parts of as many rows
+            as fit, one after another (``on_token`` sees ``None`` for the other parts' rows);
+            when one row does not fit, nothing runs.
+
+    Raises:
+        SteerlabError: a prompt plus ``max_new_tokens`` longer than the model's context
+            (naming the row, its length and the limit), or one row too big for the memory.
 
     Example:
         >>> ids = encode_chat(model.tokenizer, "Hello!")
@@ -244,7 +347,8 @@ def generate(
     """
     run = _decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed, stop_ids=stop_ids, think_marker=think_marker, on_token=on_token,
-                  observer=observer, k=0, lens=False, engine=engine, sync_every=sync_every)
+                  observer=observer, k=0, lens=False, engine=engine, sync_every=sync_every,
+                  available_memory=available_memory)
     return Generation(tokens=run.tokens, stopped=run.stopped)
 
 
@@ -263,10 +367,12 @@ def generate_with_metrics(
     stop_ids: set[int] | None = None,
     engine: str | Engine = Engine.AUTO,
     sync_every: int | None = None,
+    available_memory: int | None = None,
 ) -> list[RowMetrics]:
     """:func:`steerlab.generate` that records entropy, top-k mass and the chosen token's
     log-prob of every generated token (and the logit lens per layer with ``lens``), on the
-    device, copied to the host once at the end.
+    device, copied to the host once at the end. Context and memory are checked, and a batch
+    too big for the memory split, as in :func:`steerlab.generate`.
 
     Example:
         >>> rows = generate_with_metrics(model, [ids], max_new_tokens=64, lens=True)
@@ -276,7 +382,8 @@ def generate_with_metrics(
         raise SteerlabError(f"k is {k!r}; expected an integer >= 1", field="top_k_mass_k")
     run = _decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed, stop_ids=stop_ids, think_marker=think_marker, on_token=on_token,
-                  observer=None, k=k, lens=lens, engine=engine, sync_every=sync_every)
+                  observer=None, k=k, lens=lens, engine=engine, sync_every=sync_every,
+                  available_memory=available_memory)
     out = []
     for row, tokens in enumerate(run.tokens):
         cut = {name: a[row, : len(tokens)] for name, a in run.metrics.items()}

@@ -47,7 +47,7 @@ __all__ = ["ConnectionCap", "Handler", "Limits", "Watch", "authorize", "check_ex
 log = logging.getLogger(__name__)
 
 ROUTES = {"/v1/chat/completions": "POST", "/chat/completions": "POST", "/v1/models": "GET",
-          "/models": "GET", "/health": "GET"}
+          "/models": "GET", "/v1/vectors": "GET", "/vectors": "GET", "/health": "GET"}
 POLL_S = 0.1  # how often a waiting request looks at its deadline and its client's socket
 
 
@@ -325,6 +325,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if self.route == "/health":
             self._json(*self.server.health())
+        elif self.route.endswith("/vectors"):  # the names requests may steer with
+            self._json(200, {"object": "list", "data": [
+                {"id": name, "object": "steering_vector"} for name in self.server.vectors()]})
         else:
             self._json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": 0,

@@ -1,8 +1,18 @@
 """An OpenAI-compatible HTTP server over a local steerlab model (stdlib ThreadingHTTPServer).
 
-``GET /v1/models``, ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` SSE) and
-``GET /health`` (no key needed: status, active rows, queue depth). Request fields are checked
-by :mod:`steerlab.chat_request`; besides OpenAI's, ``persona`` and ``steering``.
+``GET /v1/models``, ``POST /v1/chat/completions`` (plain JSON or ``stream: true`` SSE),
+``GET /v1/vectors`` (the names of ``--vectors-dir``) and ``GET /health`` (no key needed:
+status, active rows, queue depth). Request fields are checked by :mod:`steerlab.chat_request`;
+besides OpenAI's, ``persona`` and ``steering`` (a vector named, never a path:
+:mod:`steerlab.vector_names`).
+
+One request never changes another's answer: every per-request value is checked before
+admission (a steering's added norm too: :data:`steerlab.steer.MAX_DELTA_NORM`), a row whose
+logits go non-finite fails alone (422), and a reused slot's cache is zeroed past its prompt.
+Connections: HTTP/1.1 keep-alive (an SSE stream closes its connection); a request must arrive
+whole within ``read_timeout`` (408), an idle connection is closed after ``idle_timeout``, and
+past ``max_connections`` a new connection gets 503 with ``Retry-After``
+(:mod:`steerlab.http_edge`).
 
 ``static`` (the default): continuous batching on the static engine (:mod:`steerlab.batcher`):
 concurrent requests decode together, each row with its own persona, sampling, budget and
@@ -25,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -35,9 +46,11 @@ from typing import Any
 from steerlab import http_edge
 from steerlab.chat_request import RequestError, parse_steering
 from steerlab.errors import SteerlabError
+from steerlab.generate import NonFiniteError
 from steerlab.http_edge import Handler, Limits, Watch, check_exposure
 from steerlab.responders import encode_messages
 from steerlab.steer import Steering
+from steerlab.vector_names import VectorShelf
 
 __all__ = ["Limits", "RequestError", "check_exposure", "make_server", "parse_steering"]
 
@@ -52,11 +65,11 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], model: Any, model_name: str, engine: str,
                  max_batch: int, max_context: int, sync_every: int, api_key: str | None,
-                 limits: Limits):
+                 limits: Limits, vectors_dir: str | os.PathLike | None = None):
         from steerlab.engine import Engine, hf_attention
 
-        if max_context < 2:
-            raise SteerlabError(f"got {max_context}; expected >= 2", field="max_context")
+        _check_context(model, max_context)
+        self.shelf = VectorShelf(vectors_dir) if vectors_dir is not None else None
         chosen = Engine.parse(engine, field="engine")
         if chosen is Engine.AUTO:  # a server batches whenever the model allows it
             chosen = Engine.STATIC if hf_attention(model) else Engine.EAGER
@@ -113,15 +126,20 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
             with self._gate:
                 self.pending -= 1
 
+    def vectors(self) -> list[str]:
+        """The vector names of ``--vectors-dir`` (none without it)."""
+        return self.shelf.names() if self.shelf is not None else []
+
     def steering(self, spec: Any) -> Steering | None:
-        """The request's steering; norm units may measure residual norms, a forward of the
-        model: run that where the model is free (scheduler thread, or under the lock)."""
-        if not (isinstance(spec, dict) and spec.get("units") == "norm"):
-            return parse_steering(self.model, spec)  # no model run needed
+        """The request's steering, a vector of ``--vectors-dir`` named by the request; norm
+        units may measure residual norms, a forward of the model: run that where the model is
+        free (scheduler thread, or under the lock)."""
+        if not (isinstance(spec, dict) and spec.get("units") == "norm") or self.shelf is None:
+            return parse_steering(self.model, spec, self.shelf)  # no model run needed
         if self.batcher is not None:
-            return self.batcher.call(lambda: parse_steering(self.model, spec))
+            return self.batcher.call(lambda: parse_steering(self.model, spec, self.shelf))
         with self.lock:
-            return parse_steering(self.model, spec)
+            return parse_steering(self.model, spec, self.shelf)
 
     def _check_chars(self, req: dict) -> None:
         """Refuse a prompt too long to fit ``max_context`` by its characters alone, before
@@ -160,7 +178,7 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
             ids = self._encode(req)
             cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             head = {"id": cid, "created": created, "model": self.model_name}
-            steering = self.steering(req["steering"])  # reads the vector file
+            steering = self.steering(req["steering"])  # reads the named vector
             run = self._eager if self.batcher is None else self._batched
             done = run(h, req, ids, head, steering, watch)
         if done is None:
@@ -211,10 +229,12 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
                                    temperature=req["temperature"], seed=seed, engine="eager",
                                    on_token=on_token)
                 except Exception as err:
+                    failure = _failure(err)
                     if stream is None:
-                        raise
-                    log.exception("generation failed mid-stream")
-                    return stream.error(http_edge.server_error(err))
+                        raise failure from None
+                    if failure.status >= 500:
+                        log.exception("generation failed mid-stream")
+                    return stream.error(failure)
         finally:
             self.lock.release()
         if watch.reason is not None:
@@ -235,9 +255,9 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
             while True:
                 event = job.next_event(http_edge.POLL_S)
                 if event is not None and event[0] == "error":
-                    if stream is None:
-                        raise event[1]  # nothing sent yet: an HTTP 500
-                    return stream.error(http_edge.server_error(event[1]))
+                    if stream is None:  # nothing sent yet: an HTTP error
+                        raise _failure(event[1]) from None
+                    return stream.error(_failure(event[1]))
                 if event is not None and event[0] == "done":
                     return stream, tokens, event[1]
                 if watch.stop():
@@ -251,6 +271,26 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
                         return None  # the client went away
         finally:
             job.cancel()  # no-op once done; frees the slot if this thread stops early
+
+
+def _failure(err: BaseException) -> RequestError:
+    """What a client is told when its generation failed: a row whose logits went
+    non-finite is its request's fault (422, the others go on); anything else is a 500."""
+    if isinstance(err, NonFiniteError):
+        return RequestError("the reply's logits went NaN or infinite while generating: the "
+                            "steering is too strong for this model; lower 'steering.alpha'",
+                            status=422, param="steering", code="non_finite_logits")
+    return err if isinstance(err, RequestError) else http_edge.server_error(err)
+
+
+def _check_context(model: Any, max_context: int) -> None:
+    """``max_context`` within what the model's positions allow (and at least 2)."""
+    from steerlab.models import model_context
+
+    most = model_context(model)
+    if max_context < 2 or (most is not None and max_context > most):
+        raise SteerlabError(f"got {max_context}; expected 2 to {most or 'any'} (the model's "
+                            "context length)", field="max_context")
 
 
 class _Stream:
@@ -308,7 +348,8 @@ class _Stream:
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
                 model_name: str | None = None, engine: str = "static", max_batch: int = 16,
                 max_context: int = 2048, sync_every: int = 4, api_key: str | None = None,
-                no_auth: bool = False, limits: Limits | None = None) -> ThreadingHTTPServer:
+                no_auth: bool = False, limits: Limits | None = None,
+                vectors_dir: str | os.PathLike | None = None) -> ThreadingHTTPServer:
     """A ready server (call ``serve_forever()``); ``port=0`` picks a free port
     (``server.server_address[1]``); ``server_close()`` or ``shutdown()`` stop its scheduler.
 
@@ -318,6 +359,8 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
     ``max_tokens`` must fit ``max_context`` positions, within ``limits`` (:class:`Limits`).
     ``api_key``: required as ``Authorization: Bearer <key>``; serving beyond loopback without
     one needs ``no_auth=True`` (:func:`check_exposure`).
+    ``vectors_dir``: the folder of the vectors requests may steer with, by name
+    (:class:`steerlab.vector_names.VectorShelf`); None refuses every steering request.
 
     Example:
         >>> srv = make_server(load_model("embedded"), port=0)
@@ -327,4 +370,4 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
 
     check_exposure(host, api_key, no_auth)
     return _Server((host, port), model, model_name or model_id(model), engine, max_batch,
-                   max_context, sync_every, api_key or None, limits or Limits())
+                   max_context, sync_every, api_key or None, limits or Limits(), vectors_dir)

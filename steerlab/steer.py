@@ -28,6 +28,10 @@ from steerlab.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
 
+# The largest norm a steering may add at a layer: far above any residual stream (typically
+# 10 to 10^4), far below what overflows a float32 norm layer (squares summed over d_model).
+MAX_DELTA_NORM = 1e6
+
 
 def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
                  delta: Float[torch.Tensor, "batch d_model"],
@@ -125,6 +129,24 @@ class Steering:
     units: Units = Units.RAW
     scale: tuple[float, ...] = ()  # per layer: what alpha multiplies the direction by
     preserve_norm: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a steering whose added vector is not finite or beyond :data:`MAX_DELTA_NORM`
+        at some layer (checked on every new value: :meth:`create`, :meth:`with_alpha`)."""
+        values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        strongest = max((abs(a) for a in values), default=0.0)
+        if strongest == 0.0:
+            return
+        scales = self.scale or (1.0,) * len(self.layers)
+        for layer, k in zip(self.layers, scales, strict=True):
+            size = strongest * abs(k) * float(self.vector.direction(layer).double().norm())
+            if not size <= MAX_DELTA_NORM:  # NaN fails too
+                what = "is not finite" if not math.isfinite(size) else f"has norm {size:.3g}"
+                raise SteerlabError(
+                    f"the vector added at layer {layer} (alpha {strongest:g} x scale {k:.3g} "
+                    f"x direction) {what}; at most {MAX_DELTA_NORM:g} is allowed (the "
+                    "residual stream would overflow: check the vector's residual norms and "
+                    "the strength)", field="alpha")
 
     @classmethod
     def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,

@@ -31,7 +31,7 @@ LIMITS = Limits(max_tokens=250, max_body_bytes=256 * 1024, request_timeout=60.0,
 LONG = [{"role": "user", "content": "Tell me a long story about the sea."}]  # 200+ tokens
 OK = {"model": "embedded", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
       "temperature": 0}
-VECTOR = "<vector>"  # replaced by the path of a real vector file (layers 4 and 10)
+VECTOR = "<vector>"  # replaced by the name of a real vector (layers 4 and 10) in VECTORS_DIR
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,22 @@ REQUEST_ROWS: list[Row] = [
     Row("steering vector 5", 400, "'steering.vector'", body=_steer(vector=5)),
     Row("steering vector empty", 400, "'steering.vector'", body=_steer(vector="")),
     Row("steering vector with a NUL", 400, "'steering.vector'", body=_steer(vector="a\x00b")),
-    Row("steering vector missing", 400, "'steering.vector'",
+    Row("steering vector a path", 400, "'steering.vector'",
         body=_steer(vector="/nonexistent/pirate")),
     Row("steering vector a device", 400, "'steering.vector'", body=_steer(vector="/dev/zero")),
+    Row("steering vector up a folder", 400, "'steering.vector'", body=_steer(vector="../x")),
+    Row("steering vector unknown", 404, "no usable vector named 'pirate'",
+        body=_steer(vector="pirate")),
+    Row("steering vector's sidecar by name", 404, "no usable vector", body=_steer(
+        vector="random.json.safetensors")),
+    Row("message with a lone surrogate", 400, "lone surrogate", body={
+        "messages": [{"role": "user", "content": "a\ud800b"}]}),
+    Row("message with a NUL", 400, "NUL", body={
+        "messages": [{"role": "user", "content": "a\u0000b"}]}),
+    Row("persona with a lone surrogate", 400, "'persona'", body={"persona": "\udfff"}),
+    Row("persona of 100k characters", 400, "at most 256", body={"persona": "p" * 100_000}),
+    Row("persona category with a NUL", 400, "'persona.category'", body={
+        "persona": {"persona": "Hook", "category": "\u0000"}}),
 ]
 
 # edge values that are fine: each answered 200 (max_tokens 1)
@@ -305,12 +318,25 @@ class Served:
         return time.perf_counter() - t
 
 
+@pytest.fixture(scope="module")
+def vectors_dir(tmp_path_factory):
+    """The folder served with --vectors-dir: one seeded random vector named 'random'."""
+    from steerlab.vectors import SteeringVector
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(2, 576, generator=g)
+    root = tmp_path_factory.mktemp("vec")
+    SteeringVector(4 * d / d.norm(dim=-1, keepdim=True), (4, 10)).save(root / "random")
+    return root
+
+
 @pytest.fixture(scope="module", params=["static", "eager"])
-def served(request, embedded_model):
+def served(request, embedded_model, vectors_dir):
     """A server on the embedded model (4 slots static, 1 eager; queue 8; max_context 256)
     behind the key. One at a time: the two engines share the model."""
     srv = make_server(embedded_model, port=0, model_name="embedded", engine=request.param,
-                      max_batch=4, max_context=MAX_CONTEXT, api_key=KEY, limits=LIMITS)
+                      max_batch=4, max_context=MAX_CONTEXT, api_key=KEY, limits=LIMITS,
+                      vectors_dir=vectors_dir)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     s = Served(srv)
     try:
@@ -333,13 +359,8 @@ def _settle(request):
 
 
 @pytest.fixture(scope="module")
-def vector_path(tmp_path_factory):
-    from steerlab.vectors import SteeringVector
-
-    g = torch.Generator().manual_seed(0)
-    d = torch.randn(2, 576, generator=g)
-    vector = SteeringVector(4 * d / d.norm(dim=-1, keepdim=True), (4, 10))
-    return str(vector.save(tmp_path_factory.mktemp("vec") / "random"))
+def vector_path(vectors_dir):
+    return "random"  # the name requests give
 
 
 # -- the table ----------------------------------------------------------------------------

@@ -37,14 +37,22 @@ MAX_CONTEXT = 512
 
 
 @pytest.fixture(scope="module")
-def serve_proc(tmp_path_factory):
+def vectors_dir(tmp_path_factory):
+    """The server's --vectors-dir; the vector fixtures below save into it (it is read when
+    a request names a vector)."""
+    return tmp_path_factory.mktemp("vectors")
+
+
+@pytest.fixture(scope="module")
+def serve_proc(tmp_path_factory, vectors_dir):
     """The server subprocess (default engine: static, 16 slots) and its log file."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1",  # same threads: same float sums as here
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "steerlab.cli", "serve", "--port", "0",
-                                 "--device", "cpu", "--max-context", str(MAX_CONTEXT)],
+                                 "--device", "cpu", "--max-context", str(MAX_CONTEXT),
+                                 "--vectors-dir", str(vectors_dir)],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -102,6 +110,7 @@ def test_bad_requests_get_400(server, tmp_path):
                         ({"steering": {"vector": "v.safetensors"}}, "steering.alpha"),
                         ({"steering": {"vector": str(tmp_path / "no.safetensors"),
                                        "alpha": 2.0}}, "steering.vector"),
+                        ({"persona": "\ud800"}, "lone surrogate"),
                         ({"steering": {"vector": "v", "alpha": 1, "layers": "all"}},
                          "steering.layers"),
                         ({"steering": {"vector": "v", "alpha": 1, "colour": 1}}, "steering"),
@@ -143,8 +152,8 @@ def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pirate_vector(embedded_model, tmp_path_factory):
-    """A small pirate vector (response means of four hand-written pairs) saved to disk."""
+def pirate_vector(embedded_model, vectors_dir):
+    """A small pirate vector (response means of four hand-written pairs), served as 'pirate'."""
     from types import SimpleNamespace
 
     from steerlab.capture import capture_pairs
@@ -158,7 +167,8 @@ def pirate_vector(embedded_model, tmp_path_factory):
              for i, (p, c, r) in enumerate(rows)]
     acts = capture_pairs(embedded_model, pairs, [6, 8], mean=True)
     vector = SteeringVector((acts.chosen_mean - acts.rejected_mean).mean(0), (6, 8))
-    return vector, vector.save(tmp_path_factory.mktemp("vec") / "pirate")
+    vector.save(vectors_dir / "pirate")
+    return vector, "pirate"
 
 
 def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector):
@@ -199,8 +209,8 @@ def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector
         assert want != plain
     # every request at once (rows are independent, tested below): plain, strength 0, and
     # each steering plain and streamed, side by side in one batch
-    specs = [None, {"vector": str(path), "alpha": 0.0}] + [
-        {"vector": str(path), "alpha": alpha, "layers": layers} for alpha, layers in configs]
+    specs = [None, {"vector": path, "alpha": 0.0}] + [
+        {"vector": path, "alpha": alpha, "layers": layers} for alpha, layers in configs]
     jobs = [(spec, False) for spec in specs] + [(spec, True) for spec in specs[2:]]
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda job: http(*job), jobs))
@@ -213,29 +223,32 @@ def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector
     assert http()[0] == text
 
 
-def test_bad_steering_gets_a_4xx_naming_the_field(server, pirate_vector, tmp_path):
+def test_bad_steering_gets_a_4xx_naming_the_field(server, pirate_vector, vectors_dir,
+                                                  tmp_path):
     import torch
 
     from steerlab.vectors import SteeringVector
 
     _, path = pirate_vector
-    wrong_width = SteeringVector(torch.ones(1, 64), (8,)).save(tmp_path / "narrow")
+    SteeringVector(torch.ones(1, 64), (8,)).save(vectors_dir / "narrow")
+    SteeringVector(torch.ones(1, 576), (8,)).save(tmp_path / "outside")
     ok = {"model": "embedded", "messages": [{"role": "user", "content": "Hi"}],
           "max_tokens": 2}
-    cases = (({"vector": str(tmp_path / "missing"), "alpha": 1.0}, "steering.vector"),
-             ({"vector": str(path), "alpha": "strong"}, "steering.alpha"),
-             ({"vector": str(path), "alpha": True}, "steering.alpha"),
-             ({"vector": str(path), "alpha": 1e9}, "steering.alpha"),
-             ({"vector": str(path), "alpha": 1.0, "layers": [99]}, "layers"),
-             ({"vector": str(path), "alpha": 1.0, "layers": [3]}, "layers"),
-             ({"vector": str(wrong_width), "alpha": 1.0}, "vector"),
+    cases = (({"vector": str(tmp_path / "outside"), "alpha": 1.0}, "steering.vector"),
+             ({"vector": "missing", "alpha": 1.0}, "no usable vector"),
+             ({"vector": path, "alpha": "strong"}, "steering.alpha"),
+             ({"vector": path, "alpha": True}, "steering.alpha"),
+             ({"vector": path, "alpha": 1e9}, "steering.alpha"),
+             ({"vector": path, "alpha": 1.0, "layers": [99]}, "layers"),
+             ({"vector": path, "alpha": 1.0, "layers": [3]}, "layers"),
+             ({"vector": "narrow", "alpha": 1.0}, "vector"),
              ("pirate", "steering"))
     for stream in (False, True):
         for spec, field in cases:
             status, body = _post(server, {**ok, "steering": spec, "stream": stream})
             assert 400 <= status < 500, (spec, stream, status)
             assert field in body["error"]["message"], (spec, stream, body)
-    assert _post(server, {**ok, "steering": {"vector": str(path), "alpha": 1.0}})[0] == 200
+    assert _post(server, {**ok, "steering": {"vector": path, "alpha": 1.0}})[0] == 200
 
 
 # -- continuous batching -------------------------------------------------------------------
@@ -252,7 +265,7 @@ BUDGET = [32, 36, 40, 32, 36, 40, 32, 36]
 
 
 @pytest.fixture(scope="module")
-def random_vector(tmp_path_factory):
+def random_vector(vectors_dir):
     """Seeded random directions (norm 40, about a third of a mid-layer residual) at layers
     4, 10 and 16, in raw units: strong enough to move every greedy reply below."""
     from steerlab.vectors import SteeringVector
@@ -260,7 +273,8 @@ def random_vector(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     d = torch.randn(3, 576, generator=g)
     vector = SteeringVector(40 * d / d.norm(dim=-1, keepdim=True), (4, 10, 16))
-    return str(vector.save(tmp_path_factory.mktemp("rand") / "random"))
+    vector.save(vectors_dir / "random")
+    return "random"
 
 
 def _mixed_requests(vector):
