@@ -12,7 +12,9 @@ input with exit code 2 before a model loads, a folder is created or generation s
 * :func:`input_file`: an existing, readable file (not a folder).
 * :func:`output_file` and :func:`output_dir`: a target that can be written: not a folder where
   a file goes (or the reverse), under no file, in a folder this process can write to (probed
-  with a temporary file that is removed at once; nothing else is created).
+  with a temporary file that is removed at once; nothing else is created), and, given the
+  command's ``inputs``, aliasing none of them (:func:`aliased`: the same file by path,
+  symlink or hard link, or a path inside or around an input's folder).
 * :func:`finite_values`: data (activations, vectors) with no NaN or infinity.
 * :func:`text`: a string that can be written as UTF-8 (no lone surrogate), with no NUL
   character, within a length limit.
@@ -24,14 +26,19 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from steerlab.errors import SteerlabError
 
-__all__ = ["MAX_SEED", "finite_values", "input_file", "integer", "number", "output_dir",
-           "output_file", "seed", "text", "url"]
+__all__ = ["MAX_SEED", "Inputs", "aliased", "finite_values", "input_file", "integer", "number",
+           "output_dir", "output_file", "seed", "text", "url"]
+
+PathLike = str | os.PathLike
+# a command's inputs for the aliasing check: field name -> its path, or every path it owns
+Inputs = Mapping[str, "PathLike | Iterable[PathLike] | None"]
 
 
 def _range(lo: int | float | None, hi: int | float | None, lo_open: bool) -> str:
@@ -155,17 +162,100 @@ def _probe(folder: Path, target: Path, field: str | None) -> None:
     os.unlink(name)
 
 
-def output_file(path: str | os.PathLike, field: str | None = None) -> Path:
-    """``path`` as a file this process can create or replace (its folder may not exist yet).
+def _resolved(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as written
+        return p.absolute()
 
-    Refused: an existing folder, a path under a file, a folder that cannot be written.
-    Nothing is created.
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _flatten(value: Any) -> list[Path]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    return [p for v in value for p in _flatten(v)]
+
+
+def aliased(output: PathLike, inputs: Inputs, *, holds: bool = True) -> str | None:
+    """How writing ``output`` would touch one of ``inputs``, as a phrase naming the input's
+    path and field, or None when it touches none.
+
+    ``output`` aliases an input when both are the same file: the same path once ``..`` and
+    symlinks are resolved (:meth:`Path.resolve`), or the same inode (a hard link); when it
+    lies inside an input that is a folder (a run's ``parts/``); or, with ``holds``, when it is
+    a folder holding an input (a folder that is written whole or removed).
+
+    Args:
+        output: a path the command will write (it may not exist yet).
+        inputs: each input's field name mapped to its path, or to every path it owns (a run
+            folder's ``config.json``, ``results.json``, …; see ``results.run_files``).
+        holds: also refuse an ``output`` folder that holds an input.
 
     Example:
-        >>> output_file("out/report.html", "output")
+        >>> aliased("run/../run/results.json", {"results_dir": ["run/results.json"]})
+        "is run/results.json (input 'results_dir')"
+    """
+    out = Path(output)
+    r_out = _resolved(out)
+    for name, value in inputs.items():
+        for inp in _flatten(value):
+            r_in = _resolved(inp)
+            where = f"{inp} (input {name!r})"
+            if r_out == r_in:
+                return f"{'is' if out.absolute() == inp.absolute() else 'resolves to'} {where}"
+            if _same_inode(out, inp):
+                return f"is a hard link to {where}"
+            if r_in in r_out.parents and not inp.is_file():
+                return f"is inside {where}"
+            if holds and r_out in r_in.parents:
+                return f"holds {where}"
+    return None
+
+
+def _refuse_alias(target: Path, field: str | None, inputs: Inputs | None,
+                  owns: Iterable[PathLike], root_holds: bool) -> None:
+    """Refuse ``target``, or a path that comes with it (``owns``), aliasing an input."""
+    if not inputs:
+        return
+    for path, holds in ((target, root_holds), *((Path(p), True) for p in owns)):
+        how = aliased(path, inputs, holds=holds)
+        if how is not None:
+            what = "" if path == target else f"would write {path}, which "
+            raise SteerlabError(f"{what}{how}; expected an output that is not one of the "
+                                "command's inputs", source=str(target), field=field)
+
+
+def output_file(path: str | os.PathLike, field: str | None = None, *,
+                inputs: Inputs | None = None,
+                owns: Iterable[PathLike] = ()) -> Path:
+    """``path`` as a file this process can create or replace (its folder may not exist yet),
+    aliasing none of the command's ``inputs`` (see :func:`aliased`).
+
+    Refused: an input of the command (also through a symlink, a hard link or ``..``), an
+    existing folder, a path under a file, a folder that cannot be written. Nothing is created.
+
+    Args:
+        path: the file to write.
+        field: the option or config field that named it.
+        inputs: the command's inputs, field name to path(s): none may be overwritten.
+        owns: paths that come with the output (its parts folder, lock, sidecar), checked
+            against ``inputs`` too.
+
+    Example:
+        >>> output_file("out/report.html", "output", inputs={"results_dir": run_files("run")})
         PosixPath('out/report.html')
     """
     p = Path(path)
+    _refuse_alias(p, field, inputs, owns, True)
     if p.is_dir():
         raise SteerlabError("is a folder; expected a file to write", source=str(p), field=field)
     base = _nearest_existing(p.parent)
@@ -176,14 +266,28 @@ def output_file(path: str | os.PathLike, field: str | None = None) -> Path:
     return p
 
 
-def output_dir(path: str | os.PathLike, field: str | None = None) -> Path:
+def output_dir(path: str | os.PathLike, field: str | None = None, *,
+               inputs: Inputs | None = None,
+               owns: Iterable[PathLike] = ()) -> Path:
     """``path`` as a folder this process can create or write into. Nothing is created.
 
+    With ``inputs``, the folder may not be an input or lie inside one, and none of the paths
+    the command writes in it (``owns``: a run's ``config.json``, ``results.json``, ``parts/``,
+    …) may alias an input (see :func:`aliased`); the folder may hold inputs elsewhere.
+
+    Args:
+        path: the folder to write into.
+        field: the option or config field that named it.
+        inputs: the command's inputs, field name to path(s).
+        owns: the files and folders the command writes in ``path``.
+
     Example:
-        >>> output_dir("logs/run-1", "output_dir")
+        >>> output_dir("logs/run-1", "output_dir", inputs={"prompts_json": "prompts.json"},
+        ...            owns=run_files("logs/run-1"))
         PosixPath('logs/run-1')
     """
     p = Path(path)
+    _refuse_alias(p, field, inputs, owns, False)
     base = _nearest_existing(p)
     if not base.is_dir():
         what = "is a file" if base == p.absolute() else f"is under {base}, a file"

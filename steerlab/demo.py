@@ -126,6 +126,20 @@ def _pick_personae(personae: Sequence[Any], per_category: int) -> list[Any]:
     return out
 
 
+def _demo_files(out: Path) -> list[Path]:
+    """Every file and folder a demo writes in ``out`` (the stages' names, each file with
+    what it owns: an activation file's parts and lock, a vector's sidecar, a points lock)."""
+    from steerlab.evaluate import points_lock
+    from steerlab.store import activation_files
+    from steerlab.vectors import vector_paths
+
+    points = out / "steering-eval.points.jsonl"
+    return [out / "demo-config.json", out / "pairs", *activation_files(out / "activations.h5"),
+            *vector_paths(out / "vector"), out / "probe.json", points, points_lock(points),
+            *(out / f"steering-eval.{x}" for x in ("json", "html")), out / "personae",
+            out / "report.html", out / "summary.json"]
+
+
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
              model: Any = None, progress: bool = True) -> DemoSummary:
     """Run the whole pipeline into ``out_dir`` and return its summary.
@@ -152,11 +166,13 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     from steerlab.personas import load_personae
     from steerlab.responders import LocalResponder
     from steerlab.results import load_results
-    from steerlab.traits import load_trait
+    from steerlab.traits import load_trait, trait_file
     from steerlab.validation import validation_report, write_validation_html
 
     t0 = time.perf_counter()
-    out = output_dir(out_dir, "output_dir")
+    out = output_dir(out_dir, "output_dir", owns=_demo_files(Path(out_dir)),
+                     inputs={"trait": trait_file(config.trait),
+                             "model": config.model.local_files() if model is None else ()})
     Engine.parse(config.engine, field="engine")
     trait = load_trait(config.trait)
     questions = list(trait.questions)[: config.n_questions]

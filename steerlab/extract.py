@@ -20,14 +20,23 @@ import numpy as np
 import yaml
 
 from steerlab.capture import capture_pairs
+from steerlab.checks import Inputs, output_file
 from steerlab.errors import SteerlabError
-from steerlab.files import read_text, sole_writer
+from steerlab.files import check_unlocked, lock_path, read_text, sole_writer
 from steerlab.layers import HookPoint
 from steerlab.personas import SystemPrompt
 from steerlab.placement import ModelOptions
 from steerlab.progress import progress_bar
 from steerlab.shards import shard_path, shard_range
-from steerlab.store import ActivationFile, PartWriter, Rows, Site, StoreMeta, concat_files
+from steerlab.store import (
+    ActivationFile,
+    PartWriter,
+    Rows,
+    Site,
+    StoreMeta,
+    activation_files,
+    concat_files,
+)
 from steerlab.version import __version__
 
 log = logging.getLogger(__name__)
@@ -161,6 +170,7 @@ def extract(
     ids = [str(p.id) for p in pairs]
     if len(set(ids)) != len(ids):
         raise SteerlabError("pair ids are not unique", source=pairs_file or None, field="id")
+    check_output(output, shard, {"pairs": pairs_file})
     n_layers = model.cfg.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
     where = provenance(model)
@@ -195,6 +205,23 @@ def extract(
 
 
 WRITING = "another extract is writing this file"
+
+
+def check_output(output: str | os.PathLike, shard: tuple[int, int] = (0, 1),
+                 inputs: Inputs | None = None) -> Path:
+    """The file shard ``shard`` of an extraction into ``output`` writes, checked before the
+    model runs: writable, not being written by another extract (naming its PID), and neither
+    it, its parts folder nor its lock aliasing one of ``inputs`` (field name to path: the
+    pairs file, the config).
+
+    Example:
+        >>> check_output("acts.h5", (0, 1), {"pairs": "pairs.jsonl"})
+        PosixPath('acts.h5')
+    """
+    out = shard_path(Path(output), shard)
+    target = output_file(out, "output", inputs=inputs, owns=activation_files(out)[1:])
+    check_unlocked(lock_path(target), WRITING)
+    return target
 
 
 def _capture_into(out: Path, model: Any, pairs: Sequence[Any], meta: StoreMeta, rows: range, *,
@@ -248,9 +275,8 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
     if meta.n_pairs and total != meta.n_pairs:
         raise SteerlabError(f"shards hold {total} pairs but the input had {meta.n_pairs}; "
                             "a shard is missing or unfinished", field="shards")
-    from steerlab.checks import output_file
-
-    out = output_file(output, "output")
+    out = output_file(output, "output", inputs={
+        "shards": [p for f in files for p in activation_files(f.path)]})
     if out.exists():
         raise SteerlabError("exists; refusing to overwrite", source=str(out))
     concat_files([f.path for f in files], out, meta)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from steerlab.checks import output_file
 from steerlab.client import EndpointClient, bounded_map
 from steerlab.collect import ROLES, latest, question_order
 from steerlab.errors import SteerlabError
@@ -103,6 +104,7 @@ def judge(
         >>> judge("pirate/collected.jsonl", "pirate/judged.jsonl",
         ...       scorer_judge(trait.build_scorer()))
     """
+    output_file(path, "path", inputs={"collected": collected})
     answers = latest(read_jsonl(collected), "text")
     scored = latest(read_jsonl(path), "score")
     todo = [(k, r) for k, r in answers.items() if k not in scored]
@@ -225,6 +227,9 @@ def filter_pairs(
     Example:
         >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
     """
+    if path is not None:  # before anything is read: no input is overwritten
+        output_file(path, "path", inputs={"collected": collected, "judged": judged},
+                    owns=[dropped_path(path)])
     sel = select_pairs(collected, judged, threshold=threshold, min_distinct=min_distinct)
     if path is not None and not sel.pairs:  # an empty pairs file is not a result to keep
         why = "; ".join(f"{n}: {reason}" for reason, n in sel.reasons().items()) or "none"

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,6 +207,17 @@ class ModelOptions:
         from steerlab.models import model_geometry
 
         return model_geometry(self.model)
+
+    def local_files(self) -> list[Path]:
+        """What a local model folder holds (``model`` a directory): inputs no output may
+        alias (a run's ``config.json`` written over the model's). None for a hub id or the
+        embedded model.
+
+        Example:
+            >>> output_dir(out, "output_dir", inputs={"model": options.local_files()})
+        """
+        folder = Path(self.model)
+        return sorted(folder.iterdir()) if self.model != "embedded" and folder.is_dir() else []
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.files import read_json, write_text_atomic
-from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token
+from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token, run_files
 from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,23 @@ def run_tokenizer(results_dir: str | os.PathLike) -> Any:
         return None
 
 
+def report_path(results_dir: str | os.PathLike, output: str | os.PathLike | None = None
+                ) -> Path:
+    """Where :func:`write_report` writes (``output``, default ``results_dir/report.html``),
+    checked before anything is read: the run is finished, and the page is writable and none
+    of the run's own files (``results.json``, ``config.json``, ``per_token.h5``, …).
+
+    Example:
+        >>> report_path("logs/run", "logs/run/results.json")  # refused: the run's results
+    """
+    from steerlab.checks import output_file
+    from steerlab.runs import check_finished
+
+    root = check_finished(results_dir)
+    return output_file(Path(output) if output else root / "report.html", "output",
+                       inputs={"results_dir": run_files(root)})
+
+
 def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | None = None,
                  tokenizer: Any = None) -> Path:
     """Write ``report.html``: run config, summary statistics, the three box figures, a lens
@@ -62,11 +79,8 @@ def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | Non
     """
     import plotly.io as pio
 
-    from steerlab.checks import output_file
-    from steerlab.runs import check_finished
-
-    root = check_finished(results_dir)
-    output = output_file(Path(output) if output else root / "report.html", "output")
+    root = Path(results_dir)
+    output = report_path(root, output)
     records = load_results(root)
     cfg = read_json(root / CONFIG, "a run's config.json")  # check_finished: it is there
     parts = [f"<h1>steerlab inference report: {html.escape(root.name)}</h1>",

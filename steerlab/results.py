@@ -34,7 +34,19 @@ FORMAT = "steerlab.per_token/1"
 RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
     "results.json", "config.json", "per_token.h5", "parts", "infer.log", "shards", ".lock",
 )
+CONFIG_LOCK = ".config.lock"
 ARRAYS = ("tokens", "entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass")
+RUN_FILES = (CONFIG, RESULTS, PER_TOKEN, PARTS, SHARDS, LOG, LOCK, CONFIG_LOCK)
+
+
+def run_files(root: str | os.PathLike) -> tuple[Path, ...]:
+    """Every file and folder an inference run owns in its folder: what no output of another
+    command may alias (``report.html`` is not one: ``steerlab report`` writes it there).
+
+    Example:
+        >>> output_file("out.html", "output", inputs={"results_dir": run_files("logs/run")})
+    """
+    return tuple(Path(root) / name for name in RUN_FILES)
 
 
 class RunStore:

@@ -21,9 +21,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from steerlab.checks import Inputs, output_dir
 from steerlab.errors import SteerlabError
 from steerlab.files import check_unlocked, create_exclusive, flock, read_json, write_json_atomic
-from steerlab.results import CONFIG, LOCK, RESULTS, SHARDS, RunStore
+from steerlab.results import CONFIG, CONFIG_LOCK, LOCK, RESULTS, SHARDS, RunStore, run_files
 from steerlab.shards import shard_batches
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,24 @@ def _run_locks(root: Path, shard: tuple[int, int]) -> list[tuple[Path, bool, str
              f"shard {i} of {n} is already running")]
 
 
-def check_run_target(root: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Path:
+def check_run_target(root: str | os.PathLike, shard: tuple[int, int] = (0, 1), *,
+                     inputs: Inputs | None = None) -> Path:
     """Refuse, before anything loads or is created, a folder a run cannot write: a file, a
     path under a file or in an unwritable folder, a folder holding something else, a damaged
-    ``config.json``, or a folder another process is writing (naming its PID)."""
-    root = _check_folder(root)
+    ``config.json``, a folder another process is writing (naming its PID), or a folder where
+    a file the run writes (:func:`steerlab.results.run_files`) would alias one of the
+    command's ``inputs`` (field name to path, e.g. ``{"prompts_json": path}``)."""
+    root = _check_folder(root, inputs)
     if root.is_dir():
         for path, shared, busy in _run_locks(root, shard):
             check_unlocked(path, busy, shared=shared)
     return root
 
 
-def _check_folder(root: str | os.PathLike) -> Path:
-    """``root`` as a folder a run can write: writable, and new, empty or holding a run with
-    a readable ``config.json``."""
-    from steerlab.checks import output_dir
-
-    root = output_dir(root, "output_dir")
+def _check_folder(root: str | os.PathLike, inputs: Inputs | None = None) -> Path:
+    """``root`` as a folder a run can write: writable, aliasing none of ``inputs``, and new,
+    empty or holding a run with a readable ``config.json``."""
+    root = output_dir(root, "output_dir", inputs=inputs, owns=run_files(root))
     if not root.is_dir():
         return root
     if not (root / CONFIG).is_file():
@@ -158,7 +160,7 @@ def _write_config(root: Path, identity: Mapping[str, Any], provenance: Mapping[s
             continue
         log.warning("%s was run %s %s; this run is %s %s (recorded in config.json)", root,
                     what, ", ".join(used) or "unrecorded", what, ", ".join(provenance[key]))
-        with flock(root / ".config.lock", wait=True):
+        with flock(root / CONFIG_LOCK, wait=True):
             old = read_json(cfg, "a run's config.json")
             prov = {**dict(provenance), **(old.get("provenance") or {})}
             prov[key] = [*prov.get(key, []), *(d for d in provenance[key] if d not in

@@ -22,7 +22,7 @@ import torch
 
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
-from steerlab.files import PartsDir, atomic_path, h5py, read_json, write_json_atomic
+from steerlab.files import PartsDir, atomic_path, h5py, lock_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,21 @@ def concat_files(sources: Sequence[Path], output: Path, meta: StoreMeta) -> None
                 at += len(rows)
 
 
+def parts_path(output: str | os.PathLike) -> Path:
+    """The parts folder of an activation file being written: ``<output>.parts/``."""
+    return Path(output).with_name(Path(output).name + ".parts")
+
+
+def activation_files(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """What an activation file owns: the file, its parts folder while it is being written
+    and the lock of its writer (``.<name>.lock``); what no other output may alias.
+
+    Example:
+        >>> output_file("v.json", "output", inputs={"activations": activation_files("acts.h5")})
+    """
+    return Path(path), parts_path(path), lock_path(path)
+
+
 class PartWriter:
     """Buffers rows and commits them as parts in ``<output>.parts/``; resumable.
 
@@ -203,8 +218,7 @@ class PartWriter:
         self.output = Path(output)
         self.meta = meta
         self.flush_every = max(1, flush_every)
-        self.parts = PartsDir(self.output.with_name(self.output.name + ".parts"), "part", "h5",
-                              width=9)
+        self.parts = PartsDir(parts_path(self.output), "part", "h5", width=9)
         self._buffer: list[Rows] = []
         self._stamp: Path | None = None
         self._check_meta()

@@ -22,7 +22,7 @@ try:
 except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
-__all__ = ["Trait", "list_traits", "load_trait", "trait_dirs"]
+__all__ = ["Trait", "list_traits", "load_trait", "trait_dirs", "trait_file"]
 
 _LISTS = ("positive_instructions", "negative_instructions", "questions", "held_out_questions")
 
@@ -151,6 +151,36 @@ def list_traits() -> dict[str, Traversable]:
     return dict(sorted(found.items()))
 
 
+def _locate(name_or_path: str | os.PathLike) -> Path | Traversable:
+    """The file a trait name or path loads (:func:`load_trait`'s lookup)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix or os.sep in str(name_or_path):
+        raise SteerlabError("no such trait file", source=str(path))
+    known = list_traits()
+    if path.name not in known:
+        raise SteerlabError(f"no trait named {path.name!r}; known traits: {list(known)}",
+                            source=str(name_or_path))
+    return known[path.name]
+
+
+def trait_file(name_or_path: str | os.PathLike) -> Path | None:
+    """The local file a trait name or path loads, or None for a built-in in package data
+    that is not a plain file (an installed wheel's zip) or a name that finds nothing: an
+    input no output may alias.
+
+    Example:
+        >>> trait_file("traits/pirate-copy.json")
+        PosixPath('traits/pirate-copy.json')
+    """
+    try:
+        found = _locate(name_or_path)
+    except SteerlabError:
+        return None
+    return found if isinstance(found, Path) else None
+
+
 def load_trait(name_or_path: str | os.PathLike) -> Trait:
     """Load and validate a trait file, by path or by name (``traits/<name>.json`` in the
     current directory, else a built-in; see :func:`list_traits`).
@@ -159,16 +189,7 @@ def load_trait(name_or_path: str | os.PathLike) -> Trait:
         >>> t = load_trait("pirate")
         >>> t.positive_instructions[0]
     """
-    path = Path(name_or_path)
-    p: Path | Traversable = path
-    if not path.is_file():
-        if path.suffix or os.sep in str(name_or_path):
-            raise SteerlabError("no such trait file", source=str(path))
-        known = list_traits()
-        if path.name not in known:
-            raise SteerlabError(f"no trait named {path.name!r}; known traits: {list(known)}",
-                                source=str(name_or_path))
-        p = known[path.name]
+    p = _locate(name_or_path)
     try:
         data = json.loads(read_text(p, "a trait file (JSON)") if isinstance(p, Path)
                           else p.read_text(encoding="utf-8"))

@@ -39,13 +39,13 @@ def extract(
 
     The model flags, where given, override the config's model keys."""
     from steerlab.checks import output_file
-    from steerlab.extract import WRITING, load_config
+    from steerlab.extract import check_output, load_config
     from steerlab.extract import extract as run
-    from steerlab.files import check_unlocked, lock_path
     from steerlab.layers import check_layers
     from steerlab.pairs import load_pairs
     from steerlab.personas import system_prompt_style
-    from steerlab.shards import parse_shard, shard_path
+    from steerlab.shards import parse_shard
+    from steerlab.store import activation_files
 
     # everything is checked before the model loads and before anything is written
     cfg = load_config(config, overrides=model)
@@ -54,8 +54,11 @@ def extract(
     pairs = load_pairs(cfg.pairs)
     geometry = cfg.model.geometry()
     try:
-        target = output_file(shard_path(cfg.output, part), "output")
-        check_unlocked(lock_path(target), WRITING)
+        inputs = {"config": config, "pairs": cfg.pairs, "model": cfg.model.local_files()}
+        target = check_output(cfg.output, part, inputs)
+        if cfg.log_file is not None:  # appended to: no input, nor the output, is a log
+            output_file(cfg.log_file, "log_file",
+                        inputs={**inputs, "output": activation_files(target)})
         if cfg.layers is not None and geometry:
             check_layers(geometry["n_layers"], list(cfg.layers))
     except SteerlabError as err:
@@ -91,7 +94,9 @@ def merge(
     ] = None,
 ) -> None:
     """Join the shards of a sharded ``steerlab extract`` (files) or ``steerlab infer`` (RUN)."""
+    from steerlab.checks import output_file
     from steerlab.extract import load_config, merge_shards
+    from steerlab.store import activation_files
 
     if shards and len(shards) == 1 and shards[0].is_dir():
         from steerlab.runs import merge_run
@@ -108,5 +113,7 @@ def merge(
             shards = sorted(cfg.output.parent.glob(f"{cfg.output.stem}.shard-*-of-*.h5"))
     if output is None:
         raise SteerlabError("give --output or --config", field="output")
+    output_file(output, "output", inputs={
+        "config": config, "shards": [p for s in shards or () for p in activation_files(s)]})
     out = merge_shards(shards or [], output)
     typer.echo(f"wrote {out}")

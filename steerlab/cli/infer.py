@@ -63,7 +63,9 @@ def infer(
         raise SteerlabError("all shards must write one folder; give --output-dir",
                             field="output_dir")
     output_dir = output_dir or default_output_dir()
-    check_run_target(output_dir, part)
+    check_run_target(output_dir, part, inputs={"prompts_json": prompts_json,
+                                                "personae_json": personae_json,
+                                                "model": model.local_files()})
     bridge = model.load()
     out = run_inference(bridge, prompts, personae, output_dir, config, shard=part,
                         progress=progress,
@@ -84,10 +86,7 @@ def report(
         "--output", "-o", help="HTML file (default: RESULTS_DIR/report.html).")] = None,
 ) -> None:
     """Write a standalone HTML report (no kernel, no network) of an inference run."""
-    from steerlab.checks import output_file
-    from steerlab.report import run_tokenizer, write_report
-    from steerlab.runs import check_finished
+    from steerlab.report import report_path, run_tokenizer, write_report
 
-    check_finished(results_dir)  # before the tokenizer loads: one line, no warning first
-    output_file(output or results_dir / "report.html", "output")
+    report_path(results_dir, output)  # before the tokenizer loads: one line, no warning first
     typer.echo(f"wrote {write_report(results_dir, output, tokenizer=run_tokenizer(results_dir))}")

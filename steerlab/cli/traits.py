@@ -170,7 +170,7 @@ def collect(
     from steerlab.checks import integer, number, output_dir
     from steerlab.checks import seed as check_seed
     from steerlab.collect import collect as run_collect
-    from steerlab.traits import load_trait
+    from steerlab.traits import load_trait, trait_file
 
     # every flag is checked before the model loads or a request goes out
     t = load_trait(trait)
@@ -185,7 +185,10 @@ def collect(
     if not questions:
         raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
                             source=trait, field="questions")
-    out_dir = output_dir(_run_dir(run_dir, t), "run_dir")
+    d = _run_dir(run_dir, t)
+    out = d / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
+    output_dir(d, "run_dir", inputs={"trait": trait_file(trait), "model": model.local_files()},
+               owns=[out])
     local = cache(model.load)
     opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
                 retries=retries, timeout=timeout)
@@ -193,7 +196,6 @@ def collect(
                    chosen_persona, local, opts)
     b = _responder("rejected", t, rejected_url, rejected_model, rejected_key_env,
                    rejected_system, rejected_persona, local, opts)
-    out = out_dir / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
     r = run_collect(questions, a, b, out, samples=samples, temperature=temperature, seed=seed,
                     progress=progress)
     typer.echo(f"{out}: {r.written} answers written, {r.failed} failed, {r.skipped} present")
@@ -212,16 +214,18 @@ def judge(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Score every collected answer 0-100 (resumable; failures are recorded)."""
-    from steerlab.checks import input_file
+    from steerlab.checks import input_file, output_file
     from steerlab.judge import judge as run_judge
     from steerlab.judge import rubric_judge, scorer_judge
-    from steerlab.traits import load_trait
+    from steerlab.traits import load_trait, trait_file
 
     t = load_trait(trait)
     _check_endpoint(rubric_url or None, concurrency, retries, 120.0, "rubric_url")
     d = _run_dir(run_dir, t)
     input_file(d / "collected.jsonl", "run_dir", what="the collect stage's answers "
                "(steerlab traits collect)")
+    output_file(d / "judged.jsonl", "run_dir", inputs={"collected": d / "collected.jsonl",
+                                                       "trait": trait_file(trait)})
     if rubric_url:
         if not t.evaluation_prompt:
             raise SteerlabError("the trait has no rubric", source=trait,
@@ -252,7 +256,7 @@ def filter_(
     from steerlab.checks import input_file, number, output_file
     from steerlab.files import read_jsonl
     from steerlab.judge import dropped_path, filter_pairs
-    from steerlab.traits import load_trait
+    from steerlab.traits import load_trait, trait_file
 
     d = _run_dir(run_dir, load_trait(trait))
     number(threshold, "threshold", lo=-100, hi=100)  # scores are 0-100
@@ -260,7 +264,10 @@ def filter_(
     for stage, what in (("collected", "collect"), ("judged", "judge")):
         input_file(d / f"{stage}.jsonl", "run_dir", what=f"the {what} stage's records "
                    f"(steerlab traits {what})")
-    out = output_file(output or d / "pairs.jsonl", "output")
+    inputs = {"collected": d / "collected.jsonl", "judged": d / "judged.jsonl",
+              "trait": trait_file(trait)}
+    out = output_file(output or d / "pairs.jsonl", "output", inputs=inputs,
+                      owns=[dropped_path(output or d / "pairs.jsonl")])
     output_file(dropped_path(out), "output")
     pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", out, threshold=threshold,
                          min_distinct=min_distinct)
@@ -279,7 +286,9 @@ def merge(
                                                  "filtered JSON.")],
 ) -> None:
     """Merge pairs files (first occurrence of each prompt wins)."""
+    from steerlab.checks import output_file
     from steerlab.pairs import merge_pairs, save_pairs
 
+    output_file(output, "output", inputs={"inputs": inputs})
     pairs = merge_pairs(inputs)
     typer.echo(f"{save_pairs(pairs, output)}: {len(pairs)} pairs")

@@ -30,10 +30,11 @@ def fit(
     """Fit a steering vector from captured activations (probe: prints held-out accuracy)."""
     from steerlab.checks import output_file
     from steerlab.fitters import fit_vector
+    from steerlab.store import activation_files
     from steerlab.vectors import vector_paths
 
     for path in vector_paths(output):  # before the fit: a bad target loses no work
-        output_file(path, "output")
+        output_file(path, "output", inputs={"activations": activation_files(activations)})
     vec, result = fit_vector(activations, method, layers=number_list(layers, int, "layers") or None,
                              mean=mean)
     if normalise:
@@ -84,9 +85,10 @@ def evaluate(
     from steerlab.evaluate import POINTS_BUSY, EvalConfig, evaluate_steering, points_lock
     from steerlab.files import check_unlocked
     from steerlab.fitters import shuffled_control
-    from steerlab.traits import load_trait
+    from steerlab.store import activation_files
+    from steerlab.traits import load_trait, trait_file
     from steerlab.validation import validation_report, write_validation_html
-    from steerlab.vectors import SteeringVector
+    from steerlab.vectors import SteeringVector, vector_paths
 
     # everything is checked before the model loads, let alone the first generation
     vec = SteeringVector.load(vector)
@@ -111,9 +113,14 @@ def evaluate(
     if activations is not None:
         input_file(activations, "activations", what="a steerlab activation file")
     out = Path(output)
+    inputs = {"vector": vector_paths(vector), "trait": trait_file(trait),
+              "activations": activation_files(source) if source else None,
+              "model": model.local_files()}
     for suffix in (".json", ".html", ".points.jsonl"):
-        output_file(out.with_name(out.name + suffix), "output")
-    check_unlocked(points_lock(out.with_name(out.name + ".points.jsonl")), POINTS_BUSY)
+        output_file(out.with_name(out.name + suffix), "output", inputs=inputs)
+    points = out.with_name(out.name + ".points.jsonl")
+    output_file(points, "output", inputs=inputs, owns=[points_lock(points)])
+    check_unlocked(points_lock(points), POINTS_BUSY)
     shuffled = None
     if source is not None and source.is_file():
         try:
@@ -144,7 +151,10 @@ def export_gguf(
     """Export a vector as a llama.cpp control vector (use with --control-vector): steerlab
     layer L is direction.L (llama.cpp steers the output of its layer L); layer 0 has no slot
     there and is left out."""
-    from steerlab.vectors import SteeringVector, read_gguf
+    from steerlab.checks import output_file
+    from steerlab.vectors import SteeringVector, read_gguf, vector_paths
 
-    path = SteeringVector.load(vector).to_gguf(output, model_hint or None)
+    vec = SteeringVector.load(vector)
+    output_file(output, "output", inputs={"vector": vector_paths(vector)})
+    path = vec.to_gguf(output, model_hint or None)
     typer.echo(f"wrote {path} ({len(read_gguf(path))} layers)")
