@@ -182,7 +182,7 @@ def extract(
                      d_model=int(model.cfg.d_model), dtype=where["dtype"], mean=mean,
                      steerlab_version=__version__, pairs_file=str(pairs_file),
                      n_pairs=len(pairs), attn_implementation=where["attn_implementation"],
-                     provenance=json.dumps(where))
+                     provenance=json.dumps(where), n_layers=n_layers)
     out = shard_path(Path(output), shard)
     start, end = shard_range(len(pairs), batch_size, shard)
     if out.exists():

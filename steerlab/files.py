@@ -55,9 +55,10 @@ def _temporary(target: Path) -> Path:
 def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed over ``path`` when the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. A target
-    that cannot be written (a folder, a path under a file, an unwritable folder) is refused
-    first with one line (:func:`steerlab.checks.output_file`).
+    The file gets the permissions of a new file (``0666`` less the umask), whatever mode its
+    writer created it with. On an exception the temporary file is removed and ``path`` is
+    left as it was. A target that cannot be written (a folder, a path under a file, an
+    unwritable folder) is refused first with one line (:func:`steerlab.checks.output_file`).
 
     Example:
         >>> with atomic_path("out.h5") as tmp:
@@ -69,9 +70,26 @@ def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path
     tmp = _temporary(target)
     try:
         yield tmp
+        if tmp.is_file():  # writers that create 0600 files (safetensors) follow the umask too
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (setting it to read it
+    would race with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -81,13 +99,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def _json(data: Any, indent: int | None) -> str:
-    return json.dumps(data, indent=indent, ensure_ascii=False)
+def _json(data: Any, indent: int | None, allow_nan: bool = True) -> str:
+    return json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=allow_nan)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 1) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    return write_text_atomic(path, _json(data, indent) + "\n")
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 1,
+                      allow_nan: bool = True) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically; ``allow_nan=False`` refuses NaN and
+    infinities (which Python writes as the non-JSON ``NaN``, ``Infinity``) with one line."""
+    try:
+        text = _json(data, indent, allow_nan)
+    except ValueError as err:
+        raise SteerlabError(f"cannot be written as strict JSON ({err})", source=str(path)) from None
+    return write_text_atomic(path, text + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:

@@ -239,17 +239,30 @@ def fit_vector(
         at += chosen.shape[0]
         f.update(chosen, rejected)
     result = f.fit()
+    chosen_layers = tuple(layers or acts.layers)
+    _refuse_zero(result.directions, chosen_layers, str(acts.path))
     m = acts.meta
     capture = json.loads(m.provenance) if m.provenance else {}
     norms = capture.pop("resid_norms", {})
-    chosen = [str(x) for x in (layers or acts.layers)]
+    chosen = [str(x) for x in chosen_layers]
     method_name = f.method + ("+mean" * mean) + (
         f"+shuffled(seed={shuffle_seed})" if swap is not None else "")
     prov = Provenance(model_id=m.model_id, hook=m.hook, method=method_name,
                       n_pairs=result.n_pairs, source=str(acts.path), capture=capture,
-                      resid_norms={k: float(norms[k]) for k in chosen if k in norms})
-    vec = SteeringVector(result.directions, tuple(layers or acts.layers), prov)
+                      resid_norms={k: float(norms[k]) for k in chosen if k in norms},
+                      n_layers=m.n_layers)
+    vec = SteeringVector(result.directions, chosen_layers, prov)
     return vec, result
+
+
+def _refuse_zero(directions: torch.Tensor, layers: tuple[int, ...], source: str) -> None:
+    """Refuse a fit with a zero direction: chosen and rejected activations that do not differ
+    at a layer give no direction there (normalising it would not give a unit vector)."""
+    zero = (directions.double().norm(dim=-1) == 0).nonzero()
+    if len(zero):
+        raise SteerlabError(f"the fitted direction at layer {layers[int(zero[0])]} is zero: the "
+                            "chosen and rejected activations do not differ there; expected "
+                            "pairs whose answers differ", source=source, field="layers")
 
 
 def shuffled_control(vector: SteeringVector, source: Any, seed: int = 0) -> SteeringVector:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ import torch
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.files import PartsDir, atomic_path, h5py, lock_path, read_json, write_json_atomic
+from steerlab.store_meta import FORMAT, StoreMeta
 
 log = logging.getLogger(__name__)
-
-FORMAT = "steerlab.activations/1"
 
 
 class Site(Choice):
@@ -45,68 +44,11 @@ ACTS = ("chosen", "rejected", "chosen_mean", "rejected_mean")
 INDEX = ("divergence", "chosen_length", "rejected_length", "response_start")
 
 
-@dataclass(frozen=True)
-class StoreMeta:
-    """What a file was captured from; every part, shard and final file carries it as attrs."""
-
-    model_id: str
-    hook: str
-    layers: tuple[int, ...]
-    d_model: int
-    dtype: str
-    mean: bool
-    steerlab_version: str
-    pairs_file: str = ""
-    n_pairs: int = 0  # pairs in the whole input (all shards)
-    attn_implementation: str = ""  # "" in files written before it was recorded
-    provenance: str = ""  # JSON: devices and versions (see steerlab.placement.provenance)
-
-    def attrs(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        d["format"] = FORMAT
-        return d
-
-    def mismatch(self, other: StoreMeta, fields: Sequence[str] = ()) -> tuple[str, str, str] | None:
-        """The first field (of ``fields``, default all but ``provenance``) that differs:
-        ``(name, mine, other's)``. Provenance (devices, versions) may change on a resume.
-
-        Example:
-            >>> have.mismatch(want)
-            ('layers', '[0, 2]', '[1]')
-        """
-        for name in fields or [f for f in self.__dataclass_fields__ if f != "provenance"]:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return name, _show(mine), _show(theirs)
-        return None
-
-    @classmethod
-    def from_attrs(cls, attrs: Any, source: str) -> StoreMeta:
-        try:
-            return cls(
-                model_id=str(attrs["model_id"]), hook=str(attrs["hook"]),
-                layers=tuple(int(x) for x in attrs["layers"]), d_model=int(attrs["d_model"]),
-                dtype=str(attrs["dtype"]), mean=bool(attrs["mean"]),
-                steerlab_version=str(attrs["steerlab_version"]),
-                pairs_file=str(attrs.get("pairs_file", "")), n_pairs=int(attrs.get("n_pairs", 0)),
-                attn_implementation=str(attrs.get("attn_implementation", "")),
-                provenance=str(attrs.get("provenance", "")),
-            )
-        except KeyError as err:
-            raise SteerlabError(f"missing attribute {err.args[0]!r}; not a steerlab activation "
-                                "file", source=source) from None
-
-
 def _devices(provenance: str) -> list[str]:
     try:
         return list(json.loads(provenance).get("devices", [])) if provenance else []
     except (json.JSONDecodeError, AttributeError):
         return []
-
-
-def _show(value: Any) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True)
@@ -305,15 +247,16 @@ class ActivationFile:
             raise SteerlabError("no such file (expected a steerlab activation file)", source=src)
         try:
             with h5py().File(self.path, "r") as f:
-                if f.attrs.get("format") != FORMAT:
+                if "format" not in f.attrs:
                     raise SteerlabError(f"expected attribute format={FORMAT!r}; not a steerlab "
                                         "activation file", source=src)
                 self.meta = StoreMeta.from_attrs(f.attrs, src)
                 need = [*(ACTS if self.meta.mean else ACTS[:2]), *INDEX, "pair_id", "layers"]
                 for name in need:
-                    if name not in f:
+                    if not isinstance(f.get(name), h5py().Dataset):
                         raise SteerlabError("dataset missing", source=src, field=name)
                 self.n_pairs = int(f["chosen"].shape[0])
+                self._check_rows(f, src)
                 want = (self.n_pairs, len(self.meta.layers), self.meta.d_model)
                 for name in need[: 2 + 2 * self.meta.mean]:
                     if tuple(f[name].shape) != want:
@@ -322,6 +265,22 @@ class ActivationFile:
         except OSError as err:
             raise SteerlabError(f"not an HDF5 file, or a damaged one ({err}); expected a "
                                 "steerlab activation file", source=src) from None
+
+    def _check_rows(self, f: Any, src: str) -> None:
+        """The ``layers`` dataset is the attribute's list, ``d_model`` the activations' width,
+        and there are no more rows than input pairs."""
+        stored = np.asarray(f["layers"][()]).tolist()
+        if stored != list(self.meta.layers):
+            raise SteerlabError(f"holds {stored!s:.60}; the layers attribute is "
+                                f"{list(self.meta.layers)}", source=src, field="layers")
+        width = f["chosen"].shape[-1] if f["chosen"].ndim == 3 else self.meta.d_model
+        if width != self.meta.d_model:
+            raise SteerlabError(f"got {self.meta.d_model}; the activations are {width} wide",
+                                source=src, field="d_model")
+        if self.meta.n_pairs and self.n_pairs > self.meta.n_pairs:
+            raise SteerlabError(f"the file has {self.n_pairs} rows, more than the "
+                                f"{self.meta.n_pairs} pairs of its input", source=src,
+                                field="n_pairs")
 
     @property
     def layers(self) -> tuple[int, ...]:

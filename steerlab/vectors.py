@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from steerlab.checks import finite_values
+from steerlab.checks import finite_values, integer, text
 from steerlab.errors import SteerlabError
 from steerlab.files import atomic_path, read_text, write_json_atomic
+from steerlab.layers import HookPoint
+from steerlab.metadata import json_object, layer_list, layer_values, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ FORMAT = "steerlab.vector/1"
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a vector came from."""
+    """Where a vector came from. Every field is checked (and normalised) on construction, the
+    sidecar's as well: a wrong type is one :class:`SteerlabError` line naming the field."""
 
     model_id: str = "unknown"
     hook: str = "resid_post"
@@ -36,6 +39,45 @@ class Provenance:
     # {layer (as a string): the layer's typical residual norm}, the unit of norm-unit strengths
     # (see steerlab.norms); empty when unknown (it is then measured when steering)
     resid_norms: dict[str, float] = field(default_factory=dict)
+    # the model's decoder-layer count (0: unknown, vectors written before it was recorded)
+    n_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in provenance_fields(vars(self)).items():
+            object.__setattr__(self, name, value)
+
+
+def _count(value: Any, name: str, source: str | None) -> int:
+    return integer(value, name, lo=0, source=source)
+
+
+# how each provenance field is checked: (value, field, source) -> the value accepted
+_CHECKS: dict[str, Callable[[Any, str, str | None], Any]] = {
+    "model_id": lambda v, n, s: text(v, n, source=s),
+    "hook": lambda v, n, s: HookPoint.parse(v, field=n, source=s).value,
+    "method": lambda v, n, s: text(v, n, source=s),
+    "n_pairs": _count,
+    "normalisation": lambda v, n, s: text(v, n, source=s),
+    "source": lambda v, n, s: text(v, n, source=s),
+    "capture": lambda v, n, s: json_object(v, n, source=s),
+    "resid_norms": lambda v, n, s: layer_values(v, n, source=s),
+    "n_layers": _count,
+}
+
+
+def provenance_fields(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """The :class:`Provenance` fields among ``values`` (a sidecar), checked and normalised:
+    strings are text, ``n_pairs`` and ``n_layers`` integers >= 0, ``hook`` a
+    :class:`~steerlab.layers.HookPoint`, ``capture`` a strict-JSON object, ``resid_norms``
+    ``{layer: finite norm > 0}`` (whether its keys are the vector's layers is checked by
+    :class:`SteeringVector`). Other keys are left out (fields of later versions).
+
+    Example:
+        >>> provenance_fields({"n_pairs": 3.0, "extra": 1})
+        {'n_pairs': 3}
+    """
+    return {name: check(values[name], name, source) for name, check in _CHECKS.items()
+            if name in values}
 
 
 @dataclass(frozen=True)
@@ -56,14 +98,19 @@ class SteeringVector:
     provenance: Provenance = Provenance()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.provenance, Provenance):
+            raise SteerlabError(f"got {type(self.provenance).__name__}; expected a Provenance",
+                                field="provenance")
+        layers = layer_list(self.layers, n_layers=self.provenance.n_layers)
         d = self.directions
-        if not isinstance(d, torch.Tensor) or d.ndim != 2 or d.shape[0] != len(self.layers):
-            raise SteerlabError(f"directions must be [len(layers)={len(self.layers)}, d_model]; "
-                                f"got {getattr(d, 'shape', type(d))}", field="directions")
-        if len(set(self.layers)) != len(self.layers):
-            raise SteerlabError(f"layers {self.layers} repeat", field="layers")
+        if not isinstance(d, torch.Tensor) or d.ndim != 2 or d.shape[0] != len(layers) or \
+                not d.is_floating_point():
+            raise SteerlabError(f"directions must be floats [len(layers)={len(layers)}, d_model]"
+                                f"; got {getattr(d, 'dtype', type(d))} "
+                                f"{tuple(getattr(d, 'shape', ()))}", field="directions")
         finite_values(d, "the vector", field="directions")
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        layer_values(self.provenance.resid_norms, "resid_norms", layers=layers)
+        object.__setattr__(self, "layers", layers)
 
     @property
     def d_model(self) -> int:
@@ -112,13 +159,40 @@ class SteeringVector:
                        provenance=replace(p, method=method, normalisation="none"))
 
     def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
-        """Only the given layers."""
+        """Only the given layers (with only their residual norms)."""
+        norms = {k: v for k, v in self.provenance.resid_norms.items() if int(k) in layers}
         return replace(self, directions=torch.stack([self.direction(x) for x in layers]),
-                       layers=tuple(layers))
+                       layers=tuple(layers),
+                       provenance=replace(self.provenance, resid_norms=norms))
+
+    def zero_layer(self) -> int | None:
+        """The first layer whose direction is zero (it has no direction to steer along or to
+        normalise), or ``None``."""
+        if self.directions.device.type == "meta":
+            return None
+        zero = (self.directions.double().norm(dim=-1) == 0).nonzero()
+        return self.layers[int(zero[0])] if len(zero) else None
+
+    def check_model(self, n_layers: int, d_model: int, *, source: str | None = None) -> None:
+        """Refuse a model this vector does not fit (its layer count, its width), e.g. with
+        :meth:`steerlab.placement.ModelOptions.geometry` before the model loads.
+
+        Example:
+            >>> v.check_model(30, 576, source="pirate.safetensors")
+        """
+        layer_list(self.layers, n_layers=n_layers, source=source)
+        if self.d_model != d_model:
+            raise SteerlabError(f"the vector has d_model {self.d_model}; the model {d_model}",
+                                source=source, field="d_model")
 
     def normalise(self) -> SteeringVector:
-        """Unit norm at every layer."""
-        unit = self.directions / self.norms().clamp_min(1e-12)[:, None]
+        """Unit norm at every layer (computed in float64); a zero direction is refused."""
+        zero = self.zero_layer()
+        if zero is not None:
+            raise SteerlabError(f"the direction at layer {zero} is zero and has no unit "
+                                "direction", field="directions")
+        d = self.directions.double()
+        unit = (d / d.norm(dim=-1, keepdim=True)).to(self.directions.dtype)
         return replace(self, directions=unit,
                        provenance=replace(self.provenance, normalisation="unit"))
 
@@ -152,51 +226,68 @@ class SteeringVector:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` and the JSON sidecar ``<path>.json``; returns the former.
 
+        Only what :meth:`load` accepts is written: a zero direction, or a sidecar that is not
+        strict JSON (NaN, infinities), is refused before either file is touched.
+
         Example:
             >>> v.save("vectors/pirate")  # vectors/pirate.safetensors + vectors/pirate.json
         """
         from safetensors.torch import save_file
 
         st, side = vector_paths(path)
+        zero = self.zero_layer()
+        if zero is not None:
+            raise SteerlabError(f"the direction at layer {zero} is zero; a saved vector has a "
+                                "non-zero direction at every layer", source=str(st),
+                                field="directions")
         tensors = {"directions": self.directions.detach().float().cpu().contiguous(),
                    "layers": torch.tensor(self.layers, dtype=torch.int64)}
         meta = {"format": FORMAT, "layers": list(self.layers), "d_model": self.d_model,
                 **asdict(self.provenance)}
+        json_object(meta, "capture", source=str(side))  # a mutable dict: checked again now
         with atomic_path(st) as tmp:
             save_file(tensors, str(tmp))
-        write_json_atomic(side, meta)
+        write_json_atomic(side, meta, allow_nan=False)
         return st
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
-        """Read a vector written by :meth:`save` (give either file or the common stem)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Read a vector written by :meth:`save` (give either file or the common stem).
 
+        Checked like command-line flags, each refusal one :class:`SteerlabError` line naming
+        the file and field: the sidecar is strict JSON with ``format``, ``layers`` (distinct
+        indices >= 0, below ``n_layers`` when recorded), ``d_model`` (the directions' width)
+        and provenance fields of the right types (:func:`provenance_fields`; ``resid_norms``
+        keyed by the vector's layers); the tensors are finite floats ``[layer, d_model]``,
+        non-zero at every layer, and ``layers`` there is the sidecar's list.
+        """
         st, side = vector_paths(path)
         for p in (st, side):
             if not p.is_file():
                 raise SteerlabError("no such file (a steering vector is a .safetensors file "
                                     "and its .json sidecar)", source=str(p))
-        try:
-            meta = json.loads(read_text(side, "a steering vector's JSON sidecar"))
-        except json.JSONDecodeError as err:
-            raise SteerlabError(f"not valid JSON ({err})", source=str(side)) from None
+        what = "a steering vector's JSON sidecar"
+        meta = strict_json(read_text(side, what), source=str(side), what=what)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise SteerlabError(f"expected format {FORMAT!r}", source=str(side), field="format")
-        try:
-            tensors = load_file(str(st))
-        except (SafetensorError, OSError) as err:
-            raise SteerlabError(f"not a readable safetensors file ({err})",
-                                source=str(st)) from None
-        if "directions" not in tensors:
-            raise SteerlabError("tensor missing", source=str(st), field="directions")
-        layers = tuple(int(x) for x in meta.get("layers", []))
-        fields = {k: meta[k] for k in Provenance.__dataclass_fields__ if k in meta}
-        try:
-            return cls(tensors["directions"], layers, Provenance(**fields))
-        except SteerlabError as err:
-            raise SteerlabError(str(err), source=str(st)) from None
+        for key in ("layers", "d_model"):
+            if key not in meta:
+                raise SteerlabError(f"missing; expected {what} as written by "
+                                    "SteeringVector.save", source=str(side), field=key)
+        prov = Provenance(**provenance_fields(meta, str(side)))
+        layers = layer_list(meta["layers"], n_layers=prov.n_layers, source=str(side))
+        layer_values(prov.resid_norms, "resid_norms", layers=layers, source=str(side))
+        d_model = integer(meta["d_model"], "d_model", lo=1, source=str(side))
+        directions = _tensors(st, layers)
+        if directions.shape[1] != d_model:
+            raise SteerlabError(f"got {d_model}; the directions in {st.name} are "
+                                f"{directions.shape[1]} wide", source=str(side), field="d_model")
+        vec = cls(directions, layers, prov)
+        zero = vec.zero_layer()
+        if zero is not None:
+            raise SteerlabError(f"the direction at layer {zero} is zero; expected a non-zero "
+                                "direction at every layer", source=str(st), field="directions")
+        return vec
 
     def to_gguf(self, path: str | os.PathLike, model_hint: str | None = None) -> Path:
         """Export as a llama.cpp control vector (``--control-vector``): arch
@@ -239,6 +330,31 @@ class SteeringVector:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def _tensors(st: Path, layers: tuple[int, ...]) -> torch.Tensor:
+    """The ``directions`` of a vector's safetensors file: finite floats ``[layer, d_model]``,
+    one row per layer of the sidecar, whose list its ``layers`` tensor (when there) matches."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError) as err:
+        raise SteerlabError(f"not a readable safetensors file ({err})", source=str(st)) from None
+    if "directions" not in tensors:
+        raise SteerlabError("tensor missing", source=str(st), field="directions")
+    stored = tensors.get("layers")
+    if stored is not None and stored.tolist() != list(layers):
+        raise SteerlabError(f"holds {stored.tolist()!s:.60}; the sidecar lists {list(layers)}",
+                            source=str(st), field="layers")
+    d = tensors["directions"]
+    if d.ndim != 2 or not d.is_floating_point() or d.shape[0] != len(layers):
+        raise SteerlabError(f"is {str(d.dtype).removeprefix('torch.')} {list(d.shape)}; expected "
+                            f"floats [{len(layers)} layers, d_model]", source=str(st),
+                            field="directions")
+    finite_values(d, "the vector", source=str(st), field="directions")
+    return d
 
 
 def read_gguf(path: str | os.PathLike) -> dict[int, Any]:

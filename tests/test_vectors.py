@@ -73,7 +73,7 @@ def test_bad_vector_files(tmp_path):
     with pytest.raises(SteerlabError, match="format"):
         SteeringVector.load(st)
     side.write_text(good.replace('"layers": [\n  3,\n  5\n ]', '"layers": [3]'))
-    with pytest.raises(SteerlabError, match="v.safetensors.*directions"):
+    with pytest.raises(SteerlabError, match="v.safetensors.*'layers': holds \\[3, 5\\]"):
         SteeringVector.load(st)
     side.write_text(good)
     st.write_bytes(b"garbage")

@@ -285,7 +285,11 @@ def chat(
     if vector:
         from steerlab.vectors import SteeringVector
 
-        have = SteeringVector.load(vector).layers
+        loaded = SteeringVector.load(vector)
+        geometry = model.geometry()
+        if geometry:  # a vector of another model is refused before this one loads
+            loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
+        have = loaded.layers
         for layer in chosen:
             if layer not in have:
                 raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",

@@ -92,6 +92,9 @@ def evaluate(
 
     # everything is checked before the model loads, let alone the first generation
     vec = SteeringVector.load(vector)
+    geometry = model.geometry()
+    if geometry:  # a vector of another model is refused before this one loads
+        vec.check_model(geometry["n_layers"], geometry["d_model"], source=str(vector))
     integer(max_tokens, "max_tokens", lo=1)
     t = load_trait(trait)
     questions = list(t.held_out_questions)
