@@ -9,6 +9,7 @@ layers only, and stops the forward pass right after the last needed layer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from steerlab.budget import batch_memory, check_context, free_memory, rows_per_batch
 from steerlab.chat import encode_text, render_chat
 from steerlab.errors import SteerlabError
 from steerlab.generate import left_pad, position_ids
 from steerlab.layers import HookPoint, check_layers, layer_hooks
 from steerlab.personas import SystemPrompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,15 @@ def capture_positions(
     *,
     hook: str | HookPoint = HookPoint.RESID_POST,
     spans: Sequence[tuple[int, int]] | None = None,
+    available_memory: int | None = None,
 ) -> Captured:
     """Residual activations of each sequence at one position, at the given layers.
 
     Sequences are left-padded into one batch with an attention mask and matching position ids,
     so every row equals an unpadded forward of that sequence. The forward pass stops after the
-    last needed layer.
+    last needed layer. A sequence longer than the model's context is refused; a batch whose
+    forward would not fit in ``available_memory`` bytes (default: free on the device now; see
+    :func:`steerlab.budget.batch_memory`) runs as parts of as many rows as fit.
 
     Args:
         model: a bridge (its HF model runs; hooks sit on the shared decoder layers).
@@ -130,12 +137,33 @@ def capture_positions(
         layers: decoder layers to read.
         hook: ``resid_post`` (= HF ``hidden_states[L + 1]``), ``resid_pre`` or ``resid_mid``.
         spans: optional ``(start, end)`` per row to also average over (e.g. the response).
+        available_memory: bytes the batch may plan with (default: measured).
 
     Example:
         >>> capture_positions(model, [ids], [len(ids) - 1], [10]).at.shape
         torch.Size([1, 1, 576])
     """
     layers = check_layers(model, layers)
+    check_context(model, [len(s) for s in sequences], what=lambda i: f"sequence {i}",
+                  field="sequences")
+    n, width = len(sequences), max(len(s) for s in sequences)
+    size = rows_per_batch(lambda rows: batch_memory(model, rows, width).total, n,
+                          free_memory(model) if available_memory is None else available_memory,
+                          what=f"a {width}-token sequence")
+    if size < n:
+        log.info("a capture of %d sequences does not fit in memory: running it as %d parts "
+                 "of at most %d", n, -(-n // size), size)
+    parts = [_capture_rows(model, sequences[i : i + size], positions[i : i + size], layers,
+                           hook, None if spans is None else spans[i : i + size])
+             for i in range(0, n, size)]
+    return Captured(torch.cat([p.at for p in parts]),
+                    None if spans is None else torch.cat([p.mean for p in parts]))
+
+
+def _capture_rows(model: Any, sequences: Sequence[Sequence[int]], positions: Sequence[int],
+                  layers: list[int], hook: str | HookPoint,
+                  spans: Sequence[tuple[int, int]] | None) -> Captured:
+    """One forward of :func:`capture_positions`."""
     point = HookPoint.parse(hook, field="hook")
     hf = model.original_model
     device = next(hf.parameters()).device
@@ -197,8 +225,12 @@ def capture_pairs(
     hook: str | HookPoint = HookPoint.RESID_POST,
     mean: bool = False,
     system_prompt: SystemPrompt | None = None,
+    available_memory: int | None = None,
 ) -> PairActivations:
     """Capture chosen and rejected activations at the divergence index for a batch of pairs.
+
+    A pair longer than the model's context is refused (naming it); a batch too big for the
+    memory runs in parts (see :func:`capture_positions`).
 
     Args:
         model: a bridge.
@@ -207,6 +239,7 @@ def capture_pairs(
         hook: hook point name.
         mean: also average over each response's tokens.
         system_prompt: system prompt style used to render (default ``you-are-a``).
+        available_memory: bytes the batch may plan with (default: measured).
 
     Example:
         >>> acts = capture_pairs(model, pairs[:8], [10, 15])
@@ -215,14 +248,43 @@ def capture_pairs(
     """
     toks = [tokenize_pair(model.tokenizer, p.prompt, p.chosen, p.rejected,
                           system_prompt=system_prompt, pair_id=str(p.id)) for p in pairs]
+    _check_lengths(model, pairs, [max(len(t.chosen), len(t.rejected)) for t in toks])
     seqs = [t.chosen for t in toks] + [t.rejected for t in toks]
     pos = [t.divergence for t in toks] * 2
     spans = None
     if mean:
         spans = [(t.response_start, t.chosen_end) for t in toks]
         spans += [(t.response_start, t.rejected_end) for t in toks]
-    got = capture_positions(model, seqs, pos, layers, hook=hook, spans=spans)
+    got = capture_positions(model, seqs, pos, layers, hook=hook, spans=spans,
+                            available_memory=available_memory)
     n = len(toks)
     m = got.mean
     return PairActivations(got.at[:n], got.at[n:], None if m is None else m[:n],
                            None if m is None else m[n:], toks)
+
+
+def check_pairs(model: Any, pairs: Sequence[Any], *, system_prompt: SystemPrompt | None = None,
+                source: str | None = None) -> None:
+    """Tokenise every pair as :func:`capture_pairs` will and refuse, before a capture starts,
+    one that cannot be captured: responses that render the same, a sequence longer than the
+    model's context, or a longest sequence that as one row would not fit in the free memory.
+
+    Example:
+        >>> check_pairs(model, load_pairs("pairs.jsonl"), source="pairs.jsonl")
+    """
+    lengths = []
+    for p in pairs:
+        t = tokenize_pair(model.tokenizer, p.prompt, p.chosen, p.rejected,
+                          system_prompt=system_prompt, pair_id=str(p.id))
+        lengths.append(max(len(t.chosen), len(t.rejected)))
+    _check_lengths(model, pairs, lengths, source)
+    longest = max(lengths, default=0)
+    if longest:
+        rows_per_batch(lambda rows: batch_memory(model, rows, longest).total, 1,
+                       free_memory(model), what=f"the longest pair ({longest} tokens)")
+
+
+def _check_lengths(model: Any, pairs: Sequence[Any], lengths: Sequence[int],
+                   source: str | None = None) -> None:
+    check_context(model, lengths, what=lambda i: f"pair {str(pairs[i].id)!r:.60} (prompt and "
+                  "response, rendered)", field="pairs", source=source)

@@ -12,6 +12,11 @@ from steerlab.personas import ASSISTANT, Persona, SystemPrompt, you_are_a
 
 Message = dict[str, str]
 
+# One message (a prompt, a question, a response) read from a file: far more than any context
+# window holds (~4 characters a token), only a bound on what a reader keeps and tokenises;
+# the context length is checked once tokenised (steerlab.budget.check_context).
+MAX_MESSAGE_CHARS = 1_000_000
+
 
 @dataclass(frozen=True)
 class TemplateFamily:

@@ -16,7 +16,14 @@ from typing import Any
 from steerlab.chat import encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate
-from steerlab.personas import ASSISTANT, Persona, SystemPrompt, you_are_a
+from steerlab.personas import (
+    ASSISTANT,
+    Persona,
+    SystemPrompt,
+    persona_name,
+    system_prompt_text,
+    you_are_a,
+)
 from steerlab.steer import Positions, Steering, monitor
 from steerlab.vectors import SteeringVector
 
@@ -110,6 +117,8 @@ class ChatSession:
 
         self.engine = Engine.parse(self.engine, field="engine").value
         self.temperature = number(self.temperature, "temperature", lo=0)
+        if self.system is not None:
+            system_prompt_text(self.system, "system")
         self.set_max_tokens(self.max_tokens)
         if self.seed is not None:
             self.seed = seed(self.seed)
@@ -124,9 +133,7 @@ class ChatSession:
 
     def set_persona(self, name: str) -> None:
         """Talk to ``name`` (one line); ``assistant`` resets the plain assistant."""
-        name = name.strip()
-        if not name or "\n" in name:
-            raise SteerlabError(f"got {name!r}; expected one line, e.g. Hamlet", field="persona")
+        name = persona_name(name.strip())  # one line, at most MAX_PERSONA_CHARS
         self.persona = ASSISTANT if name == "assistant" else Persona(name, "custom", "")
 
     def set_max_tokens(self, n: int) -> None:

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from steerlab.capture import capture_pairs
-from steerlab.checks import Inputs, output_file
+from steerlab.capture import capture_pairs, check_pairs
+from steerlab.checks import Inputs, output_file, text
 from steerlab.errors import SteerlabError
 from steerlab.files import check_unlocked, lock_path, read_text, sole_writer
 from steerlab.layers import HookPoint
-from steerlab.personas import SystemPrompt
+from steerlab.personas import MAX_SYSTEM_PROMPT_CHARS, SystemPrompt, system_prompt_style
 from steerlab.placement import ModelOptions
 from steerlab.progress import progress_bar
 from steerlab.shards import shard_path, shard_range
@@ -79,6 +79,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise SteerlabError(f"not valid YAML{where}: {problem}", source=src) from None
     if not isinstance(raw, Mapping):
         raise SteerlabError("expected a mapping of settings", source=src)
+    _check_texts(raw, "", src)
     known = (set(ExtractConfig.__dataclass_fields__) - {"extra"}) | set(
         ModelOptions.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
@@ -116,6 +117,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         if value < 1:
             raise SteerlabError(f"got {value}; expected >= 1", source=src, field=name)
     log_file = need("log_file", str, "") or None
+    system_prompt_style(need("system_prompt", str, "you-are-a"), "system_prompt", source=src)
     return ExtractConfig(
         pairs=Path(need("pairs", str)), output=Path(need("output", str)),
         model=ModelOptions.from_mapping({**raw, **(overrides or {})}, source=src),
@@ -125,6 +127,22 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         system_prompt=need("system_prompt", str, "you-are-a"),
         log_file=Path(log_file) if log_file else None,
     )
+
+
+def _check_texts(value: Any, field: str, src: str) -> None:
+    """Every string of a config (keys too) as text a path, a model id or a system prompt can
+    be: encodable as UTF-8, no NUL, at most :data:`MAX_SYSTEM_PROMPT_CHARS` characters."""
+    if isinstance(value, str):
+        text(value, field, max_chars=MAX_SYSTEM_PROMPT_CHARS, source=src)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            name = f"{field}.{key}" if field else str(key)
+            if isinstance(key, str):
+                text(key, name, max_chars=MAX_SYSTEM_PROMPT_CHARS, source=src)
+            _check_texts(item, name, src)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_texts(item, f"{field}[{i}]", src)
 
 
 def extract(
@@ -141,6 +159,7 @@ def extract(
     system_prompt: SystemPrompt | None = None,
     pairs_file: str = "",
     progress: bool = True,
+    available_memory: int | None = None,
 ) -> Path:
     """Capture every pair (of this shard) into an HDF5 file; resumes an interrupted run.
 
@@ -157,6 +176,13 @@ def extract(
         system_prompt: system prompt style used to render the chat (default ``you-are-a``).
         pairs_file: recorded as provenance.
         progress: show a progress bar.
+        available_memory: bytes a batch may plan with (default: free on the device, measured
+            per batch); a batch that does not fit is captured in parts
+            (:func:`steerlab.capture.capture_positions`).
+
+    Raises:
+        SteerlabError: before anything is written, a pair whose rendered sequence is longer
+            than the model's context (naming the pair, its length and the limit).
 
     Example:
         >>> extract(model, load_pairs("data/pairs/pirate.jsonl"), "acts.h5", layers=[8, 10])
@@ -196,10 +222,15 @@ def extract(
         raise SteerlabError(f"exists and was captured with other settings: it holds {old}, this "
                             f"run is {new}; delete it or choose another output", source=str(out),
                             field=name)
+    # every pair of this shard tokenised once: too long for the context (or for the memory
+    # as one row) is refused before the output's parts or lock exist
+    check_pairs(model, pairs[start:end], system_prompt=system_prompt,
+                source=str(pairs_file) or None)
     with sole_writer(out, WRITING):
         _capture_into(out, model, pairs, meta, range(start, end), layers=layers, hook=hook,
                       mean=mean, batch_size=batch_size, flush_every=flush_every,
-                      system_prompt=system_prompt, progress=progress)
+                      system_prompt=system_prompt, progress=progress,
+                      available_memory=available_memory)
     log.info("wrote %s (%d pairs, %d layers)", out, end - start, len(layers))
     return out
 
@@ -226,7 +257,8 @@ def check_output(output: str | os.PathLike, shard: tuple[int, int] = (0, 1),
 
 def _capture_into(out: Path, model: Any, pairs: Sequence[Any], meta: StoreMeta, rows: range, *,
                   layers: Sequence[int], hook: str | HookPoint, mean: bool, batch_size: int,
-                  flush_every: int, system_prompt: SystemPrompt | None, progress: bool) -> None:
+                  flush_every: int, system_prompt: SystemPrompt | None, progress: bool,
+                  available_memory: int | None) -> None:
     start, end = rows.start, rows.stop
     writer = PartWriter(out, meta, math.ceil(flush_every / batch_size) * batch_size)
     at = start + writer.done
@@ -236,7 +268,7 @@ def _capture_into(out: Path, model: Any, pairs: Sequence[Any], meta: StoreMeta, 
         while at < end:
             batch = pairs[at : min(at + batch_size, end)]
             acts = capture_pairs(model, batch, layers, hook=hook, mean=mean,
-                                 system_prompt=system_prompt)
+                                 system_prompt=system_prompt, available_memory=available_memory)
             t = acts.tokens
             writer.add(Rows(
                 pair_id=[str(p.id) for p in batch], chosen=acts.chosen.cpu().numpy(),

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from steerlab.chat import encode_chat, think_end_marker
+from steerlab.budget import check_context, free_memory, generation_need, rows_per_batch
+from steerlab.chat import MAX_MESSAGE_CHARS, encode_chat, think_end_marker
 from steerlab.errors import SteerlabError
 from steerlab.files import write_json_atomic
 from steerlab.generate import RowMetrics, generate_with_metrics
@@ -82,18 +83,26 @@ class Task:
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Read a prompts file: a non-empty JSON list of strings or of ``{"prompt": str}``."""
+    """Read a prompts file: a non-empty JSON list of strings or of ``{"prompt": str}``.
+
+    Each prompt is checked here, before a model loads: non-blank text that can be written as
+    UTF-8 (no lone surrogate, no NUL) of at most :data:`steerlab.chat.MAX_MESSAGE_CHARS`
+    characters; an error names the entry, e.g. ``field 'prompts[3]'``.
+
+    Example:
+        >>> load_prompts("data/prompts.json")[:1]
+        ['Who are you?']
+    """
+    from steerlab.checks import text
     from steerlab.personas import _read_json_list
 
     out = []
     for i, item in enumerate(_read_json_list(path)):
-        text = item.get("prompt") if isinstance(item, dict) else item
-        if not isinstance(text, str) or not text.strip():
-            raise SteerlabError(
-                f"item {i} is {item!r}; expected a non-empty string or {{\"prompt\": str}}",
-                source=str(path), field="prompt",
-            )
-        out.append(text)
+        field = f"prompts[{i}]"
+        if isinstance(item, dict):
+            item, field = item.get("prompt"), f"{field}.prompt"
+        out.append(text(item, field, max_chars=MAX_MESSAGE_CHARS, empty=False,
+                        source=str(path)))
     return out
 
 
@@ -196,6 +205,7 @@ def run_inference(
     from steerlab.engine import Engine
 
     engine = Engine.parse(config.engine, field="engine").resolve(model)
+    check_inputs(model, prompts, personae, config, static=engine is Engine.STATIC)
     prov = {**provenance(model), "engines": [engine.value]}
     identity = run_identity(config, prompts, personae, prov, model.cfg.n_layers)
     extra = {**(extra_config or {}), "engine": config.engine}  # asked for; provenance: used
@@ -261,8 +271,7 @@ def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Ta
             if b in done:
                 continue
             batch = batches[b]
-            ids = [encode_chat(tok, t.prompt, persona=t.persona, system_prompt=style,
-                               enable_thinking=config.thinking_mode) for t in batch]
+            ids = [_encode(tok, t.prompt, t.persona, style, config) for t in batch]
             seeds = [config.seed + t.id for t in batch] if config.temperature > 0 else None
             rows = generate_with_metrics(
                 model, ids, max_new_tokens=config.max_tokens, k=config.top_k_mass_k,
@@ -277,6 +286,36 @@ def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Ta
             bar.advance(job, len(batch))
             log.info("batch %d/%d committed (%d tokens so far, %.1f tok/s)", b + 1,
                      len(batches), n_new, n_new / max(time.perf_counter() - t0, 1e-9))
+
+
+def check_inputs(model: Any, prompts: Sequence[str], personae: Sequence[Persona],
+                 config: InferConfig, *, static: bool = False) -> None:
+    """Render every (persona, prompt) once, as the run will, and refuse (before the run folder
+    exists or a task runs) one whose tokens plus ``max_tokens`` exceed the model's context,
+    or a longest rendering that as one row would not fit in the free memory.
+
+    Example:
+        >>> check_inputs(model, ["Hi!"], [ASSISTANT], InferConfig(max_tokens=64))
+    """
+    style = system_prompt_style(config.system_prompt_style)
+    longest = 0
+    for persona in personae:
+        lengths = [len(_encode(model.tokenizer, p, persona, style, config)) for p in prompts]
+        check_context(model, lengths, config.max_tokens, budget="max_tokens",
+                      what=lambda i, name=persona.persona: f"prompt {i} rendered for persona "
+                      f"{name!r:.60}", field=lambda i: f"prompts[{i}]")
+        longest = max(longest, *lengths)
+    need = generation_need(model, longest, config.max_tokens, static=static, metrics=True,
+                           lens=config.lens)
+    rows_per_batch(need, 1, free_memory(model), what=f"the longest rendered prompt ({longest} "
+                   f"tokens) with max_tokens {config.max_tokens}")
+
+
+def _encode(tok: Any, prompt: str, persona: Persona, style: Any, config: InferConfig
+            ) -> list[int]:
+    """A task's prompt ids: chat-formatted, persona applied."""
+    return encode_chat(tok, prompt, persona=persona, system_prompt=style,
+                       enable_thinking=config.thinking_mode)
 
 
 def _arrays(row: RowMetrics) -> dict[str, Any]:

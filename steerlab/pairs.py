@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from steerlab.chat import MAX_MESSAGE_CHARS
+from steerlab.checks import text as check_text
 from steerlab.errors import SteerlabError
 from steerlab.files import read_text, write_jsonl_atomic
 
@@ -52,15 +54,14 @@ def prompt_id(prompt: str) -> str:
 
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 _SCORE_FIELDS = ("chosen_score", "rejected_score")
+MAX_ID_CHARS = 256  # a pair id, stored with every activation row
 
 
 def _pair_from_dict(d: object, source: str) -> Pair:
     if not isinstance(d, dict):
         raise SteerlabError(f"expected a JSON object, got {type(d).__name__}", source=source)
-    for key in _TEXT_FIELDS:
-        if not isinstance(d.get(key), str):
-            raise SteerlabError(f"expected a string, got {d.get(key)!r:.60}", source=source,
-                                field=key)
+    for key in _TEXT_FIELDS:  # text every later stage can tokenise and write back
+        check_text(d.get(key), key, max_chars=MAX_MESSAGE_CHARS, source=source)
     for key in _SCORE_FIELDS:
         v = d.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -71,6 +72,7 @@ def _pair_from_dict(d: object, source: str) -> Pair:
         pid = prompt_id(d["prompt"])
     elif not isinstance(pid, (str, int)) or isinstance(pid, bool):
         raise SteerlabError(f"expected a string, got {pid!r:.60}", source=source, field="id")
+    check_text(str(pid), "id", max_chars=MAX_ID_CHARS, source=source)
     scores = {k: (None if d.get(k) is None else float(d[k])) for k in _SCORE_FIELDS}
     return Pair(str(pid), d["prompt"], d["chosen"], d["rejected"], **scores)
 
@@ -78,13 +80,13 @@ def _pair_from_dict(d: object, source: str) -> Pair:
 def _from_original(data: dict, source: str) -> list[Pair]:
     pairs = []
     for prompt, rec in data.items():
+        check_text(prompt, prompt[:60], max_chars=MAX_MESSAGE_CHARS, source=source)
         if not isinstance(rec, dict):
             raise SteerlabError("expected an object with 'pi_response' and 'llama_response'",
                                 source=source, field=prompt[:60])
         for key in ("pi_response", "llama_response"):
-            if not isinstance(rec.get(key), str):
-                raise SteerlabError(f"expected a string in {key!r}", source=source,
-                                    field=f"{prompt[:60]}.{key}")
+            check_text(rec.get(key), f"{prompt[:60]}.{key}", max_chars=MAX_MESSAGE_CHARS,
+                       source=source)
         pairs.append(Pair(prompt_id(prompt), prompt, rec["pi_response"], rec["llama_response"]))
     return pairs
 
@@ -97,7 +99,9 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
             ``{prompt: {"pi_response": ..., "llama_response": ...}}``.
 
     Returns:
-        The pairs in file order.
+        The pairs in file order. Every prompt and response is checked here (text that can be
+        written as UTF-8, no NUL, at most :data:`steerlab.chat.MAX_MESSAGE_CHARS` characters),
+        so a bad pair is refused before a model loads, naming the file, line and field.
 
     Example:
         >>> pairs = load_pairs("data/pirate_pairs.jsonl")
@@ -111,7 +115,11 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         except json.JSONDecodeError:
             whole = None  # JSONL whose first line is an object
         if isinstance(whole, dict) and not {"prompt", "chosen"} <= whole.keys():
-            return _from_original(whole, str(p))
+            pairs = _from_original(whole, str(p))
+            if not pairs:
+                raise SteerlabError("no pairs in the file; expected at least one prompt",
+                                    source=str(p))
+            return pairs
     pairs = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -13,8 +13,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from steerlab.chat import MAX_MESSAGE_CHARS
+from steerlab.checks import text
 from steerlab.errors import SteerlabError
 from steerlab.files import read_text, write_json_atomic
+from steerlab.personas import MAX_SYSTEM_PROMPT_CHARS
 from steerlab.scorers import Scorer, scorer_from_spec
 
 try:
@@ -25,6 +28,12 @@ except ImportError:  # Python 3.10
 __all__ = ["Trait", "list_traits", "load_trait", "trait_dirs", "trait_file"]
 
 _LISTS = ("positive_instructions", "negative_instructions", "questions", "held_out_questions")
+MAX_NAME_CHARS = 255  # a trait name names files: traits/<name>.json, runs/traits/<name>/
+# the longest text each field may hold: instructions are system prompts, questions prompts
+_MAX_CHARS = {"name": MAX_NAME_CHARS, "trait_instruction": MAX_SYSTEM_PROMPT_CHARS,
+              "positive_instructions": MAX_SYSTEM_PROMPT_CHARS,
+              "negative_instructions": MAX_SYSTEM_PROMPT_CHARS, "questions": MAX_MESSAGE_CHARS,
+              "held_out_questions": MAX_MESSAGE_CHARS, "evaluation_prompt": MAX_MESSAGE_CHARS}
 
 
 @dataclass(frozen=True)
@@ -104,21 +113,23 @@ def trait_from_dict(d: Any, *, source: str | None = None) -> Trait:
     if unknown:
         raise SteerlabError(f"unknown field(s) {unknown}; expected some of {sorted(known)}",
                             source=source)
+    kwargs: dict[str, Any] = {}
     for key in ("name", "trait_instruction"):
-        if not isinstance(d.get(key), str) or not d[key].strip():
-            raise SteerlabError(f"expected a non-empty string, got {d.get(key)!r:.60}",
-                                source=source, field=key)
-    kwargs: dict[str, Any] = {"name": d["name"], "trait_instruction": d["trait_instruction"]}
+        kwargs[key] = text(d.get(key), key, max_chars=_MAX_CHARS[key], empty=False,
+                           source=source)
     for key in _LISTS:
         v = d.get(key, [])
         if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
             raise SteerlabError(f"expected a list of non-empty strings, got {v!r:.60}",
                                 source=source, field=key)
-        kwargs[key] = tuple(v)
+        kwargs[key] = tuple(text(s, f"{key}[{i}]", max_chars=_MAX_CHARS[key], source=source)
+                            for i, s in enumerate(v))
     ep = d.get("evaluation_prompt")
     if ep is not None and (not isinstance(ep, str) or "{answer}" not in ep):
         raise SteerlabError("expected a string with an {answer} placeholder", source=source,
                             field="evaluation_prompt")
+    if ep is not None:
+        text(ep, "evaluation_prompt", max_chars=_MAX_CHARS["evaluation_prompt"], source=source)
     kwargs["evaluation_prompt"] = ep
     if d.get("scorer") is not None:
         scorer_from_spec(d["scorer"], source=source)  # validate now, not at judge time

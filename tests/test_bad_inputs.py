@@ -65,7 +65,7 @@ CLI_ROWS: list[Row] = [
     row("infer-prompts-bytes", "not UTF-8", *INFER[:2], "{bytes}", *INFER[3:]),
     row("infer-prompts-bad-json", "not valid JSON", *INFER[:2], "{badjson}", *INFER[3:]),
     row("infer-prompts-empty", "non-empty", *INFER[:2], "{emptylist}", *INFER[3:]),
-    row("infer-prompts-ints", "expected a non-empty string", *INFER[:2], "{ints}", *INFER[3:]),
+    row("infer-prompts-ints", "expected a string", *INFER[:2], "{ints}", *INFER[3:]),
     row("infer-personae-bytes", "not UTF-8", *INFER[:4], "{bytes}", *INFER[5:]),
     row("infer-personae-empty", "non-empty", *INFER[:4], "{emptylist}", *INFER[5:]),
     row("infer-personae-no-name", "persona", *INFER[:4], "{noname}", *INFER[5:]),

@@ -156,9 +156,9 @@ def test_load_personae_errors(tmp_path):
         "not json {": "not valid JSON",
         "[]": "non-empty JSON list",
         '{"persona": "x"}': "non-empty JSON list",
-        '[{"category": "c"}]': "'persona'",
-        '[{"persona": 3, "category": "c"}]': "'persona'",
-        '[{"persona": "x"}]': "'category'",
+        '[{"category": "c"}]': r"'personae\[0\]\.persona'",
+        '[{"persona": 3, "category": "c"}]': r"'personae\[0\]\.persona'",
+        '[{"persona": "x"}]': r"'personae\[0\]\.category'",
         "[1]": "expected an object",
     }
     for text, needle in cases.items():

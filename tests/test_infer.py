@@ -153,7 +153,8 @@ BAD = {
     "not-json.json": ("{oops", None, "not valid JSON"),
     "dict.json": ('{"prompt": "hi"}', None, "non-empty JSON list"),
     "empty.json": ("[]", None, "non-empty JSON list"),
-    "int-item.json": ("[\"ok\", 3]", "prompt", "item 1"),
+    "int-item.json": ("[\"ok\", 3]", "prompts[1]", "expected a string"),
+    "nul.json": ('["ok", {"prompt": "a\\u0000b"}]', "prompts[1].prompt", "NUL"),
 }
 
 
@@ -174,9 +175,9 @@ def test_bad_prompts_file_is_exit_2_and_writes_nothing(name, tmp_path, capsys):
 
 @pytest.mark.parametrize("text, field, expect", [
     ('[{"persona": "A"', None, "not valid JSON"),
-    ('[{"category": "x"}]', "persona", "item 0"),
-    ('[{"persona": "", "category": "x"}]', "persona", "non-empty"),
-    ('[{"persona": "A", "category": 3}]', "category", "item 0"),
+    ('[{"category": "x"}]', "personae[0].persona", "expected a string"),
+    ('[{"persona": "", "category": "x"}]', "personae[0].persona", "is empty"),
+    ('[{"persona": "A", "category": 3}]', "personae[0].category", "expected a string"),
     ('["Hamlet"]', None, "expected an object"),
     ('{"persona": "Hamlet"}', None, "non-empty JSON list"),
     ("[]", None, "non-empty JSON list"),

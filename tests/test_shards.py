@@ -223,21 +223,19 @@ def test_parse_shard_reads_arrays_numbered_from_zero_or_one():
 
 class Pair:
     def __init__(self, i: int, boom: bool = False):
-        self.id, self.prompt, self._boom = f"p{i}", f"Question {i}?", boom
+        self.id, self.prompt, self.boom = f"p{i}", f"Question {i}?", boom  # see crash_at_boom
         self.rejected = f"The answer to {i} is this."
-
-    @property
-    def chosen(self) -> str:
-        if self._boom:
-            raise RuntimeError("simulated crash")
-        return f"Arr, answer {self.id} be this, matey"
+        self.chosen = f"Arr, answer {self.id} be this, matey"
 
 
 PAIRS = [Pair(i) for i in range(6)]
 KW = dict(batch_size=2, flush_every=2, progress=False)
 
 
-def test_extract_refusals_name_the_field_and_both_values(tiny_model, tmp_path):
+def test_extract_refusals_name_the_field_and_both_values(tiny_model, tmp_path, monkeypatch):
+    from test_store import crash_at_boom
+
+    crash_at_boom(monkeypatch)
     out = extract(tiny_model, PAIRS, tmp_path / "acts.h5", layers=[0, 2], **KW)
     with pytest.raises(SteerlabError) as err:
         extract(tiny_model, PAIRS, out, layers=[1], **KW)

@@ -21,12 +21,24 @@ class P:
         self.prompt = f"Question number {i}?"
         self.chosen = f"Arr, answer {i} be this, matey{'!' * (i % 3)}"
         self.rejected = f"The answer to {i} is this{'.' * (i % 4)}"
-        self._boom = boom
+        self.boom = boom  # the capture of its batch crashes (crash_at_boom)
 
-    def __getattribute__(self, name):
-        if name == "chosen" and object.__getattribute__(self, "_boom"):
+
+def crash_at_boom(monkeypatch) -> None:
+    """Make extraction crash at the batch holding a pair marked ``boom``, after the batches
+    before it were committed (extract tokenises every pair up front, so the crash is put in
+    the capture itself)."""
+    import importlib
+
+    module = importlib.import_module("steerlab.extract")  # the module, not sl.extract
+    real = module.capture_pairs
+
+    def capture(model, batch, *args, **kwargs):
+        if any(getattr(p, "boom", False) for p in batch):
             raise RuntimeError("simulated crash")
-        return object.__getattribute__(self, name)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(module, "capture_pairs", capture)
 
 
 PAIRS = [P(i) for i in range(11)]
@@ -71,7 +83,8 @@ def test_sharded_then_merged_equals_single(tiny_model, tmp_path, single):
     assert_same_file(out, single)
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, single):
+def test_resume_after_crash_equals_uninterrupted(tiny_model, tmp_path, single, monkeypatch):
+    crash_at_boom(monkeypatch)
     out = tmp_path / "acts.h5"
     broken = PAIRS[:7] + [P(7, boom=True)] + PAIRS[8:]
     with pytest.raises(RuntimeError, match="simulated"):

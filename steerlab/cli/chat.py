@@ -271,9 +271,13 @@ def chat(
     from steerlab.chat_session import ChatSession
     from steerlab.checks import integer, number
     from steerlab.checks import seed as check_seed
+    from steerlab.personas import persona_name, system_prompt_text
     from steerlab.steer import Units
 
     # every flag (and the vector file) is checked before the model loads
+    persona_name(persona, "persona")
+    if system is not None:
+        system_prompt_text(system, "system")
     integer(max_tokens, "max_tokens", lo=1)
     number(temperature, "temperature", lo=0)
     if seed is not None:

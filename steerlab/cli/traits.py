@@ -170,6 +170,7 @@ def collect(
     from steerlab.checks import integer, number, output_dir
     from steerlab.checks import seed as check_seed
     from steerlab.collect import collect as run_collect
+    from steerlab.personas import persona_name, system_prompt_text
     from steerlab.traits import load_trait, trait_file
 
     # every flag is checked before the model loads or a request goes out
@@ -179,6 +180,12 @@ def collect(
         integer(value, name, lo=1)
     number(temperature, "temperature", lo=0)
     check_seed(seed)
+    for side, system, persona in (("chosen", chosen_system, chosen_persona),
+                                  ("rejected", rejected_system, rejected_persona)):
+        if system is not None:
+            system_prompt_text(system, f"{side}_system")
+        if persona is not None:
+            persona_name(persona, f"{side}_persona")
     for url, field in ((chosen_url, "chosen_url"), (rejected_url, "rejected_url")):
         _check_endpoint(url or None, concurrency, retries, timeout, field)
     questions = t.held_out_questions if held_out else t.questions
