@@ -13,15 +13,15 @@ import json
 from typing import Any
 
 from steerlab import checks
+from steerlab.chat import MAX_MESSAGE_CHARS
 from steerlab.errors import SteerlabError
-from steerlab.personas import ASSISTANT, Persona
+from steerlab.personas import ASSISTANT, Persona, persona_record
 from steerlab.steer import Steering
 from steerlab.vector_names import NAME, VectorShelf
 
 __all__ = ["RequestError", "decode_body", "parse_chat_request", "parse_steering"]
 
 ROLES = ("system", "user", "assistant")
-MAX_NAME_CHARS = 256  # a persona's name, category or article (a system prompt is a message)
 # OpenAI fields steerlab serve does not implement: refused unless they hold a value that
 # changes nothing, never silently ignored
 UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "function_call", "logit_bias",
@@ -98,25 +98,29 @@ def _integer(v: Any, name: str, lo: int, hi: int, hint: str = "") -> int:
         raise RequestError(str(err), param=name) from None
 
 
-def _text(v: Any, name: str, max_chars: int | None = None, empty: bool = True) -> str:
+def _text(v: Any, name: str) -> str:
     """Text every later stage can handle (:func:`steerlab.checks.text`), or a 400."""
     try:
-        return checks.text(v, name, max_chars=max_chars, empty=empty)
+        return checks.text(v, name, max_chars=MAX_MESSAGE_CHARS)
     except SteerlabError as err:
         raise RequestError(str(err), param=name) from None
 
 
 def _persona(v: Any) -> Persona:
+    """The request's persona, its fields checked as a personae file's
+    (:func:`steerlab.personas.persona_record`)."""
     if v is None:
         return ASSISTANT
     if isinstance(v, str) and v.strip():
-        return Persona(_text(v, "persona", MAX_NAME_CHARS).strip(), "custom", "")
+        v = {"persona": v}
     if isinstance(v, dict) and not set(v) - {"persona", "category", "article"} and all(
             isinstance(v.get(k, ""), str) for k in ("persona", "category", "article")
     ) and v.get("persona", "").strip():
-        fields = {k: _text(v.get(k, d), f"persona.{k}", MAX_NAME_CHARS)
-                  for k, d in (("persona", ""), ("category", "custom"), ("article", ""))}
-        return Persona(fields["persona"].strip(), fields["category"], fields["article"])
+        try:
+            return persona_record({**v, "persona": v["persona"].strip()}, "persona",
+                                  category="custom")
+        except SteerlabError as err:
+            raise RequestError(str(err), param="persona") from None
     raise RequestError("'persona' must be a non-empty name or {'persona': str, 'category': "
                        f"str, 'article': str}}, got {_shown(v)}", param="persona")
 

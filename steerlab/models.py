@@ -230,24 +230,6 @@ def model_id(model: Any) -> str:
     return str(getattr(model.cfg, "model_name", "unknown"))
 
 
-def model_context(model: Any) -> int | None:
-    """The most positions a loaded model takes (its HF config's ``max_position_embeddings``
-    or ``n_positions``); None when the config does not say.
-
-    Example:
-        >>> model_context(load_model("embedded"))
-        8192
-    """
-    cfg = model.original_model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-
 def _model_config(name_or_path: str | os.PathLike) -> dict | None:
     """A model's ``config.json`` without loading it: a local folder's, the embedded model's
     (also under its hub id), or a hub id's from the local cache (None when not cached).

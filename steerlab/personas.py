@@ -148,13 +148,27 @@ def load_personae(path: str | Path) -> list[Persona]:
         where = f"personae[{i}]"
         if not isinstance(rec, dict):
             raise SteerlabError(f"got {rec!r:.60}; expected an object", source=src, field=where)
-        out.append(Persona(
-            persona_name(rec.get("persona"), f"{where}.persona", source=src),
-            text(rec.get("category"), f"{where}.category", max_chars=MAX_CATEGORY_CHARS,
-                 source=src),
-            text(rec.get("article", ""), f"{where}.article", max_chars=MAX_ARTICLE_CHARS,
-                 source=src)))
+        out.append(persona_record(rec, where, source=src))
     return out
+
+
+def persona_record(rec: dict, where: str, *, category: str | None = None,
+                   source: str | None = None) -> Persona:
+    """A persona from a ``{"persona", "category", "article"}`` object, every field checked:
+    ``persona`` with :func:`persona_name`, ``category`` (at most :data:`MAX_CATEGORY_CHARS`;
+    required unless ``category`` gives a default) and ``article`` (at most
+    :data:`MAX_ARTICLE_CHARS`, default ``""``) as text that can be written as UTF-8.
+
+    Example:
+        >>> persona_record({"persona": "Hamlet", "category": "fiction"}, "personae[0]")
+        Persona(persona='Hamlet', category='fiction', article='')
+    """
+    return Persona(
+        persona_name(rec.get("persona"), f"{where}.persona", source=source),
+        text(rec.get("category", category), f"{where}.category", max_chars=MAX_CATEGORY_CHARS,
+             source=source),
+        text(rec.get("article", ""), f"{where}.article", max_chars=MAX_ARTICLE_CHARS,
+             source=source))
 
 
 def _read_json_list(path: str | Path) -> list:

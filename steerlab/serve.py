@@ -285,9 +285,9 @@ def _failure(err: BaseException) -> RequestError:
 
 def _check_context(model: Any, max_context: int) -> None:
     """``max_context`` within what the model's positions allow (and at least 2)."""
-    from steerlab.models import model_context
+    from steerlab.budget import context_length
 
-    most = model_context(model)
+    most = context_length(model)
     if max_context < 2 or (most is not None and max_context > most):
         raise SteerlabError(f"got {max_context}; expected 2 to {most or 'any'} (the model's "
                             "context length)", field="max_context")

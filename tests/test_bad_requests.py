@@ -212,7 +212,7 @@ REQUEST_ROWS: list[Row] = [
         "messages": [{"role": "user", "content": "a\ud800b"}]}),
     Row("message with a NUL", 400, "NUL", body={
         "messages": [{"role": "user", "content": "a\u0000b"}]}),
-    Row("persona with a lone surrogate", 400, "'persona'", body={"persona": "\udfff"}),
+    Row("persona with a lone surrogate", 400, "lone surrogate", body={"persona": "\udfff"}),
     Row("persona of 100k characters", 400, "at most 256", body={"persona": "p" * 100_000}),
     Row("persona category with a NUL", 400, "'persona.category'", body={
         "persona": {"persona": "Hook", "category": "\u0000"}}),
