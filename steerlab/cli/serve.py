@@ -81,7 +81,8 @@ def serve(
 ) -> None:
     """Serve /v1/models, /v1/chat/completions (streaming too) and /health over a local model.
 
-    Persona and steering request fields; concurrent requests batched (continuous batching);
+    Persona and steering request fields (steering names a vector of --vectors-dir, listed by
+    /v1/vectors); concurrent requests batched (continuous batching);
     a key required beyond localhost; tokens, prompt, body, time, queue and connections
     bounded; HTTP/1.1 keep-alive (a stream closes its connection)."""
     from steerlab.checks import integer
