@@ -25,6 +25,7 @@ from jaxtyping import Float
 from steerlab.checks import finite_values
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
+from steerlab.models import model_geometry
 from steerlab.vectors import Provenance, SteeringVector
 
 Acts = Float[torch.Tensor, "batch layer d_model"]
@@ -188,6 +189,21 @@ def _swaps(n: int, seed: int | None) -> torch.Tensor | None:
     return torch.from_numpy(mask)
 
 
+def _check_model_layers(acts: Any) -> None:
+    """Layers of a file that does not record its model's layer count (written before it was
+    kept) checked against the model's config, when that is readable here without a load."""
+    if acts.meta.n_layers:
+        return  # checked when the file was read
+    try:
+        geometry = model_geometry(acts.meta.model_id)
+    except SteerlabError:
+        return  # the model's folder is gone: nothing to check against
+    if geometry and max(acts.layers) >= geometry["n_layers"]:
+        raise SteerlabError(f"layer {max(acts.layers)} does not exist: {acts.meta.model_id} has "
+                            f"{geometry['n_layers']} layers (0 to {geometry['n_layers'] - 1})",
+                            source=str(acts.path), field="layers")
+
+
 def fit_vector(
     source: Any,
     method: Fitter | str | Method = Method.MEAN_DIFF,
@@ -216,6 +232,7 @@ def fit_vector(
     from steerlab.store import ActivationFile, Site
 
     acts = source if isinstance(source, ActivationFile) else ActivationFile(source)
+    _check_model_layers(acts)
     f = fitter(method) if isinstance(method, str) else method  # a Method is a str
     idx = None
     if layers is not None:

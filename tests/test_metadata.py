@@ -534,3 +534,30 @@ def test_random_attributes_load_or_are_refused_in_one_line(acts_root, mutations)
         "model_id", "hook", "dtype", "steerlab_version", "pairs_file", "provenance"))
     assert vec.layers == m.layers and vec.provenance.n_layers == m.n_layers
     assert_consistent_vector(vec, root)
+
+
+def test_layers_of_a_file_without_a_layer_count_are_checked_against_the_model(tmp_path):
+    """A file written before ``n_layers`` was kept: its layers are checked against the model's
+    config when that is readable without a load (a local folder here), else left to steering."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 3, "hidden_size": D, "vocab_size": 10}))
+    rng = np.random.default_rng(0)
+    for model_id, layers, refused in ((str(model_dir), (0, 600), True),
+                                      (str(model_dir), (0, 2), False),
+                                      ("no/such-model", (0, 600), False)):
+        meta = StoreMeta(model_id=model_id, hook="resid_post", layers=layers, d_model=D,
+                         dtype="float32", mean=False, steerlab_version="0", n_pairs=N_ROWS)
+        path = tmp_path / "acts.h5"
+        path.unlink(missing_ok=True)
+        write_rows_file(path, meta, Rows(
+            [f"p{i}" for i in range(N_ROWS)],
+            *(rng.standard_normal((N_ROWS, 2, D)).astype(np.float32) for _ in range(2)),
+            *(np.zeros(N_ROWS, dtype=np.int64) for _ in range(4))))
+        if refused:
+            with pytest.raises(SteerlabError, match="layer 600 does not exist") as err:
+                fit_vector(path)
+            assert_one_line(err.value, "acts.h5", "layers")
+        else:
+            assert fit_vector(path)[0].layers == layers
