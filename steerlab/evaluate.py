@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlab.calibrate import Candidate, Search
+from steerlab.calibrate import Candidate, Search, search_strengths
 from steerlab.errors import SteerlabError
 from steerlab.files import append_jsonl, flock, read_json, read_jsonl, write_json_atomic
 from steerlab.generate import NonFiniteError, generate
@@ -173,8 +173,6 @@ def evaluate_steering(
         ...                        trait_instruction=trait.trait_instruction, layers=[12, 16])
         >>> ev.best.label, ev.best.alpha, ev.gap_closed(ev.best)
     """
-    from steerlab.calibrate import search_strengths
-
     if not questions:
         raise SteerlabError("no held-out questions to evaluate on", field="questions")
     groups = _groups(spread_groups(vector.layers) if layers is None else layers)
@@ -191,88 +189,115 @@ def evaluate_steering(
     rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction,
                                       min_distinct=config.min_distinct,
                                       nll_margin=config.nll_margin)
-    prompts, prompted_in = rater.contexts
-    n = len(prompts)
-    rows_per_batch = max(1, config.batch_size // n)
-    store = _Points(resume, _fingerprint(model, vector, questions, trait_instruction, config,
-                                         shuffled))
-
-    def answers(rows: list[list[int]], per_layer: dict[int, Steering]
-                ) -> tuple[list[list[int]], list[str]]:
-        with ExitStack() as stack:
-            for s in per_layer.values():
-                stack.enter_context(s.apply(model))
-            try:
-                tokens = generate(model, rows, max_new_tokens=config.max_new_tokens,
-                                  engine=config.engine).tokens
-            except NonFiniteError as err:  # a strength past the model's range: rated as is
-                log.warning("%d replies went non-finite; rated on what came before",
-                            len(err.rows))
-                tokens = err.tokens
-        return tokens, [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-
-    def baseline(kind: str, rows: list[list[int]]) -> Setting:
-        return store.get(kind) or store.put(kind, rater(*answers(rows, {})))
-
-    def rate(cands: list[Candidate]) -> list[Setting]:
-        out: dict[Candidate, Setting] = {c: got for c in cands
-                                         if (got := store.get(_key(c))) is not None}
-        todo = [c for c in cands if c not in out]
-        for at in range(0, len(todo), rows_per_batch):
-            chunk = todo[at : at + rows_per_batch]
-            per_layer = {layer: base[layer].with_alpha(
-                [a if layer in g else 0.0 for g, a in chunk for _ in range(n)])
-                for layer in {x for g, _ in chunk for x in g}}
-            toks, texts = answers(prompts * len(chunk), per_layer)
-            for i, (g, a) in enumerate(chunk):
-                part = slice(i * n, (i + 1) * n)
-                out[(g, a)] = store.put(_key((g, a)), rater(toks[part], texts[part], g, a))
-        return [out[c] for c in cands]
-
-    search = config.search
-    total = 2 + (len(groups) * len(fixed) if fixed else search.most_points(len(groups))) + 2
-    with store, progress_bar(total, "steering eval", enabled=progress) as bar:
-        tokens = store.get("reference-tokens")
-        if tokens is None:
-            tokens = answers(prompts, {})[0]
-            store.put("reference-tokens", tokens)
-        rater = rater.calibrate(tokens)
-        unsteered = baseline("unsteered", prompts)
-        prompted = baseline("prompted", prompted_in)
+    run = _Run(model, config, base, rater, _Points(resume, _fingerprint(
+        model, vector, questions, trait_instruction, config, shuffled)))
+    points = len(groups) * len(fixed) if fixed else config.search.most_points(len(groups))
+    with run.store, progress_bar(2 + points + 2, "steering eval", enabled=progress) as bar:
+        run.calibrate()
+        unsteered = run.baseline("unsteered", run.prompts)
+        prompted = run.baseline("prompted", run.prompted_in)
         bar.update(2)
         floor = config.min_coherence * unsteered.coherence
-        if fixed is not None:
-            sweep = rate([(g, a) for g in groups for a in fixed])
-            bar.update(len(sweep))
-        else:
-            sweep = [r for _, r in search_strengths(rate, groups, floor, search, cost=n,
-                                                    on_round=bar.update)]
-        if not sweep:
-            raise SteerlabError(f"the budget ({search.budget} generations) does not cover one "
-                                f"strength per layer group ({n * len(groups)})",
-                                field="search.budget")
-        sweep = sorted(sweep, key=lambda s: (s.layers, s.alpha))
-        ok = [s for s in sweep if s.coherence >= floor]
-        best = (max(ok, key=lambda s: (s.coherent_trait, -abs(s.alpha))) if ok
-                else max(sweep, key=lambda s: s.coherence))
+        sweep = run.sweep(groups, fixed, floor, bar.update)
+        best = _best(sweep, floor)
         controls = {"random": random_like(vector, config.seed), "shuffled": shuffled}
-        done: dict[str, Setting | None] = {}
-        for kind, vec in controls.items():
-            if vec is None:
-                done[kind] = None
-                continue
-            got = store.get(kind)
-            if got is None:
-                steer_with = {x: Steering.create(
-                    model, vec, best.alpha, layers=[x], positions=config.positions,
-                    units=config.units, preserve_norm=config.preserve_norm) for x in best.layers}
-                got = store.put(kind, rater(*answers(prompts, steer_with), best.layers,
-                                            best.alpha))
-            done[kind] = got
-            bar.update()
+        done = {kind: run.control(kind, vec, best, bar.update) for kind, vec in controls.items()}
     return SteeringEval(unsteered, prompted, tuple(sweep), best, done["random"],
                         config.min_coherence, done["shuffled"], config.units.value,
                         tuple(questions), _config_dict(config))
+
+
+def _best(sweep: list[Setting], floor: float) -> Setting:
+    """The highest coherent trait among settings at or above ``floor``, else the most coherent."""
+    ok = [s for s in sweep if s.coherence >= floor]
+    return (max(ok, key=lambda s: (s.coherent_trait, -abs(s.alpha))) if ok
+            else max(sweep, key=lambda s: s.coherence))
+
+
+class _Run:
+    """The steps of one :func:`evaluate_steering` run (each reuses the points stored)."""
+
+    def __init__(self, model: Any, config: EvalConfig, base: dict[int, Steering],
+                 rater: AnswerRater, store: _Points):
+        self.model, self.config, self.base = model, config, base
+        self.rater, self.store = rater, store
+        self.prompts, self.prompted_in = rater.contexts
+        self.n = len(self.prompts)
+        self.rows_per_batch = max(1, config.batch_size // self.n)
+
+    def answers(self, rows: list[list[int]], per_layer: dict[int, Steering]
+                ) -> tuple[list[list[int]], list[str]]:
+        """Greedy answers (tokens and texts) to ``rows`` with ``per_layer`` in force."""
+        with ExitStack() as stack:
+            for s in per_layer.values():
+                stack.enter_context(s.apply(self.model))
+            try:
+                tokens = generate(self.model, rows, max_new_tokens=self.config.max_new_tokens,
+                                  engine=self.config.engine).tokens
+            except NonFiniteError as err:  # a strength past the model's range: rated as is
+                log.warning("%d replies went non-finite; rated on what came before", len(err.rows))
+                tokens = err.tokens
+        return tokens, [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def calibrate(self) -> None:
+        """Set the rater's reference NLL from unsteered answers (stored: a resume reuses them)."""
+        tokens = self.store.get("reference-tokens")
+        if tokens is None:
+            tokens = self.answers(self.prompts, {})[0]
+            self.store.put("reference-tokens", tokens)
+        self.rater = self.rater.calibrate(tokens)
+
+    def baseline(self, kind: str, rows: list[list[int]]) -> Setting:
+        """The unsteered answers to ``rows`` rated as ``kind``."""
+        return self.store.get(kind) or self.store.put(kind, self.rater(*self.answers(rows, {})))
+
+    def rate(self, cands: list[Candidate]) -> list[Setting]:
+        """Rate (layer group, strength) candidates, each row at its own group and strength."""
+        out: dict[Candidate, Setting] = {c: got for c in cands
+                                         if (got := self.store.get(_key(c))) is not None}
+        todo = [c for c in cands if c not in out]
+        for at in range(0, len(todo), self.rows_per_batch):
+            chunk = todo[at : at + self.rows_per_batch]
+            per_layer = {layer: self.base[layer].with_alpha(
+                [a if layer in g else 0.0 for g, a in chunk for _ in range(self.n)])
+                for layer in {x for g, _ in chunk for x in g}}
+            toks, texts = self.answers(self.prompts * len(chunk), per_layer)
+            for i, c in enumerate(chunk):
+                part = slice(i * self.n, (i + 1) * self.n)
+                out[c] = self.store.put(_key(c), self.rater(toks[part], texts[part], *c))
+        return [out[c] for c in cands]
+
+    def sweep(self, groups: list[tuple[int, ...]], fixed: list[float] | None, floor: float,
+              on_round: Callable[[int], Any]) -> list[Setting]:
+        """Every group at every ``fixed`` strength, else at those the strength search tries."""
+        search = self.config.search
+        if fixed is not None:
+            sweep = self.rate([(g, a) for g in groups for a in fixed])
+            on_round(len(sweep))
+        else:
+            sweep = [r for _, r in search_strengths(self.rate, groups, floor, search,
+                                                    cost=self.n, on_round=on_round)]
+        if not sweep:
+            raise SteerlabError(f"the budget ({search.budget} generations) does not cover one "
+                                f"strength per layer group ({self.n * len(groups)})",
+                                field="search.budget")
+        return sorted(sweep, key=lambda s: (s.layers, s.alpha))
+
+    def control(self, kind: str, vec: SteeringVector | None, best: Setting,
+                on_done: Callable[[], Any]) -> Setting | None:
+        """The control vector ``vec`` (``None``: none) rated at ``best``'s layers and strength."""
+        if vec is None:
+            return None
+        got = self.store.get(kind)
+        if got is None:
+            c = self.config
+            steer_with = {x: Steering.create(
+                self.model, vec, best.alpha, layers=[x], positions=c.positions,
+                units=c.units, preserve_norm=c.preserve_norm) for x in best.layers}
+            got = self.store.put(kind, self.rater(*self.answers(self.prompts, steer_with),
+                                                  best.layers, best.alpha))
+        on_done()
+        return got
 
 
 def spread_groups(layers: Sequence[int], width: int = 3) -> list[tuple[int, ...]]:
