@@ -287,17 +287,7 @@ def chat(
     units = Units.parse(units, field="units").value
     engine = check_engine(engine)
     if vector:
-        from steerlab.vectors import SteeringVector
-
-        loaded = SteeringVector.load(vector)
-        geometry = model.geometry()
-        if geometry:  # a vector of another model is refused before this one loads
-            loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
-        have = loaded.layers
-        for layer in chosen:
-            if layer not in have:
-                raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",
-                                    source=vector, field="layers")
+        _check_vector(model, vector, chosen)
     bridge = model.load()
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed, engine=engine)
@@ -306,9 +296,6 @@ def chat(
         load_steering(session, vector, alpha, layers, units)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    keys = _StopKeys()
-    pending: list[str] = []  # lines typed (with Enter) while a reply streamed: sent next
-    ahead = ""  # an unfinished line typed while a reply streamed: the next prompt's start
     _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
     if thinking:
@@ -316,6 +303,32 @@ def chat(
 
         if not has_thinking_mode(bridge.tokenizer):
             _out("--thinking has no effect: this model's chat template has no thinking mode\n")
+    _converse(session)
+
+
+def _check_vector(model: ModelOptions, vector: str, chosen: list[int]) -> None:
+    """Refuse, before the model loads, a vector file of another model or without a ``chosen``
+    layer."""
+    from steerlab.vectors import SteeringVector
+
+    loaded = SteeringVector.load(vector)
+    geometry = model.geometry()
+    if geometry:  # a vector of another model is refused before this one loads
+        loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
+    have = loaded.layers
+    for layer in chosen:
+        if layer not in have:
+            raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",
+                                source=vector, field="layers")
+
+
+def _converse(session: Any) -> None:
+    """The terminal loop until Ctrl-D, Ctrl-C at the prompt or /quit: a line (type-ahead
+    first) is a /command, shown with its one-line answer, or a message, its reply streamed
+    until it ends or Esc or Ctrl-C stops it."""
+    keys = _StopKeys()
+    pending: list[str] = []  # lines typed (with Enter) while a reply streamed: sent next
+    ahead = ""  # an unfinished line typed while a reply streamed: the next prompt's start
     while True:
         try:
             if pending:
