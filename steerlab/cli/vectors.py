@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -81,37 +81,21 @@ def evaluate(
     coherence falls below 0.8 x unsteered, then refine), pick the best coherent setting, run
     a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
     from steerlab.calibrate import Search
-    from steerlab.checks import input_file, integer, number, output_file
-    from steerlab.evaluate import POINTS_BUSY, EvalConfig, evaluate_steering, points_lock
-    from steerlab.files import check_unlocked
-    from steerlab.fitters import shuffled_control
+    from steerlab.checks import input_file, integer
+    from steerlab.evaluate import EvalConfig, evaluate_steering
     from steerlab.store import activation_files
-    from steerlab.traits import load_trait, trait_file
-    from steerlab.validation import validation_report, write_validation_html
-    from steerlab.vectors import SteeringVector, vector_paths
+    from steerlab.traits import trait_file
+    from steerlab.vectors import vector_paths
 
     # everything is checked before the model loads, let alone the first generation
-    vec = SteeringVector.load(vector)
-    geometry = model.geometry()
-    if geometry:  # a vector of another model is refused before this one loads
-        vec.check_model(geometry["n_layers"], geometry["d_model"], source=str(vector))
+    vec = _model_vector(model, vector)
     integer(max_tokens, "max_tokens", lo=1)
-    t = load_trait(trait)
-    questions = list(t.held_out_questions)
-    if not questions:
-        raise SteerlabError("the trait has no held-out questions", source=trait,
-                            field="held_out_questions")
+    t, questions = _held_out(trait)
     scorer = t.build_scorer()
     config = EvalConfig(units=units, positions=positions, preserve_norm=preserve_norm,
                         search=Search(start, max_alpha=max_alpha, refine=refine, budget=budget),
                         max_new_tokens=max_tokens, engine=check_engine(engine))
-    groups = layer_groups(layers) or None
-    for layer in sorted({x for g in groups or () for x in g} - set(vec.layers)):
-        raise SteerlabError(f"got layer {layer}; the vector has layers {list(vec.layers)}",
-                            source=str(vector), field="layers")
-    fixed = number_list(strengths, float, "strengths") or None
-    for x in fixed or ():
-        number(x, "strengths")
+    groups, fixed = _groups_and_strengths(vec, vector, layers, strengths)
     source = activations or (Path(vec.provenance.source) if vec.provenance.source else None)
     if activations is not None:
         input_file(activations, "activations", what="a steerlab activation file")
@@ -119,22 +103,87 @@ def evaluate(
     inputs = {"vector": vector_paths(vector), "trait": trait_file(trait),
               "activations": activation_files(source) if source else None,
               "model": model.local_files()}
+    _check_eval_outputs(out, inputs)
+    shuffled = _shuffled_control(vec, source)
+    bridge = model.load()
+    ev = evaluate_steering(bridge, vec, questions, scorer, trait_instruction=t.prompted_instruction,
+                           layers=groups, strengths=fixed, config=config, shuffled=shuffled,
+                           resume=out.with_name(out.name + ".points.jsonl"), progress=progress)
+    _write_eval(ev, out, t.name)
+
+
+def _model_vector(model: ModelOptions, vector: Path) -> Any:
+    """The vector file, refused before the model loads when it is of another model."""
+    from steerlab.vectors import SteeringVector
+
+    vec = SteeringVector.load(vector)
+    geometry = model.geometry()
+    if geometry:  # a vector of another model is refused before this one loads
+        vec.check_model(geometry["n_layers"], geometry["d_model"], source=str(vector))
+    return vec
+
+
+def _held_out(trait: str) -> tuple[Any, list[str]]:
+    """The trait and its held-out questions (a trait without any is refused)."""
+    from steerlab.traits import load_trait
+
+    t = load_trait(trait)
+    questions = list(t.held_out_questions)
+    if not questions:
+        raise SteerlabError("the trait has no held-out questions", source=trait,
+                            field="held_out_questions")
+    return t, questions
+
+
+def _groups_and_strengths(vec: Any, vector: Path, layers: str, strengths: str
+                          ) -> tuple[list[tuple[int, ...]] | None, list[float] | None]:
+    """The ``--layers`` groups (every layer one of the vector's) and the ``--strengths``
+    (finite); ``None`` for a flag left empty."""
+    from steerlab.checks import number
+
+    groups = layer_groups(layers) or None
+    for layer in sorted({x for g in groups or () for x in g} - set(vec.layers)):
+        raise SteerlabError(f"got layer {layer}; the vector has layers {list(vec.layers)}",
+                            source=str(vector), field="layers")
+    fixed = number_list(strengths, float, "strengths") or None
+    for x in fixed or ():
+        number(x, "strengths")
+    return groups, fixed
+
+
+def _check_eval_outputs(out: Path, inputs: dict[str, Any]) -> None:
+    """Refuse an ``--output`` whose files cannot be written, alias an input, or whose points
+    file another evaluation holds."""
+    from steerlab.checks import output_file
+    from steerlab.evaluate import POINTS_BUSY, points_lock
+    from steerlab.files import check_unlocked
+
     for suffix in (".json", ".html", ".points.jsonl"):
         output_file(out.with_name(out.name + suffix), "output", inputs=inputs)
     points = out.with_name(out.name + ".points.jsonl")
     output_file(points, "output", inputs=inputs, owns=[points_lock(points)])
     check_unlocked(points_lock(points), POINTS_BUSY)
-    shuffled = None
-    if source is not None and source.is_file():
-        try:
-            shuffled = shuffled_control(vec, source)
-        except SteerlabError as err:
-            logging.getLogger(__name__).warning("no shuffled-label control: %s", err)
-    bridge = model.load()
-    ev = evaluate_steering(bridge, vec, questions, scorer, trait_instruction=t.prompted_instruction,
-                           layers=groups, strengths=fixed, config=config, shuffled=shuffled,
-                           resume=out.with_name(out.name + ".points.jsonl"), progress=progress)
-    report = validation_report(ev, trait=t.name)
+
+
+def _shuffled_control(vec: Any, source: Path | None) -> Any:
+    """The shuffled-label control vector fitted from ``source``, or ``None`` (with a warning
+    where the file cannot give one)."""
+    from steerlab.fitters import shuffled_control
+
+    if source is None or not source.is_file():
+        return None
+    try:
+        return shuffled_control(vec, source)
+    except SteerlabError as err:
+        logging.getLogger(__name__).warning("no shuffled-label control: %s", err)
+        return None
+
+
+def _write_eval(ev: Any, out: Path, trait: str) -> None:
+    """Write ``<output>.json`` and ``.html`` and print every setting and the report."""
+    from steerlab.validation import validation_report, write_validation_html
+
+    report = validation_report(ev, trait=trait)
     ev.save(out.with_name(out.name + ".json"))
     write_validation_html(out.with_name(out.name + ".html"), ev, report)
     for s in ev.sweep:
