@@ -41,13 +41,9 @@ def infer(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Generate every persona x prompt x rep and record entropy / top-k mass (resumable)."""
-    import os
-
-    from steerlab.errors import SteerlabError
-    from steerlab.infer import InferConfig, default_output_dir, load_prompts, run_inference
+    from steerlab.infer import InferConfig, load_prompts, run_inference
     from steerlab.personas import load_personae
     from steerlab.runs import check_run_target
-    from steerlab.shards import parse_shard
 
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
@@ -58,11 +54,7 @@ def infer(
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
                          seed=seed, lens=lens, engine=check_engine(engine),
                          ).validate(vocab_size=geometry["vocab_size"] if geometry else None)
-    part = parse_shard(shard)
-    if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
-        raise SteerlabError("all shards must write one folder; give --output-dir",
-                            field="output_dir")
-    output_dir = output_dir or default_output_dir()
+    part, output_dir = _run_folder(shard, output_dir)
     check_run_target(output_dir, part, inputs={"prompts_json": prompts_json,
                                                 "personae_json": personae_json,
                                                 "model": model.local_files()})
@@ -77,6 +69,22 @@ def infer(
                    f"steerlab merge {out}")
     else:
         typer.echo(f"wrote {out}")
+
+
+def _run_folder(shard: str | None, output_dir: Path | None) -> tuple[tuple[int, int], Path]:
+    """The shard ``(i, n)`` and the run folder: shards of one run share it, so several shards
+    need ``--output-dir`` (or a SLURM array job, whose id names the default folder)."""
+    import os
+
+    from steerlab.errors import SteerlabError
+    from steerlab.infer import default_output_dir
+    from steerlab.shards import parse_shard
+
+    part = parse_shard(shard)
+    if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
+        raise SteerlabError("all shards must write one folder; give --output-dir",
+                            field="output_dir")
+    return part, output_dir or default_output_dir()
 
 
 @app.command()
