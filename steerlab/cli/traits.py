@@ -167,11 +167,10 @@ def collect(
     """Answer the trait's questions with a chosen and a rejected responder (resumable)."""
     from functools import cache
 
-    from steerlab.checks import integer, number, output_dir
+    from steerlab.checks import integer, number
     from steerlab.checks import seed as check_seed
     from steerlab.collect import collect as run_collect
-    from steerlab.personas import persona_name, system_prompt_text
-    from steerlab.traits import load_trait, trait_file
+    from steerlab.traits import load_trait
 
     # every flag is checked before the model loads or a request goes out
     t = load_trait(trait)
@@ -180,22 +179,12 @@ def collect(
         integer(value, name, lo=1)
     number(temperature, "temperature", lo=0)
     check_seed(seed)
-    for side, system, persona in (("chosen", chosen_system, chosen_persona),
-                                  ("rejected", rejected_system, rejected_persona)):
-        if system is not None:
-            system_prompt_text(system, f"{side}_system")
-        if persona is not None:
-            persona_name(persona, f"{side}_persona")
+    _check_sides({"chosen": (chosen_system, chosen_persona),
+                  "rejected": (rejected_system, rejected_persona)})
     for url, field in ((chosen_url, "chosen_url"), (rejected_url, "rejected_url")):
         _check_endpoint(url or None, concurrency, retries, timeout, field)
-    questions = t.held_out_questions if held_out else t.questions
-    if not questions:
-        raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
-                            source=trait, field="questions")
-    d = _run_dir(run_dir, t)
-    out = d / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
-    output_dir(d, "run_dir", inputs={"trait": trait_file(trait), "model": model.local_files()},
-               owns=[out])
+    questions = _questions(t, held_out, trait)
+    out = _collected_file(_run_dir(run_dir, t), held_out, trait, model)
     local = cache(model.load)
     opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
                 retries=retries, timeout=timeout)
@@ -206,6 +195,38 @@ def collect(
     r = run_collect(questions, a, b, out, samples=samples, temperature=temperature, seed=seed,
                     progress=progress)
     typer.echo(f"{out}: {r.written} answers written, {r.failed} failed, {r.skipped} present")
+
+
+def _check_sides(sides: dict[str, tuple[str | None, str | None]]) -> None:
+    """Each side's ``--*-system`` and ``--*-persona`` flags, where given."""
+    from steerlab.personas import persona_name, system_prompt_text
+
+    for side, (system, persona) in sides.items():
+        if system is not None:
+            system_prompt_text(system, f"{side}_system")
+        if persona is not None:
+            persona_name(persona, f"{side}_persona")
+
+
+def _questions(t: Any, held_out: bool, trait: str) -> tuple[str, ...]:
+    """The trait's questions to answer (held-out ones with ``--held-out``), refused if none."""
+    questions = t.held_out_questions if held_out else t.questions
+    if not questions:
+        raise SteerlabError("the trait has no questions; run `steerlab traits generate`",
+                            source=trait, field="questions")
+    return questions
+
+
+def _collected_file(d: Path, held_out: bool, trait: str, model: ModelOptions) -> Path:
+    """The answers file in the run folder ``d``, checked writable (and no input) before
+    anything loads."""
+    from steerlab.checks import output_dir
+    from steerlab.traits import trait_file
+
+    out = d / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
+    output_dir(d, "run_dir", inputs={"trait": trait_file(trait), "model": model.local_files()},
+               owns=[out])
+    return out
 
 
 @sub.command()
