@@ -325,9 +325,9 @@ def hf_static_generate(b: Bench, hf: Any, pad_id: int, input_ids: torch.Tensor,
 
 def graphs_captured(model: Any) -> int:
     """Decode steps of ``model``'s static-engine workspaces that replay a CUDA graph."""
-    from steerlab import engine
+    from steerlab.engine import workspaces
 
-    kept = model.__dict__.get(engine._WORKSPACES) or {}
+    kept = workspaces(model)
     return sum(step.graph is not None for ws in kept.values() for step in ws.steps.values())
 
 

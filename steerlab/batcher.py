@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from steerlab.compat import ensure_bridge_reads_cache
+from steerlab.decode import Settings
 from steerlab.engine import bucket_capacity
 from steerlab.errors import SteerlabError
 from steerlab.generate import NonFiniteError
@@ -110,8 +111,6 @@ class Batcher:
 
     def __init__(self, model: Any, *, slots: int = 16, max_context: int = 2048,
                  sync_every: int = 4, graphs: bool = True):
-        from steerlab.generate import _settings
-
         if slots < 1 or sync_every < 1 or max_context < 2:
             raise SteerlabError(f"slots {slots}, sync_every {sync_every} and max_context "
                                 f"{max_context} must be positive (max_context >= 2)")
@@ -119,7 +118,7 @@ class Batcher:
         self.model, self.slots, self.max_context = model, slots, max_context
         self.sync_every, self.graphs = sync_every, graphs
         # sampling on: any row may sample (a row at temperature 0 is greedy all the same)
-        self.settings = _settings(model, 1.0, None, (), 0, False)
+        self.settings = Settings.for_model(model, sampling=True)
         self.batch = self._new_batch()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()

@@ -2,8 +2,9 @@
 
 A :class:`ChatSession` holds the conversation and its settings (persona, system prompt,
 thinking, token budget, and the :class:`steerlab.steer.Steering` in force); its setters
-validate. :meth:`ChatSession.reply` streams a reply as decoded text chunks. The terminal's
-``/command`` grammar lives with the command, in :mod:`steerlab.cli.chat`.
+validate. :meth:`ChatSession.reply` streams a reply as text chunks
+(:class:`steerlab.detokenize.Detokenizer`). The terminal's ``/command`` grammar lives with the
+command, in :mod:`steerlab.cli.chat`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerlab.chat import encode_chat, think_end_marker
+from steerlab.detokenize import Detokenizer
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate
 from steerlab.personas import (
@@ -41,41 +43,6 @@ class ChatReply:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
-
-
-class StreamDecoder:
-    """Turn token ids into text chunks as they arrive, never splitting a UTF-8 character.
-
-    Each chunk is decoded with a few tokens of left context so that word-initial spaces and
-    multi-byte characters spread over several tokens come out right; joining all chunks and
-    :meth:`flush` gives ``tokenizer.decode(ids, skip_special_tokens=True)``.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the context window
-        self._read = 0  # end of the text already emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text that became final (may be empty)."""
-        self.ids.append(int(token))
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """The text still held back (e.g. an incomplete character at the end)."""
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return after[len(before) :]
 
 
 @dataclass
@@ -196,12 +163,12 @@ class ChatSession:
         """
         tokenizer = self.model.tokenizer
         ids = self.prompt_ids(text)
-        decoder = StreamDecoder(tokenizer)
+        decoder = Detokenizer(tokenizer)
         stopped = [False]
 
         def on_token(step: list[int | None]) -> bool:
             if step[0] is not None:
-                chunk = decoder.push(step[0])
+                chunk = decoder.push([step[0]])
                 if chunk and on_text is not None:
                     on_text(chunk)
             stopped[0] = bool(should_stop is not None and should_stop())

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from steerlab.compat import cache_keyword, output_cache
+from steerlab.errors import SteerlabError
 from steerlab.layers import layer_hooks
 from steerlab.lens import LastPositionRecorder, lens_metrics
 from steerlab.metrics import chosen_metrics
-from steerlab.sampling import left_pad, position_ids, sample
+from steerlab.sampling import left_pad, position_ids, sample, stop_token_ids
 from steerlab.steer import Positions, Steering, StepState, add_steering
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -41,6 +42,30 @@ class Settings:
     marker: tuple[int, ...]
     stops: tuple[int, ...]
     pad_id: int
+
+    @classmethod
+    def for_model(cls, model: Any, *, sampling: bool, stop_ids: set[int] | None = None,
+                  think_marker: Sequence[int] = (), k: int = 0, lens: bool = False) -> Settings:
+        """The settings of a generation on ``model``: its stop ids (``stop_ids``, else the
+        EOS ids of tokenizer and model) and pad id (the tokenizer's, else the first stop id).
+
+        Args:
+            model: a bridge from :func:`steerlab.load_model`.
+            sampling: whether any row may sample (temperature > 0).
+            stop_ids: token ids that end a row; ``None``: the EOS ids.
+            think_marker: ids of ``</think>`` (empty: every row is in its output).
+            k: top-k mass of the metrics (0: no metrics).
+            lens: record the logit lens.
+
+        Example:
+            >>> Settings.for_model(model, sampling=False).stops  # the EOS ids
+        """
+        tok = model.tokenizer
+        stops = tuple(sorted(stop_ids or stop_token_ids(tok, model.original_model)))
+        if not stops:
+            raise SteerlabError("the tokenizer has no EOS id; give stop_ids", field="stop_ids")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        return cls(k, lens, sampling, tuple(think_marker), stops, int(pad))
 
 
 class DecodeState:

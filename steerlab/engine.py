@@ -24,26 +24,43 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from steerlab.choice import Choice
+from steerlab.model_state import state
 
 log = logging.getLogger(__name__)
 
 
 class Engine(Choice):
     """How generation runs: ``eager`` (growing cache, one Python step at a time), ``static``
-    (preallocated cache, step captured as a CUDA graph on GPUs), ``auto`` (static on one CUDA
-    device with HF attention kernels, else eager)."""
+    (preallocated cache, step captured as a CUDA graph on GPUs), ``auto`` (the rule of
+    :meth:`resolve`)."""
 
     AUTO = "auto"
     EAGER = "eager"
     STATIC = "static"
 
-    def resolve(self, model: Any) -> Engine:
-        """The concrete engine for ``model`` (``auto`` decided by its device and attention)."""
+    def resolve(self, model: Any, *, batching: bool = False, stepwise: bool = False) -> Engine:
+        """The concrete engine for ``model``: the one rule of ``auto``.
+
+        ``auto`` is static when the model runs HF attention kernels (the static engine's
+        need) and either it sits on one CUDA device (where a graph pays) or the caller is
+        ``batching`` (a server: continuous batching is what it is for, even on the CPU);
+        eager otherwise, and always when ``stepwise`` Python code watches every step.
+
+        Args:
+            model: a bridge from :func:`steerlab.load_model`.
+            batching: a server batching requests into one running batch.
+            stepwise: an observer or step listener is told every step (nothing to replay).
+
+        Example:
+            >>> Engine.parse("auto").resolve(model, batching=True)  # HF attention: static
+        """
         if self is not Engine.AUTO:
             return self
+        if stepwise or not hf_attention(model):
+            return Engine.EAGER
         on_cuda = one_device(model) and \
             next(model.original_model.parameters()).device.type == "cuda"
-        return Engine.STATIC if on_cuda and hf_attention(model) else Engine.EAGER
+        return Engine.STATIC if batching or on_cuda else Engine.EAGER
 
 
 def one_device(model: Any) -> bool:
@@ -161,16 +178,18 @@ class Workspace:
         return found
 
 
-_WORKSPACES = "_steerlab_workspaces"
 MAX_WORKSPACES = 3  # buckets kept per model; the least recently used one is dropped
+
+
+def workspaces(model: Any) -> OrderedDict[tuple[int, int], Workspace]:
+    """The workspaces kept for ``model`` by bucket ``(slots, capacity)``, least recently used
+    first (in :func:`steerlab.model_state.state`)."""
+    return state(model).workspaces
 
 
 def workspace(model: Any, slots: int, capacity: int) -> Workspace:
     """The model's workspace for a bucket, created on first use (LRU of :data:`MAX_WORKSPACES`)."""
-    kept: OrderedDict[tuple[int, int], Workspace] | None = model.__dict__.get(_WORKSPACES)
-    if kept is None:
-        kept = OrderedDict()
-        object.__setattr__(model, _WORKSPACES, kept)
+    kept = workspaces(model)
     key = (slots, capacity)
     if key in kept:
         kept.move_to_end(key)
@@ -184,15 +203,14 @@ def workspace(model: Any, slots: int, capacity: int) -> Workspace:
 
 def release_workspaces(model: Any) -> None:
     """Free every static-engine workspace (KV caches, captured graphs) held for ``model``."""
-    model.__dict__.pop(_WORKSPACES, None)
+    workspaces(model).clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def captures(model: Any) -> int:
     """Step programs built (CUDA graphs captured on GPUs) for ``model`` so far."""
-    kept = model.__dict__.get(_WORKSPACES) or {}
-    return sum(ws.builds for ws in kept.values())
+    return sum(ws.builds for ws in workspaces(model).values())
 
 
 class CapturedStep:

@@ -97,16 +97,6 @@ class _Run:
     metrics: dict[str, np.ndarray]
 
 
-def _settings(model: Any, temperature: float, stop_ids: set[int] | None,
-              think_marker: Sequence[int], k: int, lens: bool) -> Settings:
-    tok, hf = model.tokenizer, model.original_model
-    stops = tuple(sorted(stop_ids or stop_token_ids(tok, hf)))
-    if not stops:
-        raise SteerlabError("the tokenizer has no EOS id; give stop_ids", field="stop_ids")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    return Settings(k, lens, temperature > 0, tuple(think_marker), stops, int(pad))
-
-
 def _decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             temperature: float, seed: int | Sequence[int] | None, stop_ids: set[int] | None,
             think_marker: Sequence[int], on_token: OnToken | None, observer: Observer | None,
@@ -120,12 +110,11 @@ def _decode(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SteerlabError("every prompt needs at least one token", field="prompts")
     check_context(model, [len(p) for p in prompts], max_new_tokens)
-    chosen = Engine.parse(engine, field="engine")
-    if chosen is Engine.AUTO and (listeners(model) or observer is not None):
-        chosen = Engine.EAGER  # step-by-step Python observers: nothing to replay
-    chosen = chosen.resolve(model)
+    chosen = Engine.parse(engine, field="engine").resolve(
+        model, stepwise=bool(listeners(model)) or observer is not None)
     ensure_bridge_reads_cache()
-    settings = _settings(model, temperature, stop_ids, think_marker, k, lens)
+    settings = Settings.for_model(model, sampling=temperature > 0, stop_ids=stop_ids,
+                                  think_marker=think_marker, k=k, lens=lens)
     n = len(prompts)
     seeds = row_seeds(seed, n, torch.device("cpu")).tolist() if temperature > 0 else [0] * n
     size = _part_rows(model, prompts, max_new_tokens, chosen, settings, available_memory)

@@ -45,6 +45,7 @@ from typing import Any
 
 from steerlab import http_edge
 from steerlab.chat_request import RequestError, parse_steering
+from steerlab.detokenize import Detokenizer
 from steerlab.errors import SteerlabError
 from steerlab.generate import NonFiniteError
 from steerlab.http_edge import Handler, Limits, Watch, check_exposure
@@ -66,13 +67,11 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], model: Any, model_name: str, engine: str,
                  max_batch: int, max_context: int, sync_every: int, api_key: str | None,
                  limits: Limits, vectors_dir: str | os.PathLike | None = None):
-        from steerlab.engine import Engine, hf_attention
+        from steerlab.engine import Engine
 
         _check_context(model, max_context)
         self.shelf = VectorShelf(vectors_dir) if vectors_dir is not None else None
-        chosen = Engine.parse(engine, field="engine")
-        if chosen is Engine.AUTO:  # a server batches whenever the model allows it
-            chosen = Engine.STATIC if hf_attention(model) else Engine.EAGER
+        chosen = Engine.parse(engine, field="engine").resolve(model, batching=True)
         self.batcher: Any = None
         if chosen is Engine.STATIC:
             from steerlab.batcher import Batcher
@@ -184,14 +183,14 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
         if done is None:
             return  # the client went away, or its stream ended with an error event
         stream, tokens, stopped = done
-        with self.tok_lock:
-            text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
         finish = "stop" if stopped else "length"
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
                  "total_tokens": len(ids) + len(tokens)}
         if req["stream"]:
-            (stream or _Stream(h, self, head)).finish(text, finish, usage)
+            (stream or _Stream(h, self, head)).finish(tokens, finish, usage)
         else:
+            with self.tok_lock:
+                text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
             h._json(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text},
                  "finish_reason": finish}]})
@@ -294,11 +293,13 @@ def _check_context(model: Any, max_context: int) -> None:
 
 
 class _Stream:
-    """Server-sent events: a chunk per piece of new text (per token eager, per check static)."""
+    """Server-sent events: a chunk per piece of new text (per token eager, per check static),
+    the text made by a :class:`~steerlab.detokenize.Detokenizer` (a window of the last tokens
+    decoded, never the whole reply); joined, the chunks are the non-streamed answer."""
 
     def __init__(self, h: Handler, server: _Server, head: dict):
-        self.h, self.server, self.head, self.sent, self.gone = h, server, head, "", False
-        self.tokens: list[int] = []
+        self.h, self.server, self.head, self.gone = h, server, head, False
+        self.text, self.pushed = Detokenizer(server.model.tokenizer), 0
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Cache-Control", "no-cache")
@@ -316,19 +317,18 @@ class _Stream:
                      **extra})
 
     def push(self, new: list[int]) -> bool:
-        """Send the text ``new`` tokens add; True when the client has disconnected."""
-        self.tokens += new
+        """Send the text ``new`` tokens add (a character split over tokens waits until whole);
+        True when the client has disconnected."""
+        self.pushed += len(new)
         with self.server.tok_lock:
-            text = self.server.model.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.sent) or text == self.sent:
-            return False  # wait for the rest of a multi-byte character
+            piece = self.text.push(new)
+        if not piece:
+            return False
         try:
-            self._chunk({"content": text[len(self.sent):]}, None)
+            self._chunk({"content": piece}, None)
         except OSError:
             self.gone = True
-            return True
-        self.sent = text
-        return False
+        return self.gone
 
     def error(self, err: RequestError) -> None:
         """End a stream that failed after it began: an error event, then ``[DONE]``."""
@@ -336,11 +336,14 @@ class _Stream:
             self._write(http_edge.error_body(err))
             self._write("[DONE]")
 
-    def finish(self, text: str, finish: str, usage: dict) -> None:
+    def finish(self, tokens: list[int], finish: str, usage: dict) -> None:
+        """Send the text of ``tokens`` (the whole reply) not sent yet, then the end."""
         if self.gone:
             return
-        if text.startswith(self.sent) and text != self.sent:
-            self._chunk({"content": text[len(self.sent):]}, None)
+        with self.server.tok_lock:
+            rest = self.text.push(tokens[self.pushed:]) + self.text.flush()
+        if rest:
+            self._chunk({"content": rest}, None)
         self._chunk({}, finish, usage=usage)
         self._write("[DONE]")
 

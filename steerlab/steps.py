@@ -1,8 +1,9 @@
 """What interventions are told while a model generates: the step state (:class:`StepState`,
 :func:`listen`), the steerings in force, and whether a generation is under way.
 
-Kept on the bridge object itself, so that :mod:`steerlab.steer` (which registers) and
-:mod:`steerlab.decode` (which generates) share them without importing each other.
+Kept in the model's :class:`steerlab.model_state.ModelState`, so that :mod:`steerlab.steer`
+(which registers) and :mod:`steerlab.decode` (which generates) share them without importing
+each other.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool
+
+from steerlab.model_state import state
 
 
 @dataclass(frozen=True)
@@ -40,23 +43,9 @@ class StepListener(Protocol):
     def on_step(self, state: StepState | None) -> None: ...
 
 
-_LISTENERS = "_steerlab_step_listeners"
-_ACTIVE = "_steerlab_steerings"
-_GENERATING = "_steerlab_generating"
-
-
-def _model_list(model: Any, name: str) -> list[Any]:
-    """A list kept on the bridge object itself (listeners, steerings in force)."""
-    found = model.__dict__.get(name)
-    if found is None:
-        found = []
-        object.__setattr__(model, name, found)
-    return found
-
-
 def listeners(model: Any) -> list[StepListener]:
     """The step listeners registered on ``model``."""
-    return _model_list(model, _LISTENERS)
+    return state(model).listeners
 
 
 @contextmanager
@@ -81,7 +70,7 @@ def in_force(model: Any) -> list[Any]:
     """The steerings applied on ``model`` now (``Steering.apply`` adds and removes itself),
     outermost first. Generation reads them and adds them itself (per row, from tensors a
     CUDA graph can replay), so their hooks stand aside while it runs (:func:`generating`)."""
-    return _model_list(model, _ACTIVE)
+    return state(model).steerings
 
 
 def steerings_in_force(model: Any) -> list[Any]:
@@ -91,15 +80,16 @@ def steerings_in_force(model: Any) -> list[Any]:
 
 def is_generating(model: Any) -> bool:
     """Whether a generation is under way on ``model`` (see :func:`generating`)."""
-    return bool(model.__dict__.get(_GENERATING))
+    return state(model).generating
 
 
 @contextmanager
 def generating(model: Any) -> Iterator[None]:
     """Mark a generation under way: the hooks of ``Steering.apply`` add nothing inside
     (the generation adds the same steering from its own buffers)."""
-    object.__setattr__(model, _GENERATING, True)
+    kept = state(model)
+    kept.generating = True
     try:
         yield
     finally:
-        object.__setattr__(model, _GENERATING, False)
+        kept.generating = False

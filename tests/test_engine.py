@@ -180,7 +180,11 @@ def test_slot_admitted_later_decodes_as_if_alone(model):
 def test_buckets_and_choices(model):
     assert [bucket_batch(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
     assert [bucket_capacity(n) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
-    assert Engine.parse("auto", field="engine").resolve(model) is Engine.EAGER  # CPU
+    auto = Engine.parse("auto", field="engine")
+    assert auto.resolve(model) is Engine.EAGER  # CPU
+    assert auto.resolve(model, batching=True) is Engine.STATIC  # a server batches on the CPU
+    assert auto.resolve(model, batching=True, stepwise=True) is Engine.EAGER
+    assert Engine.STATIC.resolve(model, stepwise=True) is Engine.STATIC  # asked for: as is
     with pytest.raises(SteerlabError, match="engine"):
         generate(model, PROMPTS, max_new_tokens=2, engine="fast")
 
@@ -190,3 +194,4 @@ def test_static_needs_hf_attention(tokenizer):
     with pytest.raises(SteerlabError, match="attn_implementation"):
         generate(bridge_eager, PROMPTS, max_new_tokens=2, engine="static")
     assert generate(bridge_eager, PROMPTS, max_new_tokens=2).tokens  # auto: eager
+    assert Engine.AUTO.resolve(bridge_eager, batching=True) is Engine.EAGER
