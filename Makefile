@@ -18,7 +18,7 @@ LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.p
 PYTEST_ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-extended test-gguf test-browser test-slurm demo lint bench install lock test-latest doctor clean
+.PHONY: test test-extended test-gguf test-browser test-slurm demo lint arch bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The import graph (imports inside functions included): modules per layer of
+# docs/architecture.md, import circles, imports against the layer order, lazy imports and what
+# each defers. tests/test_architecture.py asserts on the same facts.
+arch: $(STAMP)
+	$(BIN)/python tests/arch_facts.py
 
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -30,6 +30,7 @@ from steerlab.decode import Settings
 from steerlab.engine import bucket_capacity
 from steerlab.errors import SteerlabError
 from steerlab.generate import NonFiniteError
+from steerlab.slots import SlotBatch
 from steerlab.steer import Steering
 
 __all__ = ["Batcher", "Job"]
@@ -129,8 +130,6 @@ class Batcher:
         self._thread.start()
 
     def _new_batch(self) -> Any:
-        from steerlab.slots import SlotBatch
-
         return SlotBatch(self.model, self.slots, bucket_capacity(self.max_context),
                          self.settings, graphs=self.graphs)
 

@@ -20,9 +20,9 @@ from jaxtyping import Float
 from steerlab.budget import batch_memory, check_context, free_memory, rows_per_batch
 from steerlab.chat import encode_text, render_chat
 from steerlab.errors import SteerlabError
-from steerlab.generate import left_pad, position_ids
 from steerlab.layers import HookPoint, check_layers, layer_hooks
 from steerlab.personas import SystemPrompt
+from steerlab.sampling import left_pad, position_ids
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerlab.chat import encode_chat, think_end_marker
+from steerlab.checks import number, seed
 from steerlab.detokenize import Detokenizer
+from steerlab.engine import Engine
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate
 from steerlab.personas import (
@@ -79,9 +81,6 @@ class ChatSession:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
-        from steerlab.checks import number, seed
-        from steerlab.engine import Engine
-
         self.engine = Engine.parse(self.engine, field="engine").value
         self.temperature = number(self.temperature, "temperature", lo=0)
         if self.system is not None:

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from steerlab.errors import SteerlabError
 
 __all__ = ["MAX_SEED", "Inputs", "aliased", "finite_values", "input_file", "integer", "number",
@@ -308,8 +310,6 @@ def finite_values(values: Any, what: str, *, source: str | None = None,
             return
         size, good = values.numel(), int(values.isfinite().sum())
     else:
-        import numpy as np
-
         arr = np.asarray(values)
         size, good = arr.size, int(np.isfinite(arr).sum())
     if good != size:

@@ -58,7 +58,7 @@ class Endpoint:
 
 
 def _retryable(err: BaseException) -> bool:
-    import openai
+    import openai  # deferred: openai
 
     if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse,
                         openai.APIResponseValidationError, json.JSONDecodeError)):
@@ -77,7 +77,7 @@ class EndpointClient:
     """
 
     def __init__(self, endpoint: Endpoint, *, sleep: Callable[[float], None] = time.sleep):
-        import openai
+        import openai  # deferred: openai
 
         self.endpoint = endpoint
         key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
@@ -152,7 +152,7 @@ class EndpointClient:
         use_format = [True]
 
         def call() -> Any:
-            import openai
+            import openai  # deferred: openai
 
             kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
             if use_format[0]:

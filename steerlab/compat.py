@@ -63,6 +63,7 @@ def ensure_bridge_reads_cache() -> bool:
     ``STEERLAB_KV_CACHE_SHIM=0`` turns it off (which also undoes it: to reproduce the breakage,
     or to see whether a new TransformerLens still needs it).
     """
+    # deferred: transformer_lens
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     original = AttentionBridge._update_kv_cache

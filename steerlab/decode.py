@@ -25,7 +25,8 @@ from steerlab.layers import layer_hooks
 from steerlab.lens import LastPositionRecorder, lens_metrics
 from steerlab.metrics import chosen_metrics
 from steerlab.sampling import left_pad, position_ids, sample, stop_token_ids
-from steerlab.steer import Positions, Steering, StepState, add_steering
+from steerlab.steer import Positions, Steering, add_steering
+from steerlab.steps import StepState
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 EntryKey = tuple[int, str, bool]  # (layer, positions, preserve_norm)

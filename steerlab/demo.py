@@ -29,9 +29,27 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.calibrate import Search
+from steerlab.checks import output_dir
+from steerlab.collect import collect
+from steerlab.engine import Engine
 from steerlab.errors import SteerlabError
-from steerlab.files import write_json_atomic
+from steerlab.evaluate import EvalConfig, evaluate_steering, points_lock
+from steerlab.extract import extract
+from steerlab.files import read_jsonl, write_json_atomic
+from steerlab.fitters import fit_vector, shuffled_control
+from steerlab.infer import InferConfig, load_prompts, run_inference
+from steerlab.judge import filter_pairs, judge, scorer_judge
+from steerlab.models import load_from_options
+from steerlab.personas import load_personae
 from steerlab.placement import ModelOptions
+from steerlab.report import write_page
+from steerlab.responders import LocalResponder
+from steerlab.results import load_results
+from steerlab.store import activation_files
+from steerlab.traits import load_trait, trait_file
+from steerlab.validation import validation_report, write_validation_html
+from steerlab.vectors import vector_paths
+from steerlab.viz import html_table, steering_figure, summary_figures
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +147,6 @@ def _pick_personae(personae: Sequence[Any], per_category: int) -> list[Any]:
 def _demo_files(out: Path) -> list[Path]:
     """Every file and folder a demo writes in ``out`` (the stages' names, each file with
     what it owns: an activation file's parts and lock, a vector's sidecar, a points lock)."""
-    from steerlab.evaluate import points_lock
-    from steerlab.store import activation_files
-    from steerlab.vectors import vector_paths
-
     points = out / "steering-eval.points.jsonl"
     return [out / "demo-config.json", out / "pairs", *activation_files(out / "activations.h5"),
             *vector_paths(out / "vector"), out / "probe.json", points, points_lock(points),
@@ -154,21 +168,6 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         >>> s = run_demo("demo-run")
         >>> print("\\n".join(s.lines()))
     """
-    from steerlab.checks import output_dir
-    from steerlab.collect import collect
-    from steerlab.engine import Engine
-    from steerlab.evaluate import EvalConfig, evaluate_steering
-    from steerlab.extract import extract
-    from steerlab.files import read_jsonl
-    from steerlab.fitters import fit_vector, shuffled_control
-    from steerlab.infer import InferConfig, load_prompts, run_inference
-    from steerlab.judge import filter_pairs, judge, scorer_judge
-    from steerlab.personas import load_personae
-    from steerlab.responders import LocalResponder
-    from steerlab.results import load_results
-    from steerlab.traits import load_trait, trait_file
-    from steerlab.validation import validation_report, write_validation_html
-
     t0 = time.perf_counter()
     out = output_dir(out_dir, "output_dir", owns=_demo_files(Path(out_dir)),
                      inputs={"trait": trait_file(config.trait),
@@ -184,7 +183,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         prompts = load_prompts(f)[: config.n_prompts]
     with as_file(DATA / "personae.json") as f:
         personae = _pick_personae(load_personae(f), config.personae_per_category)
-    bridge = model if model is not None else config.model.load()
+    bridge = model if model is not None else load_from_options(config.model)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
     write_json_atomic(out / "demo-config.json", asdict(config))
 
@@ -259,11 +258,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
 def write_report(path: Path, summary: DemoSummary, ev: Any, validation: Any,
                  accuracy: dict[int, float], records: Sequence[dict]) -> Path:
     """Write the demo's standalone HTML page (plotly inlined once, no network needed)."""
-    import plotly.graph_objects as go
-    import plotly.io as pio
-
-    from steerlab.report import write_page
-    from steerlab.viz import html_table, steering_figure, summary_figures
+    import plotly.graph_objects as go  # deferred: plotly
+    import plotly.io as pio  # deferred: plotly
 
     probe = go.Figure(go.Bar(x=[str(k) for k in accuracy], y=list(accuracy.values())))
     probe.update_layout(title="Probe accuracy on held-out pairs", xaxis_title="layer",

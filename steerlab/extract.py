@@ -7,6 +7,7 @@ every batch exactly as a single uninterrupted run does: the datasets are identic
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,8 +25,10 @@ from steerlab.checks import Inputs, output_file, text
 from steerlab.errors import SteerlabError
 from steerlab.files import check_unlocked, lock_path, read_text, sole_writer
 from steerlab.layers import HookPoint
+from steerlab.models import model_id
+from steerlab.norms import residual_norms
 from steerlab.personas import MAX_SYSTEM_PROMPT_CHARS, SystemPrompt, system_prompt_style
-from steerlab.placement import ModelOptions
+from steerlab.placement import ModelOptions, provenance
 from steerlab.progress import progress_bar
 from steerlab.shards import shard_path, shard_range
 from steerlab.store import (
@@ -33,10 +36,10 @@ from steerlab.store import (
     PartWriter,
     Rows,
     Site,
-    StoreMeta,
     activation_files,
     concat_files,
 )
+from steerlab.store_meta import StoreMeta
 from steerlab.version import __version__
 
 log = logging.getLogger(__name__)
@@ -187,12 +190,6 @@ def extract(
     Example:
         >>> extract(model, load_pairs("data/pairs/pirate.jsonl"), "acts.h5", layers=[8, 10])
     """
-    import json
-
-    from steerlab.models import model_id
-    from steerlab.norms import residual_norms
-    from steerlab.placement import provenance
-
     ids = [str(p.id) for p in pairs]
     if len(set(ids)) != len(ids):
         raise SteerlabError("pair ids are not unique", source=pairs_file or None, field="id")

@@ -33,14 +33,14 @@ from steerlab.errors import SteerlabError
 log = logging.getLogger(__name__)
 
 __all__ = ["PartsDir", "append_jsonl", "atomic_path", "check_unlocked", "create_exclusive",
-           "flock", "h5py", "lock_holder", "lock_path", "open_h5", "read_json", "read_jsonl",
-           "read_text", "sole_writer", "write_json_atomic", "write_jsonl_atomic",
+           "flock", "h5py", "lock_holder", "lock_path", "open_h5", "read_json", "read_json_list",
+           "read_jsonl", "read_text", "sole_writer", "write_json_atomic", "write_jsonl_atomic",
            "write_text_atomic"]
 
 
 def h5py() -> Any:
     """The ``h5py`` module, imported on first use (it is slow to import)."""
-    import h5py as module
+    import h5py as module  # deferred: h5py
 
     return module
 
@@ -165,6 +165,14 @@ def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
         raise SteerlabError(f"not valid JSON ({err}); expected {what}", source=str(p)) from None
 
 
+def read_json_list(path: str | os.PathLike) -> list:
+    """A JSON file holding a non-empty list (prompts, personae); anything else raises one line."""
+    data = read_json(path, "a JSON list")
+    if not isinstance(data, list) or not data:
+        raise SteerlabError("expected a non-empty JSON list", source=str(path))
+    return data
+
+
 @contextmanager
 def open_h5(path: str | os.PathLike, what: str = "an HDF5 file") -> Iterator[Any]:
     """An HDF5 file opened for reading; a missing, foreign or damaged file raises one line.
@@ -243,7 +251,7 @@ def flock(path: str | os.PathLike, *, shared: bool = False, wait: bool = False,
     Without ``wait`` a lock held elsewhere raises :class:`SteerlabError` with ``busy``; on a
     file system without flock support a warning is logged and nothing is locked.
     """
-    import fcntl
+    import fcntl  # deferred: fcntl, POSIX only (import steerlab needs no POSIX)
 
     p = Path(path)
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)

@@ -26,6 +26,7 @@ from steerlab.checks import finite_values
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.models import model_geometry
+from steerlab.store import ActivationFile, Site
 from steerlab.vectors import Provenance, SteeringVector
 
 Acts = Float[torch.Tensor, "batch layer d_model"]
@@ -130,8 +131,8 @@ class LogisticProbe(_Collect):
         self.test_fraction, self.seed, self.c = test_fraction, seed, c
 
     def fit(self) -> Fit:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
+        from sklearn.linear_model import LogisticRegression  # deferred: sklearn
+        from sklearn.preprocessing import StandardScaler  # deferred: sklearn
 
         chosen, rejected = self._all()
         n = chosen.shape[0]
@@ -229,8 +230,6 @@ def fit_vector(
         >>> vector, fit = fit_vector("acts.h5", "probe")
         >>> fit.accuracy
     """
-    from steerlab.store import ActivationFile, Site
-
     acts = source if isinstance(source, ActivationFile) else ActivationFile(source)
     _check_model_layers(acts)
     f = fitter(method) if isinstance(method, str) else method  # a Method is a str

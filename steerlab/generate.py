@@ -43,6 +43,7 @@ from steerlab.sampling import (  # noqa: F401  (re-exported: the public helpers 
     sample,
     stop_token_ids,
 )
+from steerlab.slots import SlotBatch
 from steerlab.steps import StepState, announce, generating, listeners, steerings_in_force
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,6 @@ def _decode_part(model: Any, prompts: Sequence[Sequence[int]], seeds: list[int],
     steerings = steerings_in_force(model)
     start = dict(limits=[max_new_tokens] * n, temps=[float(temperature)] * n, seeds=seeds)
     if chosen is Engine.STATIC:
-        from steerlab.slots import SlotBatch
-
         width = max(len(p) for p in prompts)
         batch = SlotBatch(model, bucket_batch(n), bucket_capacity(width + max_new_tokens),
                           settings, graphs=observer is None)

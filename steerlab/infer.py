@@ -22,11 +22,14 @@ import numpy as np
 
 from steerlab.budget import check_context, free_memory, generation_need, rows_per_batch
 from steerlab.chat import MAX_MESSAGE_CHARS, encode_chat, think_end_marker
+from steerlab.checks import integer, number, seed, text
+from steerlab.engine import Engine
 from steerlab.errors import SteerlabError
-from steerlab.files import write_json_atomic
+from steerlab.files import read_json_list, write_json_atomic
 from steerlab.generate import RowMetrics, generate_with_metrics
 from steerlab.metrics import section_averages, split_sections
 from steerlab.personas import Persona, system_prompt_style
+from steerlab.placement import provenance
 from steerlab.results import LOG, RESULTS, RunStore
 from steerlab.runs import open_run, per_token_attrs, write_marker
 from steerlab.shards import shard_batches
@@ -57,9 +60,6 @@ class InferConfig:
     def validate(self, vocab_size: int | None = None) -> InferConfig:
         """Reject impossible values with the name of the option (``top_k_mass_k`` against
         ``vocab_size`` when given)."""
-        from steerlab.checks import integer, number, seed
-        from steerlab.engine import Engine
-
         Engine.parse(self.engine, field="engine")
         for name in ("max_tokens", "batch_size", "n_reps"):
             integer(getattr(self, name), name, lo=1)
@@ -93,11 +93,8 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
         >>> load_prompts("data/prompts.json")[:1]
         ['Who are you?']
     """
-    from steerlab.checks import text
-    from steerlab.personas import _read_json_list
-
     out = []
-    for i, item in enumerate(_read_json_list(path)):
+    for i, item in enumerate(read_json_list(path)):
         field = f"prompts[{i}]"
         if isinstance(item, dict):
             item, field = item.get("prompt"), f"{field}.prompt"
@@ -190,8 +187,6 @@ def run_inference(
     Example:
         >>> run_inference(model, ["Hi!"], [ASSISTANT], "logs/run", InferConfig(max_tokens=64))
     """
-    from steerlab.placement import provenance
-
     config.validate(vocab_size=model.cfg.d_vocab)
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
@@ -202,8 +197,6 @@ def run_inference(
     marker = think_end_marker(model.tokenizer)
     tasks = make_tasks(prompts, personae, config.n_reps)
     batches = [tasks[k : k + config.batch_size] for k in range(0, len(tasks), config.batch_size)]
-    from steerlab.engine import Engine
-
     engine = Engine.parse(config.engine, field="engine").resolve(model)
     check_inputs(model, prompts, personae, config, static=engine is Engine.STATIC)
     prov = {**provenance(model), "engines": [engine.value]}
@@ -253,6 +246,7 @@ def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Ta
     n_tasks = sum(len(batches[b]) for b in own)
     log.info("%d tasks in %d of the %d batches (from batch %d); %d of them already done",
              n_tasks, len(own), len(batches), own.start, len(done))
+    # deferred: rich
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 
 from steerlab.compat import ensure_bridge_reads_cache
 from steerlab.errors import SteerlabError
+from steerlab.placement import ModelOptions, check_placement, hf_placement
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers
 
     log.info("converting the embedded model %s to %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,10 +137,8 @@ def load_model(
         >>> model.cfg.n_layers
         30
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from steerlab.placement import ModelOptions, check_placement, hf_placement
+    from transformer_lens.model_bridge import TransformerBridge  # deferred: transformer_lens
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers
 
     opts = ModelOptions(
         model=str(name_or_path), device="auto" if device is None else str(device),
@@ -193,6 +193,7 @@ def _use_attention(hf_model: Any, attn_implementation: str) -> None:
     """
     if attn_implementation == "eager":
         return
+    # deferred: transformer_lens
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     try:
@@ -234,14 +235,12 @@ def _model_config(name_or_path: str | os.PathLike) -> dict | None:
     """A model's ``config.json`` without loading it: a local folder's, the embedded model's
     (also under its hub id), or a hub id's from the local cache (None when not cached).
     A missing local directory raises."""
-    import json
-
     name = str(name_or_path)
     source, _ = _resolve_source(EMBEDDED if name == EMBEDDED_REPO_ID else name)
     path = Path(source) / "config.json"
     if not path.is_file():
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # deferred: huggingface_hub
 
             cached = try_to_load_from_cache(source, "config.json")
         except Exception:  # an id the hub cache cannot name: leave the checks to the load
@@ -274,6 +273,18 @@ def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
     out = {name: next((cfg[k] for k in options if isinstance(cfg.get(k), int)), None)
            for name, options in keys.items()}
     return out if all(isinstance(v, int) for v in out.values()) else None  # type: ignore[return-value]
+
+
+def load_from_options(options: ModelOptions) -> Any:
+    """Validate ``options`` (the model flags of a command or YAML file) and load the model.
+
+    Example:
+        >>> model = load_from_options(ModelOptions(model="embedded", device="cpu"))
+    """
+    opts = options.validate()
+    return load_model(opts.model, device=opts.device, dtype=opts.dtype,
+                      device_map=opts.device_map, n_devices=opts.n_devices,
+                      attn_implementation=opts.attn_implementation)
 
 
 def model_type(name_or_id: str | os.PathLike) -> str | None:

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from steerlab.generate import left_pad, position_ids
+from steerlab.chat import encode_chat
 from steerlab.layers import HookPoint, check_layers, layer_hooks
+from steerlab.sampling import left_pad, position_ids
 
 __all__ = ["neutral_prompts", "residual_norms"]
 
@@ -44,8 +45,6 @@ def residual_norms(model: Any, layers: Sequence[int] | None = None,
         >>> residual_norms(model, [8, 16])
         {8: 41.2, 16: 77.9}
     """
-    from steerlab.chat import encode_chat
-
     chosen = check_layers(model, list(range(model.cfg.n_layers) if layers is None else layers))
     texts = list(neutral_prompts() if prompts is None else prompts)
     rows = [encode_chat(model.tokenizer, t) for t in texts]

@@ -11,6 +11,7 @@ from typing import Any
 
 from steerlab.checks import text
 from steerlab.errors import SteerlabError
+from steerlab.files import read_json_list
 
 SystemPrompt = Callable[["Persona"], "str | None"]
 
@@ -144,7 +145,7 @@ def load_personae(path: str | Path) -> list[Persona]:
     """
     src = str(path)
     out = []
-    for i, rec in enumerate(_read_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         where = f"personae[{i}]"
         if not isinstance(rec, dict):
             raise SteerlabError(f"got {rec!r:.60}; expected an object", source=src, field=where)
@@ -169,13 +170,3 @@ def persona_record(rec: dict, where: str, *, category: str | None = None,
              source=source),
         text(rec.get("article", ""), f"{where}.article", max_chars=MAX_ARTICLE_CHARS,
              source=source))
-
-
-def _read_json_list(path: str | Path) -> list:
-    from steerlab.files import read_json
-
-    path = Path(path)
-    data = read_json(path, "a JSON list")
-    if not isinstance(data, list) or not data:
-        raise SteerlabError("expected a non-empty JSON list", source=str(path))
-    return data

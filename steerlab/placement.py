@@ -192,22 +192,6 @@ class ModelOptions:
             values[name] = value
         return cls(**values).validate(source=source)
 
-    def load(self) -> Any:
-        """Validate and load the model (see :func:`steerlab.load_model`)."""
-        from steerlab.models import load_model
-
-        opts = self.validate()
-        return load_model(opts.model, device=opts.device, dtype=opts.dtype,
-                          device_map=opts.device_map, n_devices=opts.n_devices,
-                          attn_implementation=opts.attn_implementation)
-
-    def geometry(self) -> dict[str, int] | None:
-        """The model's ``n_layers``, ``d_model`` and ``vocab_size`` from its config, without
-        loading it (None for a hub id not cached here); a missing local model raises."""
-        from steerlab.models import model_geometry
-
-        return model_geometry(self.model)
-
     def local_files(self) -> list[Path]:
         """What a local model folder holds (``model`` a directory): inputs no output may
         alias (a run's ``config.json`` written over the model's). None for a hub id or the

@@ -35,6 +35,7 @@ def progress_bar(total: int, description: str, *, enabled: bool = True,
         ...     for item in items:
         ...         bar.update()
     """
+    # deferred: rich
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -57,8 +58,8 @@ def quiet_hf(progress: bool, level: int) -> None:
     Example:
         >>> quiet_hf(False, logging.INFO)  # no bars, only errors from transformers
     """
-    import huggingface_hub.utils
-    from transformers.utils import logging as hf_logging
+    import huggingface_hub.utils  # deferred: huggingface_hub
+    from transformers.utils import logging as hf_logging  # deferred: transformers
 
     hf_level = logging.INFO if level <= logging.DEBUG else logging.ERROR
     hf_logging.set_verbosity(hf_level)

@@ -28,7 +28,7 @@ import torch
 
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
-from steerlab.generate import left_pad, position_ids
+from steerlab.sampling import left_pad, position_ids
 from steerlab.scorers import Scorer, distinct_n
 
 __all__ = ["AnswerRater", "Setting", "answer_nll", "distinct_n"]

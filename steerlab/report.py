@@ -9,8 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from steerlab.checks import output_file
 from steerlab.files import read_json, write_text_atomic
+from steerlab.models import embedded_model_dir
 from steerlab.results import CONFIG, PER_TOKEN, load_results, read_per_token, run_files
+from steerlab.runs import check_finished
 from steerlab.viz import html_table, lens_heatmap, summary_figures, summary_stats
 
 log = logging.getLogger(__name__)
@@ -35,11 +38,9 @@ def run_tokenizer(results_dir: str | os.PathLike) -> Any:
         return None
     try:
         model = json.loads(config.read_text(encoding="utf-8"))["model"]
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: transformers
 
         if model == "embedded":
-            from steerlab.models import embedded_model_dir
-
             model = embedded_model_dir()
         return AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception as err:  # labels are a nicety: fall back to token ids
@@ -56,9 +57,6 @@ def report_path(results_dir: str | os.PathLike, output: str | os.PathLike | None
     Example:
         >>> report_path("logs/run", "logs/run/results.json")  # refused: the run's results
     """
-    from steerlab.checks import output_file
-    from steerlab.runs import check_finished
-
     root = check_finished(results_dir)
     return output_file(Path(output) if output else root / "report.html", "output",
                        inputs={"results_dir": run_files(root)})
@@ -77,7 +75,7 @@ def write_report(results_dir: str | os.PathLike, output: str | os.PathLike | Non
     Example:
         >>> write_report("logs/personae-inference-123")
     """
-    import plotly.io as pio
+    import plotly.io as pio  # deferred: plotly
 
     root = Path(results_dir)
     output = report_path(root, output)

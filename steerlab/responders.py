@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
+from steerlab.chat import encode_chat
 from steerlab.client import EndpointClient, bounded_map
+from steerlab.generate import generate
+from steerlab.pairs import prompt_id
 from steerlab.personas import ASSISTANT, Persona, no_system_prompt, you_are_a
 
 __all__ = ["Responder", "EndpointResponder", "LocalResponder", "encode_messages",
@@ -42,8 +45,6 @@ def question_seed(seed: int, question: str) -> int:
         >>> question_seed(1, "Who are you?") != question_seed(2, "Who are you?")
         True
     """
-    from steerlab.pairs import prompt_id
-
     return (int(prompt_id(question), 16) + 1_000_003 * int(seed)) % (2**31 - 1)
 
 
@@ -56,8 +57,6 @@ def encode_messages(tokenizer: Any, messages: Sequence[dict], persona: Persona =
                     ) -> list[int]:
     """Prompt ids for a conversation as given; a persona without a system message gets
     "You are <persona>." (shared by :class:`LocalResponder` and ``steerlab serve``)."""
-    from steerlab.chat import encode_chat
-
     style = no_system_prompt() if persona.is_assistant else you_are_a()
     return encode_chat(tokenizer, messages, persona=persona, system_prompt=style)
 
@@ -140,8 +139,6 @@ class LocalResponder:
                                self.persona)
 
     def respond(self, questions: Sequence[str]) -> Iterator[tuple[int, Outcome]]:
-        from steerlab.generate import generate
-
         tok = self.model.tokenizer
         for start in range(0, len(questions), self.batch_size):
             chunk = questions[start : start + self.batch_size]

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -263,8 +264,6 @@ def merge_run(path: str | os.PathLike) -> Path:
 def write_marker(store: RunStore, shard: tuple[int, int], batches: range,
                  identity: Mapping[str, Any], provenance: Mapping[str, Any]) -> Path:
     """Record that shard ``(i, n)`` has committed its ``batches`` (atomically)."""
-    import time
-
     path = store.marker(shard)
     write_json_atomic(path, {
         "shard": shard[0], "n_shards": shard[1], "batch_start": batches.start,

@@ -44,11 +44,16 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from steerlab import http_edge
+from steerlab.batcher import Batcher, Job
+from steerlab.budget import context_length
 from steerlab.chat_request import RequestError, parse_steering
+from steerlab.deadlines import Watch
 from steerlab.detokenize import Detokenizer
+from steerlab.engine import Engine
 from steerlab.errors import SteerlabError
-from steerlab.generate import NonFiniteError
-from steerlab.http_edge import Handler, Limits, Watch, check_exposure
+from steerlab.generate import NonFiniteError, generate
+from steerlab.http_edge import Handler, Limits, check_exposure
+from steerlab.models import model_id
 from steerlab.responders import encode_messages
 from steerlab.steer import Steering
 from steerlab.vector_names import VectorShelf
@@ -67,15 +72,11 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], model: Any, model_name: str, engine: str,
                  max_batch: int, max_context: int, sync_every: int, api_key: str | None,
                  limits: Limits, vectors_dir: str | os.PathLike | None = None):
-        from steerlab.engine import Engine
-
         _check_context(model, max_context)
         self.shelf = VectorShelf(vectors_dir) if vectors_dir is not None else None
         chosen = Engine.parse(engine, field="engine").resolve(model, batching=True)
         self.batcher: Any = None
         if chosen is Engine.STATIC:
-            from steerlab.batcher import Batcher
-
             self.batcher = Batcher(model, slots=max_batch, max_context=max_context,
                                    sync_every=sync_every)
         self.model, self.model_name, self.engine = model, model_name, chosen.value
@@ -208,8 +209,6 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
 
     def _eager(self, h: Handler, req: dict, ids: list[int], head: dict,
                steering: Steering | None, watch: Watch) -> tuple | None:
-        from steerlab.generate import generate
-
         while not self.lock.acquire(timeout=http_edge.POLL_S):  # waiting: deadline and client count
             if watch.stop():
                 return self._cut(watch, None)
@@ -244,8 +243,6 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
 
     def _batched(self, h: Handler, req: dict, ids: list[int], head: dict,
                  steering: Steering | None, watch: Watch) -> tuple | None:
-        from steerlab.batcher import Job
-
         seed = req["seed"] if req["seed"] is not None else random.getrandbits(31)
         job = Job(ids, req["max_tokens"], req["temperature"], seed, steering, head["id"])
         stream, tokens = None, []
@@ -284,8 +281,6 @@ def _failure(err: BaseException) -> RequestError:
 
 def _check_context(model: Any, max_context: int) -> None:
     """``max_context`` within what the model's positions allow (and at least 2)."""
-    from steerlab.budget import context_length
-
     most = context_length(model)
     if max_context < 2 or (most is not None and max_context > most):
         raise SteerlabError(f"got {max_context}; expected 2 to {most or 'any'} (the model's "
@@ -369,8 +364,6 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
         >>> srv = make_server(load_model("embedded"), port=0)
         >>> threading.Thread(target=srv.serve_forever, daemon=True).start()
     """
-    from steerlab.models import model_id
-
     check_exposure(host, api_key, no_auth)
     return _Server((host, port), model, model_name or model_id(model), engine, max_batch,
                    max_context, sync_every, api_key or None, limits or Limits(), vectors_dir)

@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from steerlab.choice import Choice
 from steerlab.errors import SteerlabError
 from steerlab.layers import check_layers, layer_hooks
+from steerlab.norms import residual_norms
 from steerlab.steps import StepState, in_force, is_generating, listen
 from steerlab.vectors import SteeringVector
 
@@ -257,8 +258,6 @@ def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
     known = {x: vector.resid_norm(x) for x in layers}
     missing = [x for x, n in known.items() if n is None]
     if missing:
-        from steerlab.norms import residual_norms
-
         log.info("the vector has no residual norms for layers %s; measuring them", missing)
         known.update(residual_norms(model, missing))
     out = []

@@ -25,6 +25,8 @@ import numpy as np
 
 from steerlab.evaluate import SteeringEval
 from steerlab.rating import Setting
+from steerlab.report import write_page
+from steerlab.viz import html_table, steering_figure
 
 __all__ = ["Criteria", "Row", "ValidationReport", "validation_report", "write_validation_html"]
 
@@ -208,10 +210,7 @@ def write_validation_html(path: str | os.PathLike, ev: SteeringEval,
     Example:
         >>> write_validation_html("eval.html", ev, validation_report(ev, trait="pirate"))
     """
-    import plotly.io as pio
-
-    from steerlab.report import write_page
-    from steerlab.viz import html_table, steering_figure
+    import plotly.io as pio  # deferred: plotly
 
     body = (f"<h1>Steering validation: {html.escape(report.trait or 'vector')}</h1><pre>"
             + html.escape("\n".join(report.lines())) + "</pre><h2>Strength curves</h2>"

@@ -17,6 +17,7 @@ from steerlab.errors import SteerlabError
 from steerlab.files import atomic_path, read_text, write_json_atomic
 from steerlab.layers import HookPoint
 from steerlab.metadata import json_object, layer_list, layer_values, strict_json
+from steerlab.models import model_type
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class SteeringVector:
 
     def check_model(self, n_layers: int, d_model: int, *, source: str | None = None) -> None:
         """Refuse a model this vector does not fit (its layer count, its width), e.g. with
-        :meth:`steerlab.placement.ModelOptions.geometry` before the model loads.
+        :func:`steerlab.models.model_geometry` before the model loads.
 
         Example:
             >>> v.check_model(30, 576, source="pirate.safetensors")
@@ -232,7 +233,7 @@ class SteeringVector:
         Example:
             >>> v.save("vectors/pirate")  # vectors/pirate.safetensors + vectors/pirate.json
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # deferred: safetensors
 
         st, side = vector_paths(path)
         zero = self.zero_layer()
@@ -302,7 +303,7 @@ class SteeringVector:
         Example:
             >>> v.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
         """
-        import gguf
+        import gguf  # deferred: gguf
 
         path = Path(path)
         layers = [x for x in self.layers if x > 0]
@@ -313,8 +314,6 @@ class SteeringVector:
             raise SteerlabError("the vector has only layer 0, which llama.cpp cannot steer",
                                 source=str(path), field="layers")
         if model_hint is None:
-            from steerlab.models import model_type
-
             model_hint = model_type(self.provenance.model_id) or self.provenance.model_id
         with atomic_path(path) as tmp:
             self._write_gguf(gguf.GGUFWriter(str(tmp), "controlvector"), model_hint, layers)
@@ -335,8 +334,8 @@ class SteeringVector:
 def _tensors(st: Path, layers: tuple[int, ...]) -> torch.Tensor:
     """The ``directions`` of a vector's safetensors file: finite floats ``[layer, d_model]``,
     one row per layer of the sidecar, whose list its ``layers`` tensor (when there) matches."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # deferred: safetensors
+    from safetensors.torch import load_file  # deferred: safetensors
 
     try:
         tensors = load_file(str(st))
@@ -360,7 +359,7 @@ def _tensors(st: Path, layers: tuple[int, ...]) -> torch.Tensor:
 def read_gguf(path: str | os.PathLike) -> dict[int, Any]:
     """``{layer: direction}`` of a GGUF control vector, via ``GGUFReader``: tensor
     ``direction.N`` is steerlab layer ``N`` (the inverse of :meth:`SteeringVector.to_gguf`)."""
-    import gguf
+    import gguf  # deferred: gguf
 
     try:
         reader = gguf.GGUFReader(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -36,8 +37,8 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
     Example:
         >>> box_by_category(load_results("logs/run"), ENTROPY_FIELDS).show()
     """
-    import plotly.colors
-    from plotly.subplots import make_subplots
+    import plotly.colors  # deferred: plotly
+    from plotly.subplots import make_subplots  # deferred: plotly
 
     fig = make_subplots(rows=1, cols=len(fields), subplot_titles=list(fields))
     palette = plotly.colors.qualitative.Plotly
@@ -99,8 +100,6 @@ def summary_stats(records: Sequence[dict], fields: Sequence[str] = METRIC_FIELDS
 
 def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
     """A plain HTML table of records (selected columns), for notebooks and reports."""
-    import html
-
     columns = list(columns or (rows[0].keys() if rows else []))
 
     def cell(x: Any) -> str:
@@ -121,7 +120,7 @@ def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
         >>> a = read_per_token("logs/run", 0)
         >>> lens_heatmap(a["lens_entropy"], tokenizer.convert_ids_to_tokens(a["tokens"]))
     """
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # deferred: plotly
 
     z = np.asarray(values, dtype=float).T  # [layer, token]
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)] if tokens is not None else None
@@ -141,9 +140,9 @@ def steering_figure(ev: Any) -> Any:
     Example:
         >>> steering_figure(evaluate_steering(model, v, ...)).show()
     """
-    import plotly.graph_objects as go
-    from plotly.colors import qualitative
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # deferred: plotly
+    from plotly.colors import qualitative  # deferred: plotly
+    from plotly.subplots import make_subplots  # deferred: plotly
 
     keys = (("coherent_trait", "coherent trait score"), ("trait", "trait score (all)"),
             ("coherence", "coherence"))

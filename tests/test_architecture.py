@@ -1,104 +1,92 @@
-"""docs/architecture.md stays true: every module is described, layers only import downwards,
-and no import cycle runs at module level (lazy imports inside functions are allowed)."""
+"""docs/architecture.md stays true: every module is described, layers only import downwards
+and no steerlab modules import each other in a circle, imports inside functions included; a
+lazy import says what heavy dependency it defers; nothing imports another module's private
+names or takes a name from a module that only re-exports it. The facts come from
+tests/arch_facts.py, which `make arch` prints."""
 
 from __future__ import annotations
 
-import ast
-import re
-from pathlib import Path
+import io
 
-import pytest
+from arch_facts import (
+    DOC,
+    Import,
+    all_imports,
+    cycles,
+    imports,
+    layers,
+    modules,
+    needless_lazy,
+    private_names,
+    reexported,
+    report,
+    upward,
+)
+from arch_facts import graph as import_graph
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "steerlab"
-DOC = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-
-
-def _modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        out[name] = path
-    return out
-
-
-def _imports(path: Path, *, top_level: bool) -> set[str]:
-    """steerlab modules imported by ``path`` (only module-level statements if top_level)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    nodes = tree.body if top_level else list(ast.walk(tree))
-    found = set()
-    for node in nodes:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("steerlab"):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("steerlab")}
-    return found
-
-
-def _layers() -> dict[str, int]:
-    """Layer of each top-level name, read from the diagram in docs/architecture.md."""
-    diagram = re.search(r"```\n(.*?)```", DOC, re.S)[1]
-    layer, out = 0, {}
-    for line in diagram.splitlines():
-        m = re.match(r"\s*(\d)\s+\S+(?:\s\S+)?\s{2,}(.*)", line)
-        if m:
-            layer, names = int(m[1]), m[2]
-        else:
-            names = line
-        for name in names.split():
-            out[name.removeprefix("steerlab/").removesuffix("/*")] = layer
-    return out
-
-
-def _layer_of(module: str, layers: dict[str, int]) -> int | None:
-    parts = module.split(".")[1:]
-    if not parts:
-        return None  # the package root re-exports everything
-    return layers.get(parts[0])
+TEXT = DOC.read_text(encoding="utf-8")
 
 
 def test_every_module_is_described():
-    missing = [m for m in _modules() if m != "steerlab" and not m.startswith("steerlab.cli.")
-               and f"{m.split('.')[1]}" not in DOC]
+    missing = [m for m in modules() if m != "steerlab" and not m.startswith("steerlab.cli.")
+               and f"{m.split('.')[1]}" not in TEXT]
     assert not missing, f"add to docs/architecture.md: {missing}"
-    for module in _modules():
+    for module in modules():
         top = module.split(".")[1] if "." in module else None
         if top and top != "cli":
-            assert f"**`{top}.py`**" in DOC or f"**`{top}/`**" in DOC, top
+            assert f"**`{top}.py`**" in TEXT or f"**`{top}/`**" in TEXT, top
 
 
 def test_layers_only_import_downwards():
-    layers = _layers()
-    modules = _modules()
-    unplaced = sorted({m.split(".")[1] for m in modules if "." in m} - set(layers))
+    """Lazy imports included: a function of a lower layer may not reach up either."""
+    table = layers()
+    unplaced = sorted({m.split(".")[1] for m in modules() if "." in m} - set(table))
     assert not unplaced, f"no layer in the diagram for {unplaced}"
-    wrong = []
-    for module, path in modules.items():
-        mine = _layer_of(module, layers)
-        if mine is None:
-            continue
-        for dep in _imports(path, top_level=False):
-            theirs = _layer_of(dep, layers)
-            if theirs is not None and theirs > mine:
-                wrong.append(f"{module} (layer {mine}) imports {dep} (layer {theirs})")
+    wrong = upward(all_imports(), table)
     assert not wrong, "\n".join(wrong)
 
 
-def test_no_module_level_import_cycles():
-    modules = _modules()
-    graph = {m: {d for d in _imports(p, top_level=True) if d in modules and d != m}
-             for m, p in modules.items() if m != "steerlab"}
+def test_no_import_circles_lazy_imports_included():
+    found = cycles(import_graph(all_imports()))
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
 
-    def visit(node: str, stack: list[str], done: set[str]) -> None:
-        if node in stack:
-            pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(node):], node]))
-        if node in done:
-            return
-        for dep in graph.get(node, ()):
-            visit(dep, [*stack, node], done)
-        done.add(node)
 
-    done: set[str] = set()
-    for module in graph:
-        visit(module, [], done)
+def test_lazy_imports_only_defer_heavy_dependencies():
+    wrong = needless_lazy(all_imports())
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_private_names_from_other_modules():
+    wrong = private_names(all_imports())
+    assert not wrong, "\n".join(wrong)
+
+
+def test_names_come_from_the_module_that_defines_them():
+    wrong = reexported(all_imports())
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checks_see_lazy_imports_and_circles(tmp_path):
+    """The reader finds an import inside a function, with its comment; the circle finder
+    finds a circle closed by it and names its modules in order."""
+    path = tmp_path / "a.py"
+    path.write_text("import json\n\n\ndef f():\n    from steerlab.b import _x\n"
+                    "    import plotly.io  # deferred: plotly\n", encoding="utf-8")
+    found = imports("steerlab.a", path, {"steerlab.a", "steerlab.b"})
+    assert found == [Import("steerlab.a", "json", (), 1, False, None),
+                     Import("steerlab.a", "steerlab.b", ("_x",), 5, True, None),
+                     Import("steerlab.a", "plotly.io", (), 6, True, "plotly")]
+    assert private_names(found) == ["steerlab.a:5 imports steerlab.b._x"]
+    assert len(needless_lazy(found)) == 1
+    edges = {"steerlab.a": {"steerlab.b"}, "steerlab.b": {"steerlab.c"},
+             "steerlab.c": {"steerlab.a", "steerlab.d"}, "steerlab.d": set()}
+    assert cycles(edges) == [["steerlab.a", "steerlab.b", "steerlab.c", "steerlab.a"]]
+    assert cycles({**edges, "steerlab.c": {"steerlab.d"}}) == []
+
+
+def test_make_arch_prints_the_facts():
+    out = io.StringIO()
+    report(out)
+    text = out.getvalue()
+    assert "Import circles among steerlab modules, lazy imports included: 0" in text
+    assert "Imports against the layer order: 0" in text

@@ -439,12 +439,11 @@ class ModelLoaded(AssertionError):
 
 @pytest.fixture
 def tripwire(monkeypatch):
-    from steerlab import models, placement
+    from steerlab import models
 
     def loaded(*args, **kwargs):
         raise ModelLoaded("the model loaded before the bad input was refused")
 
-    monkeypatch.setattr(placement.ModelOptions, "load", loaded)
     monkeypatch.setattr(models, "load_model", loaded)
 
 

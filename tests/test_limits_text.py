@@ -49,12 +49,11 @@ class ModelLoaded(AssertionError):
 
 @pytest.fixture
 def tripwire(monkeypatch):
-    from steerlab import models, placement
+    from steerlab import models
 
     def loaded(*args, **kwargs):
         raise ModelLoaded("the model loaded before the bad input was refused")
 
-    monkeypatch.setattr(placement.ModelOptions, "load", loaded)
     monkeypatch.setattr(models, "load_model", loaded)
 
 
@@ -346,9 +345,9 @@ def test_generate_refuses_a_prompt_longer_than_the_context(tiny_model):
 
 def test_infer_refuses_a_rendering_longer_than_the_context_before_the_run_folder(
         tiny_model, tmp_path, monkeypatch, capsys):
-    from steerlab import placement
+    from steerlab import models
 
-    monkeypatch.setattr(placement.ModelOptions, "load", lambda self: tiny_model)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny_model)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Hi", "word " * 1100]))
     out = tmp_path / "run"

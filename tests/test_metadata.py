@@ -76,12 +76,11 @@ def assert_cli_refuses(capsys, file: str, field: str | None, *args: str) -> None
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a command loads a model before refusing its input."""
-    from steerlab import models, placement
+    from steerlab import models
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model loaded before the bad input was refused")
 
-    monkeypatch.setattr(placement.ModelOptions, "load", loaded)
     monkeypatch.setattr(models, "load_model", loaded)
 
 

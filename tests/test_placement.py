@@ -20,7 +20,7 @@ from steerlab.capture import capture_pairs
 from steerlab.chat import encode_chat
 from steerlab.errors import SteerlabError
 from steerlab.generate import generate_with_metrics, stop_token_ids
-from steerlab.models import load_model
+from steerlab.models import load_from_options, load_model
 from steerlab.pairs import Pair
 from steerlab.placement import (
     ModelOptions,
@@ -109,7 +109,7 @@ def test_device_maps_parse():
 
 
 def test_explicit_cpu_device_map_loads_and_checks():
-    model = ModelOptions(device_map='{"": "cpu"}').load()
+    model = load_from_options(ModelOptions(device_map='{"": "cpu"}'))
     assert provenance(model)["devices"] == ["cpu"]
 
 

@@ -23,6 +23,7 @@ from steerlab.cli._app import app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import number_list
 from steerlab.errors import SteerlabError
+from steerlab.models import load_from_options, model_geometry
 from steerlab.placement import ModelOptions
 
 ESC = b"\x1b"
@@ -288,7 +289,7 @@ def chat(
     engine = check_engine(engine)
     if vector:
         _check_vector(model, vector, chosen)
-    bridge = model.load()
+    bridge = load_from_options(model)
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed, engine=engine)
     session.set_persona(persona)
@@ -312,7 +313,7 @@ def _check_vector(model: ModelOptions, vector: str, chosen: list[int]) -> None:
     from steerlab.vectors import SteeringVector
 
     loaded = SteeringVector.load(vector)
-    geometry = model.geometry()
+    geometry = model_geometry(model.model)
     if geometry:  # a vector of another model is refused before this one loads
         loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
     have = loaded.layers

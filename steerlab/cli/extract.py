@@ -11,6 +11,7 @@ import typer
 from steerlab.cli._app import app
 from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
+from steerlab.models import load_from_options, model_geometry
 
 log = logging.getLogger("steerlab.extract")
 
@@ -52,7 +53,7 @@ def extract(
     part = parse_shard(shard)
     style = system_prompt_style(cfg.system_prompt)
     pairs = load_pairs(cfg.pairs)
-    geometry = cfg.model.geometry()
+    geometry = model_geometry(cfg.model.model)
     try:
         inputs = {"config": config, "pairs": cfg.pairs, "model": cfg.model.local_files()}
         target = check_output(cfg.output, part, inputs)
@@ -65,7 +66,7 @@ def extract(
         raise SteerlabError(str(err), source=str(config)) from None
     _log_to(cfg.log_file)
     log.info("config %s: %d pairs from %s, shard %d/%d", config, len(pairs), cfg.pairs, *part)
-    bridge = cfg.model.load()
+    bridge = load_from_options(cfg.model)
     try:
         layers = None if cfg.layers is None else check_layers(bridge, list(cfg.layers))
     except SteerlabError as err:

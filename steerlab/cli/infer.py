@@ -9,6 +9,7 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
+from steerlab.models import load_from_options, model_geometry
 from steerlab.placement import ModelOptions
 
 
@@ -48,7 +49,7 @@ def infer(
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
     personae = load_personae(personae_json)
-    geometry = model.geometry()
+    geometry = model_geometry(model.model)
     config = InferConfig(model=model.model, temperature=temperature, max_tokens=max_tokens,
                          batch_size=batch_size, n_reps=n_reps, top_k_mass_k=top_k_mass_k,
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
@@ -58,7 +59,7 @@ def infer(
     check_run_target(output_dir, part, inputs={"prompts_json": prompts_json,
                                                 "personae_json": personae_json,
                                                 "model": model.local_files()})
-    bridge = model.load()
+    bridge = load_from_options(model)
     out = run_inference(bridge, prompts, personae, output_dir, config, shard=part,
                         progress=progress,
                         extra_config={"prompts_json": str(prompts_json),

@@ -10,6 +10,7 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import check_engine, model_flags
+from steerlab.models import load_from_options
 from steerlab.placement import ModelOptions
 
 
@@ -93,7 +94,8 @@ def serve(
     a key required beyond localhost; tokens, prompt, body, time, queue and connections
     bounded; HTTP/1.1 keep-alive (a stream closes its connection)."""
     from steerlab.checks import integer
-    from steerlab.serve import Limits, check_exposure, make_server
+    from steerlab.http_edge import Limits, check_exposure
+    from steerlab.serve import make_server
     from steerlab.vector_names import VectorShelf
 
     integer(port, "port", lo=0, hi=65535)
@@ -106,7 +108,7 @@ def serve(
     if vectors_dir is not None:
         VectorShelf(vectors_dir)  # the server's own folder check, before the model loads
     name = name or model.model
-    srv = make_server(model.load(), host, port, model_name=name, engine=engine,
+    srv = make_server(load_from_options(model), host, port, model_name=name, engine=engine,
                       max_batch=max_batch, max_context=max_context, sync_every=sync_every,
                       api_key=api_key, no_auth=no_auth, limits=limits,
                       vectors_dir=vectors_dir)

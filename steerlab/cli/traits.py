@@ -10,6 +10,7 @@ import typer
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
 from steerlab.errors import SteerlabError
+from steerlab.models import load_from_options
 from steerlab.placement import ModelOptions
 
 sub = typer.Typer(help="Trait data pipeline: list, generate, collect, judge, filter, merge.",
@@ -185,7 +186,7 @@ def collect(
         _check_endpoint(url or None, concurrency, retries, timeout, field)
     questions = _questions(t, held_out, trait)
     out = _collected_file(_run_dir(run_dir, t), held_out, trait, model)
-    local = cache(model.load)
+    local = cache(lambda: load_from_options(model))
     opts = dict(max_tokens=max_tokens, batch_size=batch_size, concurrency=concurrency,
                 retries=retries, timeout=timeout)
     a = _responder("chosen", t, chosen_url, chosen_model, chosen_key_env, chosen_system,

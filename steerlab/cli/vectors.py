@@ -12,6 +12,7 @@ from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import layer_groups, number_list
 from steerlab.errors import SteerlabError
+from steerlab.models import load_from_options, model_geometry
 from steerlab.placement import ModelOptions
 
 sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
@@ -105,7 +106,7 @@ def evaluate(
               "model": model.local_files()}
     _check_eval_outputs(out, inputs)
     shuffled = _shuffled_control(vec, source)
-    bridge = model.load()
+    bridge = load_from_options(model)
     ev = evaluate_steering(bridge, vec, questions, scorer, trait_instruction=t.prompted_instruction,
                            layers=groups, strengths=fixed, config=config, shuffled=shuffled,
                            resume=out.with_name(out.name + ".points.jsonl"), progress=progress)
@@ -117,7 +118,7 @@ def _model_vector(model: ModelOptions, vector: Path) -> Any:
     from steerlab.vectors import SteeringVector
 
     vec = SteeringVector.load(vector)
-    geometry = model.geometry()
+    geometry = model_geometry(model.model)
     if geometry:  # a vector of another model is refused before this one loads
         vec.check_model(geometry["n_layers"], geometry["d_model"], source=str(vector))
     return vec
