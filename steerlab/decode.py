@@ -127,6 +127,10 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
 
     ``rows`` are the state rows the logits belong to (all by default); ``resid`` is the last
     position's ``resid_post`` per layer (lens). All on the device, no host reads."""
+    # No .item(), .tolist() or `if` on a tensor here: a host read would wait for the device
+    # every step and cannot be captured in a CUDA graph; the host reads the state every
+    # `sync_every` steps instead. So every row is computed, finished ones too (fixed shapes,
+    # no per-row branch), and masks decide what each row keeps.
     s = st.settings
     ix = st.index if rows is None else rows
     active, n_out = st.active[ix], st.n_out[ix]
@@ -137,6 +141,8 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
         temps = st.temps[ix]
         drawn = sample(logits, torch.where(temps > 0, temps, 1.0), st.seeds[ix], n_out)
         nxt = torch.where(temps > 0, drawn, nxt)
+    # a row writes at its own count of emitted tokens; a finished row's count no longer moves,
+    # so what it writes lands past its reply, where readers (cut at n_out) never look
     col = n_out.clamp(max=st.width - 1)
     if s.k:
         ent, mass, logp = chosen_metrics(logits, s.k, nxt)
@@ -150,11 +156,18 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
     # NaN logits argmax to an arbitrary id: such a row stops here, flagged, emitting nothing
     broken = active & ~torch.isfinite(logits).all(-1)
     st.broken[ix] = st.broken[ix] | broken
+    # a stop token ends the row and is not part of the reply; hit_stop tells a stop from the
+    # length limit (finish reason)
     is_stop = (nxt[:, None] == st.stops).any(-1) & active & ~broken
     emitted = active & ~is_stop & ~broken
+    # -1 (no token id) where nothing was emitted: the write is unconditional, and a stop token
+    # or a finished row's argmax must not sit in the buffer as if it were a token
     st.tokens[ix, col] = torch.where(emitted, nxt, -1)
     st.hit_stop[ix] = st.hit_stop[ix] | is_stop
     if s.marker:
+        # the last len(marker) emitted tokens (-1 at start: matches no id); once they spell
+        # `</think>` the row is in its output for good, so the next forward (output-only
+        # steering) sees it
         window = st.window[ix]
         shifted = torch.cat([window[:, 1:], nxt[:, None]], dim=1)
         window = torch.where(emitted[:, None], shifted, window)
@@ -164,6 +177,7 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
     st.n_out[ix] = n_out
     still = emitted & (n_out < st.limit[ix])
     st.active[ix] = still
+    # the next forward's input: finished rows still run it, on the pad id
     st.next_ids[ix] = torch.where(still, nxt, s.pad_id)
 
 

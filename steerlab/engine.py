@@ -239,8 +239,17 @@ class CapturedStep:
             fn()
             return
         self.wanted = False  # capture once
+        # The warm-up runs the step for real, advancing the decode state (tokens, counts,
+        # write positions; a capture only records): it is saved here and put back after each
+        # run, so the step that follows starts from the state it was given. The KV cache is
+        # not saved: a warm-up writes there what the real step writes, at the same positions.
         saved = {k: v.clone() for k, v in self.state.items()}
         try:
+            # Warm-up, as in PyTorch's CUDA-graph recipe (a few calls on a side stream, then
+            # joined back): a step's first calls do lazy one-time CUDA work (library handles
+            # and workspaces, kernel choice, allocator growth) that must happen before the
+            # capture, not be recorded into it. Two calls leave a margin for work a first call
+            # leaves to the next.
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -249,14 +258,14 @@ class CapturedStep:
                     _restore(self.state, saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_pool()):
+            with torch.cuda.graph(graph, pool=_pool()):  # one pool for every step: see _pool
                 fn()
             self.graph = graph
         except RuntimeError as err:
             log.warning("the decode step could not be captured as a CUDA graph (%s); "
                         "running it without one", str(err).splitlines()[0])
             torch.cuda.synchronize()
-        _restore(self.state, saved)
+        _restore(self.state, saved)  # also after a warm-up that failed half-way
         self.run(fn)
 
 
@@ -269,7 +278,11 @@ _POOL: Any = None
 
 
 def _pool() -> Any:
-    global _POOL  # one memory pool for all graphs: only one replays at a time
+    # One memory pool for every captured step, not a private pool per graph (each would hold
+    # its intermediates for as long as the graph lives: one per bucket and step structure).
+    # Sharing is safe because steps replay one at a time and keep nothing in pool memory
+    # that a later step reads: what a step keeps goes into its workspace (state, KV cache).
+    global _POOL
     if _POOL is None:
         _POOL = torch.cuda.graph_pool_handle()
     return _POOL
