@@ -179,61 +179,16 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     if not questions or not held_out or not trait.positive_instructions:
         raise SteerlabError("the demo needs questions, held-out questions and positive and "
                             "negative instructions", source=config.trait)
-    with as_file(DATA / "prompts.json") as f:
-        prompts = load_prompts(f)[: config.n_prompts]
-    with as_file(DATA / "personae.json") as f:
-        personae = _pick_personae(load_personae(f), config.personae_per_category)
+    prompts, personae = _persona_inputs(config)
     bridge = model if model is not None else load_from_options(config.model)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
     write_json_atomic(out / "demo-config.json", asdict(config))
-
-    log.info("demo: 1/6 trait pairs: collect, judge, filter")
-    pd = out / "pairs"
-    pd.mkdir(exist_ok=True)
-    pos = LocalResponder(bridge, trait.positive_instructions[0], max_tokens=config.max_tokens,
-                         engine=config.engine)
-    neg = LocalResponder(bridge, trait.negative_instructions[0], max_tokens=config.max_tokens,
-                         engine=config.engine)
-    collect(questions, pos, neg, pd / "collected.jsonl", samples=config.samples,
-            progress=progress)
-    judge(pd / "collected.jsonl", pd / "judged.jsonl", scorer_judge(trait.build_scorer()),
-          progress=progress)
-    pairs = filter_pairs(pd / "collected.jsonl", pd / "judged.jsonl", pd / "pairs.jsonl",
-                         threshold=config.threshold, min_distinct=config.min_distinct)
-    collected = len({r["id"] for r in read_jsonl(pd / "collected.jsonl")})
-    if len(pairs) < 4:
-        raise SteerlabError(f"only {len(pairs)} pairs passed the filter; need at least 4",
-                            source=str(pd / "pairs.jsonl"))
-
-    log.info("demo: 2/6 capture activations")
-    h5 = extract(bridge, pairs, out / "activations.h5", layers=config.layers, mean=True,
-                 pairs_file=str(pd / "pairs.jsonl"), progress=progress)
-
-    log.info("demo: 3/6 fit vectors")
-    vector, _ = fit_vector(h5, "mean-diff", mean=True)
-    vector.save(out / "vector")
-    _, probe = fit_vector(h5, "probe", mean=True)
-    accuracy = dict(zip(config.layers, probe.accuracy.tolist(), strict=True))
-    write_json_atomic(out / "probe.json", {str(k): v for k, v in accuracy.items()})
-
-    log.info("demo: 4/6 steering sweep")
-    ev = evaluate_steering(bridge, vector, held_out, trait.build_scorer(),
-                           trait_instruction=trait.prompted_instruction,  # spread groups
-                           strengths=config.strengths,
-                           config=EvalConfig(search=config.search,
-                                             max_new_tokens=config.eval_tokens,
-                                             engine=config.engine),
-                           shuffled=shuffled_control(vector, h5),
-                           resume=out / "steering-eval.points.jsonl", progress=progress)
-    ev.save(out / "steering-eval.json")
-    validation = validation_report(ev, trait=trait.name)
-    write_validation_html(out / "steering-eval.html", ev, validation)
-
-    log.info("demo: 5/6 persona entropy")
-    run_inference(bridge, prompts, personae, out / "personae",
-                  InferConfig(model=config.model.model, max_tokens=config.persona_tokens,
-                              batch_size=64, engine=config.engine), progress=progress)
-    records = load_results(out / "personae")
+    run = _Stages(out, bridge, trait, config, progress)
+    pairs, collected = run.pairs(questions)
+    h5 = run.capture(pairs)
+    vector, accuracy = run.fit(h5)
+    ev, validation = run.evaluate(vector, h5, held_out)
+    records = run.personae(prompts, personae)
 
     log.info("demo: 6/6 report")
     b, steered = ev.best, validation.row("steered")
@@ -253,6 +208,93 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     write_report(out / "report.html", summary, ev, validation, accuracy, records)
     write_json_atomic(out / "summary.json", asdict(summary))
     return summary
+
+
+def _persona_inputs(config: DemoConfig) -> tuple[list[str], list[Any]]:
+    """The persona-entropy run's prompts and personae, from the package data."""
+    with as_file(DATA / "prompts.json") as f:
+        prompts = load_prompts(f)[: config.n_prompts]
+    with as_file(DATA / "personae.json") as f:
+        personae = _pick_personae(load_personae(f), config.personae_per_category)
+    return prompts, personae
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The demo's stages 1 to 5 on one model, trait and config, each writing into the run
+    folder ``out`` and resuming from what an interrupted run left there."""
+
+    out: Path
+    bridge: Any
+    trait: Any
+    config: DemoConfig
+    progress: bool
+
+    def pairs(self, questions: list[str]) -> tuple[list[Any], int]:
+        """1/6: answers with the first positive and negative instruction, judged by the
+        trait's scorer, filtered into pairs; also how many questions were answered."""
+        log.info("demo: 1/6 trait pairs: collect, judge, filter")
+        c, t, pd = self.config, self.trait, self.out / "pairs"
+        pd.mkdir(exist_ok=True)
+        pos = LocalResponder(self.bridge, t.positive_instructions[0], max_tokens=c.max_tokens,
+                             engine=c.engine)
+        neg = LocalResponder(self.bridge, t.negative_instructions[0], max_tokens=c.max_tokens,
+                             engine=c.engine)
+        collect(questions, pos, neg, pd / "collected.jsonl", samples=c.samples,
+                progress=self.progress)
+        judge(pd / "collected.jsonl", pd / "judged.jsonl", scorer_judge(t.build_scorer()),
+              progress=self.progress)
+        pairs = filter_pairs(pd / "collected.jsonl", pd / "judged.jsonl", pd / "pairs.jsonl",
+                             threshold=c.threshold, min_distinct=c.min_distinct)
+        collected = len({r["id"] for r in read_jsonl(pd / "collected.jsonl")})
+        if len(pairs) < 4:
+            raise SteerlabError(f"only {len(pairs)} pairs passed the filter; need at least 4",
+                                source=str(pd / "pairs.jsonl"))
+        return pairs, collected
+
+    def capture(self, pairs: list[Any]) -> Path:
+        """2/6: both answers of every pair at the divergence token and their response means."""
+        log.info("demo: 2/6 capture activations")
+        return extract(self.bridge, pairs, self.out / "activations.h5",
+                       layers=self.config.layers, mean=True,
+                       pairs_file=str(self.out / "pairs" / "pairs.jsonl"), progress=self.progress)
+
+    def fit(self, h5: Path) -> tuple[Any, dict[int, float]]:
+        """3/6: the mean-difference vector (saved) and a probe's held-out accuracy per layer."""
+        log.info("demo: 3/6 fit vectors")
+        vector, _ = fit_vector(h5, "mean-diff", mean=True)
+        vector.save(self.out / "vector")
+        _, probe = fit_vector(h5, "probe", mean=True)
+        accuracy = dict(zip(self.config.layers, probe.accuracy.tolist(), strict=True))
+        write_json_atomic(self.out / "probe.json", {str(k): v for k, v in accuracy.items()})
+        return vector, accuracy
+
+    def evaluate(self, vector: Any, h5: Path, held_out: list[str]) -> tuple[Any, Any]:
+        """4/6: the strength search over spread layer groups with both controls, and its
+        validation report."""
+        log.info("demo: 4/6 steering sweep")
+        c, t = self.config, self.trait
+        ev = evaluate_steering(self.bridge, vector, held_out, t.build_scorer(),
+                               trait_instruction=t.prompted_instruction,  # spread groups
+                               strengths=c.strengths,
+                               config=EvalConfig(search=c.search, max_new_tokens=c.eval_tokens,
+                                                 engine=c.engine),
+                               shuffled=shuffled_control(vector, h5),
+                               resume=self.out / "steering-eval.points.jsonl",
+                               progress=self.progress)
+        ev.save(self.out / "steering-eval.json")
+        validation = validation_report(ev, trait=t.name)
+        write_validation_html(self.out / "steering-eval.html", ev, validation)
+        return ev, validation
+
+    def personae(self, prompts: list[str], personae: list[Any]) -> list[dict]:
+        """5/6: the persona-entropy run and its records."""
+        log.info("demo: 5/6 persona entropy")
+        c = self.config
+        run_inference(self.bridge, prompts, personae, self.out / "personae",
+                      InferConfig(model=c.model.model, max_tokens=c.persona_tokens,
+                                  batch_size=64, engine=c.engine), progress=self.progress)
+        return load_results(self.out / "personae")
 
 
 def write_report(path: Path, summary: DemoSummary, ev: Any, validation: Any,
