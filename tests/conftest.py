@@ -174,6 +174,21 @@ def run_cli(*args: str) -> int:
     return 0
 
 
+class ModelLoaded(AssertionError):
+    """Raised by the tripwire: a bad input reached model loading."""
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Fail the test if a command loads a model before refusing its input."""
+    from steerlab import models
+
+    def loaded(*args, **kwargs):
+        raise ModelLoaded("the model loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load_model", loaded)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The converted embedded model directory (converted once per cache)."""

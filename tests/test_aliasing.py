@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_bad_inputs import _acts, _snapshot, tripwire  # noqa: F401 (a fixture)
+from test_bad_inputs import _acts, _snapshot
 
 from steerlab.checks import aliased, output_dir, output_file
 from steerlab.errors import SteerlabError
@@ -208,7 +208,7 @@ def workspace(tmp_path_factory, tiny_model):
 
 
 @pytest.mark.parametrize("case", ROWS, ids=[r[0] for r in ROWS])
-def test_an_output_aliasing_an_input_is_refused(case, workspace, tripwire, monkeypatch,  # noqa: F811
+def test_an_output_aliasing_an_input_is_refused(case, workspace, tripwire, monkeypatch,
                                                 capsys):
     from conftest import run_cli
 

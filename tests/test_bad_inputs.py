@@ -433,20 +433,6 @@ def _snapshot(w: Path) -> dict[str, str]:
     return out
 
 
-class ModelLoaded(AssertionError):
-    """Raised by the tripwire: a bad input reached model loading."""
-
-
-@pytest.fixture
-def tripwire(monkeypatch):
-    from steerlab import models
-
-    def loaded(*args, **kwargs):
-        raise ModelLoaded("the model loaded before the bad input was refused")
-
-    monkeypatch.setattr(models, "load_model", loaded)
-
-
 @pytest.mark.parametrize("case", CLI_ROWS, ids=[r.id for r in CLI_ROWS])
 def test_bad_input_is_one_line_and_exit_2(case, workspace, tripwire, monkeypatch, capsys):
     from steerlab.cli import main

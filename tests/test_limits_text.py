@@ -43,20 +43,6 @@ PAIR = {"prompt": "Hi", "chosen": "Ahoy!", "rejected": "Hello."}
 TRAIT = {"name": "t", "trait_instruction": "Speak like a pirate.", "questions": ["Hi?"]}
 
 
-class ModelLoaded(AssertionError):
-    """A bad input reached model loading."""
-
-
-@pytest.fixture
-def tripwire(monkeypatch):
-    from steerlab import models
-
-    def loaded(*args, **kwargs):
-        raise ModelLoaded("the model loaded before the bad input was refused")
-
-    monkeypatch.setattr(models, "load_model", loaded)
-
-
 def _refused(capsys, code: int, file: Path | None, field: str, fragment: str) -> str:
     """Exit 2 and one stderr line naming the file and the field; returns the line."""
     err = capsys.readouterr().err

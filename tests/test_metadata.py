@@ -73,17 +73,6 @@ def assert_cli_refuses(capsys, file: str, field: str | None, *args: str) -> None
         assert f"field {field!r}" in lines[0], lines
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a command loads a model before refusing its input."""
-    from steerlab import models
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model loaded before the bad input was refused")
-
-    monkeypatch.setattr(models, "load_model", loaded)
-
-
 # ----------------------------------------------------------------- vector sidecars, a table
 
 DROP = object()
@@ -177,7 +166,7 @@ def test_corrupt_sidecar_is_refused(row, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("row", SIDECAR_TEXT_ROWS, ids=[r[0] for r in SIDECAR_TEXT_ROWS])
-def test_sidecar_that_is_not_strict_json_is_refused(row, tmp_path, capsys, no_model):
+def test_sidecar_that_is_not_strict_json_is_refused(row, tmp_path, capsys, tripwire):
     _, old, new, field = row
     st_path = make_vector(tmp_path / "v")
     side = _sidecar(st_path)
@@ -211,7 +200,7 @@ def test_corrupt_tensors_are_refused(case, tmp_path, capsys):
                        str(tmp_path / "x.gguf"))
 
 
-def test_vector_of_another_model_is_refused_before_it_loads(tmp_path, capsys, no_model):
+def test_vector_of_another_model_is_refused_before_it_loads(tmp_path, capsys, tripwire):
     """The embedded model (30 layers, d_model 576) is read from its config, not loaded."""
     st_path = make_vector(tmp_path / "v")  # d_model 8
     assert_cli_refuses(capsys, "v.safetensors", "d_model", "vectors", "eval", str(st_path),
