@@ -3,7 +3,7 @@
     python benchmarks/bench_capture.py [--pairs 32] [--batch 8] [--quick]
 
 Prints tokens/s of (a) a bare HF forward over the same left-padded batches, (b)
-steerlab.capture.capture_pairs at every layer (target >= 0.95 of a), (c) the bridge's
+steerlab.extraction.capture.capture_pairs at every layer (target >= 0.95 of a), (c) the bridge's
 run_with_cache of everything, and the peak RSS of `extract` for 1x and 10x pairs.
 """
 
@@ -46,8 +46,8 @@ def best_of(fn, repeat: int = 3) -> float:
 
 
 def rss_child(n: int) -> None:
-    from steerlab.extract import extract
-    from steerlab.models import load_model
+    from steerlab.extraction.extract import extract
+    from steerlab.model.loading import load_model
 
     model = load_model("embedded", device="cpu")
     with tempfile.TemporaryDirectory() as d:
@@ -64,9 +64,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child)
-    from steerlab.capture import capture_pairs, tokenize_pair
-    from steerlab.generate import left_pad
-    from steerlab.models import load_model
+    from steerlab.extraction.capture import capture_pairs, tokenize_pair
+    from steerlab.model.inputs import left_pad
+    from steerlab.model.loading import load_model
 
     n = 8 if args.quick else args.pairs
     model = load_model("embedded", device="cpu")

@@ -142,7 +142,7 @@ def build_model(shape: dict[str, int], dev: torch.device, dtype: torch.dtype, ou
     """Save a random-weight Llama of ``shape`` with the embedded tokenizer; returns #params."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from steerlab.models import embedded_model_dir
+    from steerlab.model.loading import embedded_model_dir
 
     src = embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(src)
@@ -195,8 +195,8 @@ def off_device(b: Bench, model: Any) -> tuple[int, int]:
 
 
 def chat_prompts(tok: Any, n: int) -> list[list[int]]:
-    from steerlab.chat import encode_chat
-    from steerlab.personas import load_personae
+    from steerlab.model.personas import load_personae
+    from steerlab.model.templates import encode_chat
 
     prompts = json.loads((DATA / "prompts.json").read_text())
     personae = load_personae(DATA / "personae.json")
@@ -205,7 +205,7 @@ def chat_prompts(tok: Any, n: int) -> list[list[int]]:
 
 
 def random_pairs(n: int, seed: int = 0) -> list[Any]:
-    from steerlab.pairs import Pair
+    from steerlab.traits.pairs import Pair
 
     rng = random.Random(seed)
     words = ("sea wind sail ship storm gold map island crew anchor harbour rope deck "
@@ -260,7 +260,8 @@ def bench_generation(b: Bench) -> dict:
 def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
     """steerlab generate (with and without metrics) vs HF generate, same attention."""
     import steerlab
-    from steerlab.generate import generate_with_metrics, left_pad
+    from steerlab.generation.generate import generate_with_metrics
+    from steerlab.model.inputs import left_pad
 
     rows, n, tok = [], b.args.new_tokens, model.tokenizer
     for batch in b.args.batches:
@@ -272,7 +273,7 @@ def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
                 do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id),
             "metrics": lambda k, i=ids: generate_with_metrics(model, i, max_new_tokens=k,
                                                               stop_ids=NEVER),
-            "plain": lambda k, i=ids: steerlab.generate(model, i, max_new_tokens=k,
+            "plain": lambda k, i=ids: steerlab.generation.generate(model, i, max_new_tokens=k,
                                                         stop_ids=NEVER),
         }
         runs = {name: timed(b, lambda f=f: f(n), b.args.repeats, lambda f=f: f(min(n, 4)))
@@ -325,7 +326,7 @@ def hf_static_generate(b: Bench, hf: Any, pad_id: int, input_ids: torch.Tensor,
 
 def graphs_captured(model: Any) -> int:
     """Decode steps of ``model``'s static-engine workspaces that replay a CUDA graph."""
-    from steerlab.engine import workspaces
+    from steerlab.generation.cache import workspaces
 
     kept = workspaces(model)
     return sum(step.graph is not None for ws in kept.values() for step in ws.steps.values())
@@ -339,8 +340,9 @@ def bench_engine(b: Bench) -> dict:
     its captured graphs, and HF's compiled shapes depend on the length), then the timed runs
     alternate the paths."""
     import steerlab
-    from steerlab.engine import captures, release_workspaces
-    from steerlab.generate import generate_with_metrics, left_pad
+    from steerlab.generation.cache import captures, release_workspaces
+    from steerlab.generation.generate import generate_with_metrics
+    from steerlab.model.inputs import left_pad
 
     model, n = b.steerlab_model(), b.args.new_tokens
     tok = model.tokenizer
@@ -361,10 +363,10 @@ def bench_engine(b: Bench) -> dict:
 
         def plain(steered: bool, i: list = ids) -> Any:
             if not steered:
-                return steerlab.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
+                return steerlab.generation.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
                                          engine="static")
-            with steerlab.steer(model, vec, 4.0):
-                return steerlab.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
+            with steerlab.steering.intervention(model, vec, 4.0):
+                return steerlab.generation.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
                                          engine="static")
 
         anchor = hf_static_generate(b, hf, tok.pad_token_id, input_ids, mask, compiled)
@@ -455,7 +457,7 @@ def engine_targets(b: Bench, rows: list[dict]) -> list[dict]:
     return out
 
 def bench_lens(b: Bench) -> dict:
-    from steerlab.generate import generate_with_metrics
+    from steerlab.generation.generate import generate_with_metrics
 
     model, batch, n = b.steerlab_model(), b.args.batches[0], b.args.new_tokens
     ids = chat_prompts(model.tokenizer, batch)
@@ -469,7 +471,7 @@ def bench_lens(b: Bench) -> dict:
 
 
 def random_vector(model: Any) -> Any:
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=g)
@@ -483,10 +485,10 @@ def bench_steer(b: Bench) -> dict:
     ids, vec = chat_prompts(model.tokenizer, batch), random_vector(model)
 
     def plain(k: int = n) -> Any:
-        return steerlab.generate(model, ids, max_new_tokens=k, stop_ids=NEVER)
+        return steerlab.generation.generate(model, ids, max_new_tokens=k, stop_ids=NEVER)
 
     def steered(k: int = n) -> Any:
-        with steerlab.steer(model, vec, 4.0):
+        with steerlab.steering.intervention(model, vec, 4.0):
             return plain(k)
 
     off = timed(b, plain, b.args.repeats, lambda: plain(min(n, 4)))
@@ -503,13 +505,13 @@ def bench_strengths(b: Bench) -> dict:
     alphas = [0.5 * (i + 1) for i in range(8)]
 
     def one_batch() -> None:
-        with steerlab.steer(model, vec, torch.tensor(alphas)):
-            steerlab.generate(model, [prompt] * 8, max_new_tokens=n, stop_ids=NEVER)
+        with steerlab.steering.intervention(model, vec, torch.tensor(alphas)):
+            steerlab.generation.generate(model, [prompt] * 8, max_new_tokens=n, stop_ids=NEVER)
 
     def sequential() -> None:
         for a in alphas:
-            with steerlab.steer(model, vec, a):
-                steerlab.generate(model, [prompt], max_new_tokens=n, stop_ids=NEVER)
+            with steerlab.steering.intervention(model, vec, a):
+                steerlab.generation.generate(model, [prompt], max_new_tokens=n, stop_ids=NEVER)
 
     ours = timed(b, one_batch, b.args.repeats)
     base = timed(b, sequential, 1, warmup=lambda: None)  # one_batch warmed up the same path
@@ -519,8 +521,8 @@ def bench_strengths(b: Bench) -> dict:
 
 def bench_capture(b: Bench) -> dict:
     import steerlab
-    from steerlab.capture import tokenize_pair
-    from steerlab.generate import left_pad
+    from steerlab.extraction.capture import tokenize_pair
+    from steerlab.model.inputs import left_pad
 
     model, tiny = b.steerlab_model(), b.args.shape == "tiny"
     tok, hf = model.tokenizer, model.original_model
@@ -605,7 +607,7 @@ def cli_child(todo: str, report: str) -> None:
 def bench_cli(b: Bench) -> dict:
     import yaml
 
-    from steerlab.pairs import save_pairs
+    from steerlab.traits.pairs import save_pairs
 
     b.model = None
     free(b)  # the child needs the GPU memory
@@ -650,7 +652,7 @@ def bench_cli(b: Bench) -> dict:
     def hf_job() -> None:  # the same job as a plain in-process HF script: load + generate
         from transformers import AutoTokenizer
 
-        from steerlab.generate import left_pad
+        from steerlab.model.inputs import left_pad
 
         hf, tok = load_hf(b), AutoTokenizer.from_pretrained(b.path)
         ids, mask = left_pad(chat_prompts(tok, batch), tok.pad_token_id or 0, b.dev)
@@ -783,7 +785,7 @@ def main() -> None:
 
     import transformers
 
-    from steerlab.models import _parse_dtype
+    from steerlab.model.loading import _parse_dtype
 
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("steerlab").setLevel(logging.WARNING)

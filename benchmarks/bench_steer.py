@@ -2,7 +2,7 @@
 
     python benchmarks/bench_steer.py [--tokens 48] [--quick]
 
-Targets: steered / unsteered <= 1.05 on the fast path (steerlab.generate.generate).
+Targets: steered / unsteered <= 1.05 on the fast path (steerlab.generation.generate.generate).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from steerlab.chat import encode_chat
-    from steerlab.generate import generate
-    from steerlab.models import load_model
-    from steerlab.steer import steer
-    from steerlab.vectors import SteeringVector
+    from steerlab.generation.generate import generate
+    from steerlab.model.loading import load_model
+    from steerlab.model.templates import encode_chat
+    from steerlab.steering.intervention import steer
+    from steerlab.steering.vector import SteeringVector
 
     tokens = 16 if args.quick else args.tokens
     model = load_model("embedded", device="cpu")

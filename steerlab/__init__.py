@@ -4,87 +4,90 @@ Example:
     >>> import steerlab as sl
     >>> model = sl.load_model("embedded")
     >>> ids = sl.encode_chat(model.tokenizer, "Hello!", persona=sl.Persona("Hamlet", "fiction"))
-    >>> sl.generate(model, [ids], max_new_tokens=40).texts(model.tokenizer)
+    >>> sl.generate(model, [ids], max_new_tokens=4).texts(model.tokenizer)  # doctest: +SKIP
+
+The names below are the stable API; each subpackage (``steerlab.model``, ``steerlab.steering``,
+``steerlab.generation``, ...) exports a few more of its own.
 """
 
-from steerlab.capture import capture_pairs
-from steerlab.chat import encode_chat, encode_text, patch_chat_template, render_chat
-from steerlab.chat_session import ChatSession
-from steerlab.client import Endpoint, EndpointClient
-from steerlab.collect import collect
+import sys
+from typing import Any
+
+from steerlab.base import SteerlabError, __version__
+from steerlab.base import moved as _moved
+from steerlab.chat import ChatSession
 from steerlab.demo import DemoConfig, run_demo
-from steerlab.errors import SteerlabError
-from steerlab.evaluate import evaluate_steering
-from steerlab.extract import extract, merge_shards
-from steerlab.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
-from steerlab.generate import Generation, generate, generate_with_metrics
-from steerlab.infer import InferConfig, run_inference
-from steerlab.judge import filter_pairs, judge, rubric_judge, scorer_judge
-from steerlab.layers import decoder_layers
-from steerlab.models import load_model
-from steerlab.pairs import Pair, load_pairs, merge_pairs, save_pairs
-from steerlab.personas import ASSISTANT, Persona, load_personae, system_prompt_style
-from steerlab.responders import EndpointResponder, LocalResponder
-from steerlab.results import load_results
-from steerlab.runs import merge_run
-from steerlab.scorers import scorer_from_spec
-from steerlab.steer import Positions, Steering, monitor, steer
-from steerlab.store import ActivationFile
-from steerlab.traits import Trait, load_trait
-from steerlab.vectors import SteeringVector
-from steerlab.version import __version__
+from steerlab.evaluation import EvalConfig, SteeringEval, evaluate_steering, validation_report
+from steerlab.extraction import (
+    ActivationFile,
+    LogisticProbe,
+    MeanDifference,
+    PCADifference,
+    capture_pairs,
+    extract,
+    fit_vector,
+)
+from steerlab.generation import Engine, Generation, generate, generate_with_metrics
+from steerlab.inference import InferConfig, load_results, merge_run, run_inference
+from steerlab.model import (
+    ASSISTANT,
+    ModelOptions,
+    Persona,
+    encode_chat,
+    encode_text,
+    load_model,
+    load_personae,
+    patch_chat_template,
+    render_chat,
+    system_prompt_style,
+)
+from steerlab.steering import Positions, Steering, SteeringVector, Units, monitor, steer
+from steerlab.traits import (
+    Endpoint,
+    EndpointClient,
+    Pair,
+    Trait,
+    collect,
+    elicit_trait,
+    filter_pairs,
+    judge,
+    load_pairs,
+    load_trait,
+    merge_pairs,
+    rubric_judge,
+    save_pairs,
+    scorer_from_spec,
+    scorer_judge,
+)
 
 __all__ = [
-    "ASSISTANT",
-    "ActivationFile",
-    "ChatSession",
-    "DemoConfig",
-    "InferConfig",
-    "Endpoint",
-    "EndpointClient",
-    "EndpointResponder",
-    "LocalResponder",
-    "Pair",
-    "Trait",
-    "LogisticProbe",
-    "MeanDifference",
-    "PCADifference",
-    "SteeringVector",
-    "Steering",
-    "Positions",
-    "Generation",
-    "Persona",
-    "SteerlabError",
-    "__version__",
-    "capture_pairs",
-    "collect",
-    "filter_pairs",
-    "judge",
-    "load_pairs",
-    "load_results",
-    "run_demo",
-    "run_inference",
-    "load_trait",
-    "merge_pairs",
-    "merge_run",
-    "rubric_judge",
-    "save_pairs",
-    "scorer_from_spec",
-    "scorer_judge",
-    "decoder_layers",
-    "encode_chat",
-    "encode_text",
-    "evaluate_steering",
-    "extract",
-    "fit_vector",
-    "generate",
-    "generate_with_metrics",
-    "load_model",
-    "load_personae",
-    "merge_shards",
-    "monitor",
-    "patch_chat_template",
-    "render_chat",
-    "steer",
-    "system_prompt_style",
+    "ASSISTANT", "ActivationFile", "ChatSession", "DemoConfig", "Endpoint", "EndpointClient",
+    "Engine", "EvalConfig", "Generation", "InferConfig", "LogisticProbe", "MeanDifference",
+    "ModelOptions", "PCADifference", "Pair", "Persona", "Positions", "SteerlabError",
+    "Steering", "SteeringEval", "SteeringVector", "Trait", "Units", "__version__",
+    "capture_pairs", "collect", "elicit_trait", "encode_chat", "encode_text",
+    "evaluate_steering", "extract", "filter_pairs", "fit_vector", "generate",
+    "generate_with_metrics", "judge", "load_model", "load_pairs", "load_personae",
+    "load_results", "load_trait", "merge_pairs", "merge_run", "monitor", "patch_chat_template",
+    "render_chat", "rubric_judge", "run_demo", "run_inference", "save_pairs",
+    "scorer_from_spec", "scorer_judge", "steer", "system_prompt_style", "validation_report",
 ]
+
+_moved.install()
+
+# Names the package root exported in steerlab 0.1 that are internal helpers: still found,
+# with a DeprecationWarning naming where they live (removed in steerlab 0.3).
+_DROPPED = {
+    "decoder_layers": ("model.hooks",),
+    "merge_shards": ("extraction.extract",),
+    "EndpointResponder": ("traits.responders",),
+    "LocalResponder": ("traits.responders",),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DROPPED:
+        return _moved.moved_attribute("", name, _DROPPED[name])
+    if name in _moved.MOVED:  # an old module path, as an attribute of the package
+        return sys.modules[f"{__name__}.{name}"]
+    raise AttributeError(f"module 'steerlab' has no attribute {name!r}")

@@ -28,28 +28,28 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from steerlab.calibrate import Search
-from steerlab.checks import output_dir
-from steerlab.collect import collect
-from steerlab.engine import Engine
-from steerlab.errors import SteerlabError
-from steerlab.evaluate import EvalConfig, evaluate_steering, points_lock
-from steerlab.extract import extract
-from steerlab.files import read_jsonl, write_json_atomic
-from steerlab.fitters import fit_vector, shuffled_control
-from steerlab.infer import InferConfig, load_prompts, run_inference
-from steerlab.judge import filter_pairs, judge, scorer_judge
-from steerlab.models import load_from_options
-from steerlab.personas import load_personae
-from steerlab.placement import ModelOptions
-from steerlab.report import write_page
-from steerlab.responders import LocalResponder
-from steerlab.results import load_results
-from steerlab.store import activation_files
-from steerlab.traits import load_trait, trait_file
-from steerlab.validation import validation_report, write_validation_html
-from steerlab.vectors import vector_paths
-from steerlab.viz import html_table, steering_figure, summary_figures
+from steerlab.base.checks import output_dir
+from steerlab.base.errors import SteerlabError
+from steerlab.base.files import read_jsonl, write_json_atomic
+from steerlab.evaluation.calibrate import Search
+from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering, points_lock
+from steerlab.evaluation.verdict import validation_report, write_validation_html
+from steerlab.extraction.extract import extract
+from steerlab.extraction.fitters import fit_vector, shuffled_control
+from steerlab.extraction.store import activation_files
+from steerlab.generation.engine import Engine
+from steerlab.inference.infer import InferConfig, load_prompts, run_inference
+from steerlab.inference.results import load_results
+from steerlab.model.loading import load_from_options
+from steerlab.model.options import ModelOptions
+from steerlab.model.personas import load_personae
+from steerlab.reporting.figures import steering_figure, summary_figures
+from steerlab.reporting.pages import html_table, write_page
+from steerlab.steering.vector import vector_paths
+from steerlab.traits.collect import collect
+from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+from steerlab.traits.responders import LocalResponder
+from steerlab.traits.trait import load_trait, trait_file
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class DemoConfig:
     n_prompts: int = 4  # persona-entropy run: prompts from the built-in prompts.json ...
     personae_per_category: int = 2  # ... times this many personae of each category
     persona_tokens: int = 48
-    engine: str = "auto"  # how every generation runs (see steerlab.engine.Engine)
+    engine: str = "auto"  # how every generation runs (see steerlab.generation.engine.Engine)
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -205,7 +205,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         probe_accuracy=sum(accuracy[x] for x in b.layers) / len(b.layers),
         persona_results=len(records), report=str(out / "report.html"),
         seconds=round(time.perf_counter() - t0, 1))
-    write_report(out / "report.html", summary, ev, validation, accuracy, records)
+    write_demo_page(out / "report.html", summary, ev, validation, accuracy, records)
     write_json_atomic(out / "summary.json", asdict(summary))
     return summary
 
@@ -297,7 +297,7 @@ class _Stages:
         return load_results(self.out / "personae")
 
 
-def write_report(path: Path, summary: DemoSummary, ev: Any, validation: Any,
+def write_demo_page(path: Path, summary: DemoSummary, ev: Any, validation: Any,
                  accuracy: dict[int, float], records: Sequence[dict]) -> Path:
     """Write the demo's standalone HTML page (plotly inlined once, no network needed)."""
     import plotly.graph_objects as go  # deferred: plotly

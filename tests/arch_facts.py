@@ -113,25 +113,29 @@ def all_imports() -> list[Import]:
 
 
 def layers(doc: str | None = None) -> dict[str, int]:
-    """Layer of each top-level name, read from the diagram in docs/architecture.md."""
+    """Layer of each subpackage and top-level module, read from the diagram in
+    docs/architecture.md: lines ``<layer>  <name>/ <name>.py ...  — <what it holds>``."""
     doc = DOC.read_text(encoding="utf-8") if doc is None else doc
     diagram = re.search(r"```\n(.*?)```", doc, re.S)[1]
-    layer, out = 0, {}
+    out = {}
     for line in diagram.splitlines():
-        m = re.match(r"\s*(\d)\s+\S+(?:\s\S+)?\s{2,}(.*)", line)
+        m = re.match(r"\s*(\d+)\s+(.*?)\s+—", line)
         if m:
-            layer, names = int(m[1]), m[2]
-        else:
-            names = line
-        for name in names.split():
-            out[name.removeprefix("steerlab/").removesuffix("/*")] = layer
+            for name in m[2].split():
+                out[name.removesuffix("/").removesuffix(".py")] = int(m[1])
     return out
 
 
 def layer_of(module: str, table: dict[str, int]) -> int | None:
-    """The layer of a steerlab module (None for the package root, which re-exports all)."""
+    """The layer of a steerlab module: its subpackage's, or its own at the top level (None for
+    the package root, which re-exports the public API)."""
     parts = module.split(".")[1:]
     return table.get(parts[0]) if parts else None
+
+
+def subpackages() -> list[str]:
+    """The subpackages of steerlab (folders with an ``__init__.py``)."""
+    return sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
 
 
 def graph(found: list[Import]) -> dict[str, set[str]]:
@@ -278,14 +282,18 @@ def report(out=sys.stdout) -> None:
     """Print the facts."""
     found = all_imports()
     table = layers()
-    names = {1: "foundations", 2: "core", 3: "pipelines", 4: "front ends"}
     mods = [m for m in modules() if m != "steerlab"]
-    print("Modules per layer (docs/architecture.md):", file=out)
-    for layer in sorted(set(table.values())):
-        here = sorted({m.split(".")[1] for m in mods if layer_of(m, table) == layer})
-        inside = {n: sum(m.startswith(f"steerlab.{n}.") for m in mods) for n in here}
-        shown = [f"{n}/* ({inside[n]})" if inside[n] else n for n in here]
-        print(f"  {layer} {names.get(layer, '')}: {len(here)}  {' '.join(shown)}", file=out)
+    packages = subpackages()
+    top = [m for m in mods if m.count(".") == 1 and m.split(".")[1] not in packages]
+    print(f"Subpackages: {len(packages)}; top-level modules: {len(top)} "
+          f"({' '.join(m.split('.')[1] for m in top)})", file=out)
+    print("Modules per subpackage, by layer (docs/architecture.md):", file=out)
+    for layer in sorted(set(table.values()), reverse=True):
+        for name in sorted(n for n, v in table.items() if v == layer):
+            inside = sorted(m.split(".")[2] for m in mods
+                            if m.startswith(f"steerlab.{name}.") and m.count(".") == 2)
+            what = f"{name}/ ({len(inside)}): {' '.join(inside)}" if name in packages else name
+            print(f"  {layer:>2} {what}", file=out)
     unplaced = sorted(m for m in mods if layer_of(m, table) is None)
     if unplaced:
         print(f"  no layer: {' '.join(unplaced)}", file=out)

@@ -42,7 +42,8 @@ def assert_same_tokens(model, prompt, got, want, *, eps_units: float, temperatur
 
     Two paths whose logits differ by up to ``eps_units`` eps of their scale (float32
     reordering) may pick different tokens where the top two logits (greedy) or the step's
-    uniform and a CDF boundary (sampling with ``seed``, see :func:`steerlab.generate.sample`)
+    uniform and a CDF boundary (sampling with ``seed``, see
+    :func:`steerlab.generation.generate.sample`)
     are closer than that. At the first step where ``got`` and ``want`` differ, the unpadded
     reference logits of ``prompt + want[:t]`` must show such a tie for both picks (a row that
     stopped picked one of ``stop_ids``); later tokens follow other prefixes and are not
@@ -64,7 +65,7 @@ def assert_same_tokens(model, prompt, got, want, *, eps_units: float, temperatur
             # each path's logits are within atol of these: a tie is a gap <= 2 atol
             ok = [p for p in picks if logits[p] >= logits.max() - 2 * atol]
         else:
-            from steerlab.generate import row_uniforms
+            from steerlab.generation.sampling import row_uniforms
 
             cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
             u = float(row_uniforms(torch.tensor([seed]), t)[0] * cdf[-1])
@@ -107,7 +108,7 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
     reductions): rtol 1e-6 (8 eps), and an atol of 1e-6 of each array's largest value for the
     entries near zero, which carry the rounding of their logits' scale (a low entropy moves by
     the log-softmax's rounding, ~eps (max|z| + ln V) ~ 6e-6 nats, not by eps of itself)."""
-    from steerlab.results import load_results
+    from steerlab.inference.results import load_results
 
     ra, rb = load_results(a), load_results(b)
     if exact:
@@ -181,8 +182,7 @@ class ModelLoaded(AssertionError):
 @pytest.fixture
 def tripwire(monkeypatch):
     """Fail the test if a command loads a model before refusing its input."""
-    from steerlab import models
-
+    from steerlab.model import loading as models
     def loaded(*args, **kwargs):
         raise ModelLoaded("the model loaded before the bad input was refused")
 
@@ -192,7 +192,7 @@ def tripwire(monkeypatch):
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The converted embedded model directory (converted once per cache)."""
-    from steerlab.models import embedded_model_dir
+    from steerlab.model.loading import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -252,6 +252,6 @@ def tiny_model(tokenizer):
 @pytest.fixture(scope="session")
 def embedded_model():
     """The real embedded SmolLM2-135M-Instruct bridge, loaded once per test session."""
-    from steerlab.models import load_model
+    from steerlab.model.loading import load_model
 
     return load_model("embedded", device="cpu")

@@ -20,9 +20,9 @@ import torch
 import yaml
 from test_bad_inputs import _acts, _snapshot
 
-from steerlab.checks import aliased, output_dir, output_file
-from steerlab.errors import SteerlabError
-from steerlab.results import run_files
+from steerlab.base.checks import aliased, output_dir, output_file
+from steerlab.base.errors import SteerlabError
+from steerlab.inference.results import run_files
 
 # ------------------------------------------------------------------------ the check itself
 
@@ -148,9 +148,9 @@ ROWS: list[tuple[str, str, tuple[str, ...]]] = [
 def workspace(tmp_path_factory, tiny_model):
     from importlib.resources import files as package
 
-    from steerlab.infer import InferConfig, run_inference
-    from steerlab.personas import Persona
-    from steerlab.vectors import SteeringVector
+    from steerlab.inference.infer import InferConfig, run_inference
+    from steerlab.model.personas import Persona
+    from steerlab.steering.vector import SteeringVector
 
     w = tmp_path_factory.mktemp("aliasing")
     names = {"w": str(w)}
@@ -228,17 +228,17 @@ def test_an_output_aliasing_an_input_is_refused(case, workspace, tripwire, monke
 
 
 def test_the_library_writers_refuse_too(workspace, tiny_model):
-    from steerlab.extract import extract, merge_shards
-    from steerlab.judge import filter_pairs, judge, scorer_judge
-    from steerlab.pairs import load_pairs
-    from steerlab.report import write_report
-    from steerlab.traits import load_trait
+    from steerlab.extraction.extract import extract, merge_shards
+    from steerlab.inference.report import write_run_report
+    from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+    from steerlab.traits.pairs import load_pairs
+    from steerlab.traits.trait import load_trait
 
     w, names = workspace
     before = _snapshot(w)
     trun = Path(names["trun"])
     calls = [
-        lambda: write_report(names["run"], Path(names["run"]) / "config.json"),
+        lambda: write_run_report(names["run"], Path(names["run"]) / "config.json"),
         lambda: extract(tiny_model, load_pairs(names["pairs"]), names["pairs"],
                         pairs_file=names["pairs"]),
         lambda: merge_shards([names["acts"], names["acts2"]], names["acts2"]),

@@ -6,6 +6,7 @@ tests/arch_facts.py, which `make arch` prints."""
 
 from __future__ import annotations
 
+import importlib
 import io
 
 from arch_facts import (
@@ -20,6 +21,7 @@ from arch_facts import (
     private_names,
     reexported,
     report,
+    subpackages,
     upward,
 )
 from arch_facts import graph as import_graph
@@ -28,21 +30,52 @@ TEXT = DOC.read_text(encoding="utf-8")
 
 
 def test_every_module_is_described():
-    missing = [m for m in modules() if m != "steerlab" and not m.startswith("steerlab.cli.")
-               and f"{m.split('.')[1]}" not in TEXT]
-    assert not missing, f"add to docs/architecture.md: {missing}"
+    """Each module has its line in its subpackage's section (the CLI's in one paragraph)."""
+    missing = []
     for module in modules():
-        top = module.split(".")[1] if "." in module else None
-        if top and top != "cli":
-            assert f"**`{top}.py`**" in TEXT or f"**`{top}/`**" in TEXT, top
+        parts = module.split(".")[1:]
+        if not parts or parts[0] == "cli":
+            continue
+        name = f"{'/'.join(parts)}.py" if module not in PACKAGES else f"{parts[0]}/"
+        if f"**`{name}`**" not in TEXT and f"`{name}`" not in TEXT:
+            missing.append(name)
+    assert not missing, f"add to docs/architecture.md: {missing}"
+
+
+PACKAGES = {f"steerlab.{p}" for p in subpackages()}
+
+
+def test_the_folders_are_the_layers():
+    """Every module sits in a subpackage (apart from the front ends), each subpackage on a
+    layer of its own, and the diagram lists exactly the folders there are."""
+    table = layers()
+    top = [m for m in modules() if m.count(".") == 1 and m not in PACKAGES]
+    assert sorted(top) == ["steerlab.demo", "steerlab.doctor"], top
+    shared = {"base", "builtin"}, {"cli", "demo", "doctor"}  # data beside base; the front ends
+    for name in subpackages():
+        assert name in table, f"no layer in the diagram for {name}/"
+        peers = {n for n, v in table.items() if v == table[name]} - {name}
+        assert not peers or any({name, *peers} <= group for group in shared), (name, peers)
+    assert set(table) <= set(subpackages()) | {"demo", "doctor"}, set(table)
+
+
+def test_each_subpackage_says_what_it_is_and_exports_a_few_names():
+    """A one-line docstring and an explicit, short ``__all__`` whose names all resolve."""
+    for name in subpackages():
+        if name in {"cli", "builtin"}:
+            continue
+        package = importlib.import_module(f"steerlab.{name}")
+        doc = package.__doc__ or ""
+        assert doc and "\n" not in doc.strip() and len(doc) <= 96, (name, doc)
+        exported = package.__all__
+        assert 1 <= len(exported) <= 20 and len(set(exported)) == len(exported), name
+        for public in exported:
+            assert getattr(package, public).__doc__, f"steerlab.{name}.{public}: no docstring"
 
 
 def test_layers_only_import_downwards():
     """Lazy imports included: a function of a lower layer may not reach up either."""
-    table = layers()
-    unplaced = sorted({m.split(".")[1] for m in modules() if "." in m} - set(table))
-    assert not unplaced, f"no layer in the diagram for {unplaced}"
-    wrong = upward(all_imports(), table)
+    wrong = upward(all_imports(), layers())
     assert not wrong, "\n".join(wrong)
 
 
@@ -90,3 +123,4 @@ def test_make_arch_prints_the_facts():
     text = out.getvalue()
     assert "Import circles among steerlab modules, lazy imports included: 0" in text
     assert "Imports against the layer order: 0" in text
+    assert f"Subpackages: {len(subpackages())}; top-level modules: 2 (demo doctor)" in text

@@ -26,8 +26,9 @@ import pytest
 import torch
 from conftest import free_port
 
-from steerlab.store import Rows, StoreMeta, write_rows_file
-from steerlab.vectors import SteeringVector
+from steerlab.extraction.attributes import StoreMeta
+from steerlab.extraction.store import Rows, write_rows_file
+from steerlab.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -528,8 +529,8 @@ def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire
     """The second writer of a run folder, activation file or evaluation is refused naming the
     holder's
     PID; the lock is taken here on another file description, as another process would."""
+    from steerlab.base.files import flock, lock_path
     from steerlab.cli import main
-    from steerlab.files import flock, lock_path
 
     w, names = workspace
     if command == "infer":
@@ -539,7 +540,7 @@ def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire
         args = [*(a.format(**names) for a in INFER[:5]), "--output-dir", str(target)]
         busy = "another run or merge is writing this folder"
     elif command == "eval":
-        from steerlab.evaluate import points_lock
+        from steerlab.evaluation.evaluate import points_lock
 
         target = tmp_path / "e"
         lock = points_lock(tmp_path / "e.points.jsonl")
@@ -564,8 +565,8 @@ def test_a_held_lock_refuses_before_the_model_loads(command, workspace, tripwire
 
 
 def test_verbose_shows_the_traceback(workspace, tripwire):
+    from steerlab.base.errors import SteerlabError
     from steerlab.cli import main
-    from steerlab.errors import SteerlabError
 
     w, names = workspace
     args = [a.format(**names) for a in INFER]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from steerlab.serve import Limits, make_server
+from steerlab.serving.http_edge import Limits
+from steerlab.serving.server import make_server
 
 pytestmark = pytest.mark.slow
 
@@ -321,7 +322,7 @@ class Served:
 @pytest.fixture(scope="module")
 def vectors_dir(tmp_path_factory):
     """The folder served with --vectors-dir: one seeded random vector named 'random'."""
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(2, 576, generator=g)
@@ -404,7 +405,7 @@ def test_health_needs_no_key_and_counts(served):
 # -- the key ------------------------------------------------------------------------------
 
 def test_pipeline_client_sends_the_key_from_its_env_var(served, monkeypatch):
-    from steerlab.client import Endpoint, EndpointClient
+    from steerlab.traits.client import Endpoint, EndpointClient
 
     monkeypatch.setenv("STEERLAB_API_KEY", KEY)
     client = EndpointClient(Endpoint(served.url, "embedded", "STEERLAB_API_KEY",

@@ -321,8 +321,8 @@ def _stress_page(demo: Path, path: Path) -> Path:
 
     import plotly.io as pio
 
-    from steerlab.evaluate import SteeringEval
-    from steerlab.viz import steering_figure
+    from steerlab.evaluation.evaluate import SteeringEval
+    from steerlab.reporting.figures import steering_figure
 
     ev = SteeringEval.load(demo / "steering-eval.json")
     sweep = tuple(replace(s, layers=layers, coherence=s.coherence * k)

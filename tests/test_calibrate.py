@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from steerlab.calibrate import Search, search_strengths
-from steerlab.errors import SteerlabError
+from steerlab.base.errors import SteerlabError
+from steerlab.evaluation.calibrate import Search, search_strengths
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import assert_close_to_scale
 
-from steerlab.capture import capture_pairs, capture_positions, tokenize_pair
-from steerlab.errors import SteerlabError
-from steerlab.layers import decoder_layers
+from steerlab.base.errors import SteerlabError
+from steerlab.extraction.capture import capture_pairs, capture_positions, tokenize_pair
+from steerlab.model.hooks import decoder_layers
 
 
 @dataclass(frozen=True)

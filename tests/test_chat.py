@@ -7,17 +7,8 @@ import copy
 import pytest
 from templates import ALPACA, CHATML, GEMMA, LLAMA3, QWEN3
 
-from steerlab.chat import (
-    encode_chat,
-    encode_text,
-    patch_chat_template,
-    render_chat,
-    template_family,
-    think_end_index,
-    think_end_marker,
-)
-from steerlab.errors import SteerlabError
-from steerlab.personas import (
+from steerlab.base.errors import SteerlabError
+from steerlab.model.personas import (
     ASSISTANT,
     Persona,
     custom_format,
@@ -25,6 +16,15 @@ from steerlab.personas import (
     no_system_prompt,
     system_prompt_style,
     you_are_a,
+)
+from steerlab.model.templates import (
+    encode_chat,
+    encode_text,
+    patch_chat_template,
+    render_chat,
+    template_family,
+    think_end_index,
+    think_end_marker,
 )
 
 CONVERSATION = [
@@ -172,7 +172,7 @@ def test_load_personae_errors(tmp_path):
 def test_has_thinking_mode_only_where_the_template_reacts(tokenizer):
     import copy
 
-    from steerlab.chat import has_thinking_mode
+    from steerlab.model.templates import has_thinking_mode
 
     assert not has_thinking_mode(tokenizer)  # SmolLM2 ships ChatML without thinking
     for template, thinks in ((QWEN3, True), (CHATML, False), (LLAMA3, False)):

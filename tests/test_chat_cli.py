@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from steerlab.chat_session import ChatSession
+from steerlab.base.errors import SteerlabError
+from steerlab.chat.session import ChatSession
 from steerlab.cli.chat import Command, parse_command, run_command
-from steerlab.errors import SteerlabError
-from steerlab.personas import ASSISTANT
-from steerlab.vectors import SteeringVector
+from steerlab.model.personas import ASSISTANT
+from steerlab.steering.vector import SteeringVector
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -93,8 +93,8 @@ def test_reply_streams_and_keeps_history(tiny_model):
 def test_steered_reply_equals_steered_generate(tiny_model):
     """The session's steered reply and projections are those of the library path on the same
     prompt ids: ``generate`` under ``steer`` and ``monitor`` (greedy: exact token equality)."""
-    from steerlab.generate import generate
-    from steerlab.steer import monitor, steer
+    from steerlab.generation.generate import generate
+    from steerlab.steering.intervention import monitor, steer
 
     vec = _vector(64, (1,), 50.0)
     s = ChatSession(tiny_model, max_tokens=10)

@@ -11,14 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from steerlab.client import Endpoint, EndpointClient, parse_json_reply, validate_json
-from steerlab.collect import collect, collected_pairs
-from steerlab.elicit import elicit_trait
-from steerlab.errors import SteerlabError
-from steerlab.files import read_jsonl
-from steerlab.judge import filter_pairs, judge, rubric_judge
-from steerlab.responders import EndpointResponder
-from steerlab.traits import Trait
+from steerlab.base.errors import SteerlabError
+from steerlab.base.files import read_jsonl
+from steerlab.traits.client import Endpoint, EndpointClient, parse_json_reply, validate_json
+from steerlab.traits.collect import collect, collected_pairs
+from steerlab.traits.elicit import elicit_trait
+from steerlab.traits.judge import filter_pairs, judge, rubric_judge
+from steerlab.traits.responders import EndpointResponder
+from steerlab.traits.trait import Trait
 
 KEY = "sk-test-very-secret-4242"
 
@@ -194,7 +194,7 @@ def test_elicit_trait_with_structured_output(server):
     server.replies.setdefault("x", "")
     t0 = Trait("playful", "The assistant is playful.")
     # the fake server answers the (unique) prompt with the artefacts as plain JSON
-    from steerlab.elicit import _PROMPT
+    from steerlab.traits.elicit import _PROMPT
 
     prompt = _PROMPT.format(name="playful", instruction=t0.trait_instruction, n_inst=1,
                             n_q=2, n_h=1)

@@ -10,15 +10,15 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from steerlab.chat import encode_chat
-from steerlab.cli import app
-from steerlab.compat import (
+from steerlab.base.compat import (
     SHIM_ENV,
     cache_keyword,
     ensure_bridge_reads_cache,
     kv_cache_filled,
 )
+from steerlab.cli import app
 from steerlab.doctor import PACKAGES, self_check
+from steerlab.model.templates import encode_chat
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from steerlab.detokenize import HOLD, MAX_PENDING, Detokenizer
+from steerlab.generation.detokenize import HOLD, MAX_PENDING, Detokenizer
 
 TEXTS = ["Ahoy! Ça va? 海賊の船 🏴‍☠️ naïve — über 🦜🦜 end", "日本語のテキスト、中文字符。",
          " 👩‍👩‍👧‍👦 ∑ x² ≤ π", "Hello world, the quick brown fox.", "Ω≈ç√∫˜µ≤≥÷ 😀😃😄"]

@@ -9,13 +9,15 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from steerlab.decode import Settings
-from steerlab.engine import Engine, bucket_batch, bucket_capacity, captures, count_host_syncs
-from steerlab.errors import SteerlabError
-from steerlab.generate import generate, generate_with_metrics
-from steerlab.slots import SlotBatch
-from steerlab.steer import Steering
-from steerlab.vectors import SteeringVector
+from steerlab.base.errors import SteerlabError
+from steerlab.generation.cache import captures
+from steerlab.generation.decode import StepProgram
+from steerlab.generation.engine import Engine, bucket_batch, bucket_capacity
+from steerlab.generation.generate import generate, generate_with_metrics
+from steerlab.generation.host_syncs import count_host_syncs
+from steerlab.generation.slots import SlotBatch
+from steerlab.steering.intervention import Steering
+from steerlab.steering.vector import SteeringVector
 
 # left-padded: three lengths; rows 1 and 2 differ by one token only
 PROMPTS = [[1, 28, 42, 99, 7, 12, 13], [1, 500, 17], [1, 500, 18], [1, 3, 4, 5, 6]]
@@ -27,7 +29,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from steerlab.models import _use_attention
+    from steerlab.model.loading import _use_attention
 
     bridge = make_tiny_model(tokenizer, n_layers=3, seed=1)
     _use_attention(bridge.original_model, "sdpa")
@@ -141,7 +143,7 @@ def test_strength_change_reuses_the_step(model, vector):
 
 
 def test_a_decode_step_reads_nothing_from_the_device(model, vector):
-    settings = Settings(5, True, True, (7, 8), (2,), 0)
+    settings = StepProgram(5, True, True, (7, 8), (2,), 0)
     batch = SlotBatch(model, 4, 128, settings)
     steerings = [Steering.create(model, vector, 2.0, layers=[1], positions="generated")]
     with batch.running():
@@ -163,7 +165,7 @@ def test_counter_sees_host_reads():
 
 
 def test_slot_admitted_later_decodes_as_if_alone(model):
-    settings = Settings(0, False, False, (), (2,), 0)
+    settings = StepProgram(0, False, False, (), (2,), 0)
     alone = generate(model, PROMPTS[3:4], max_new_tokens=6, engine="eager").tokens[0]
     batch = SlotBatch(model, 2, 128, settings)
     with batch.running():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab.chat import encode_chat
-from steerlab.errors import SteerlabError
-from steerlab.evaluate import EvalConfig, SteeringEval, evaluate_steering, spread_groups
-from steerlab.rating import AnswerRater, Setting, answer_nll, distinct_n
-from steerlab.viz import steering_figure
+from steerlab.base.errors import SteerlabError
+from steerlab.evaluation.evaluate import EvalConfig, SteeringEval, evaluate_steering, spread_groups
+from steerlab.evaluation.rating import AnswerRater, Setting, answer_nll
+from steerlab.model.templates import encode_chat
+from steerlab.reporting.figures import steering_figure
+from steerlab.traits.scorers import distinct_n
 
 
 def test_distinct_n_catches_repetition():
@@ -74,9 +75,9 @@ def test_batched_groups_equal_each_setting_alone(tiny_model, tmp_path):
     """Every candidate of a round shares one batch (groups steer their own rows only): each
     setting's answers equal a run of that steering alone, and a resumed evaluation reads
     everything back without generating."""
-    from steerlab.chat import encode_chat
-    from steerlab.generate import generate
-    from steerlab.steer import Steering
+    from steerlab.generation.generate import generate
+    from steerlab.model.templates import encode_chat
+    from steerlab.steering.intervention import Steering
 
     g = torch.Generator().manual_seed(0)
     vec = __import__("steerlab").SteeringVector(torch.randn(3, 64, generator=g), (0, 1, 2))
@@ -114,7 +115,7 @@ def test_batched_groups_equal_each_setting_alone(tiny_model, tmp_path):
 
 
 def test_search_mode_and_controls_on_a_tiny_model(tiny_model):
-    from steerlab.calibrate import Search
+    from steerlab.evaluation.calibrate import Search
 
     g = torch.Generator().manual_seed(3)
     vec = __import__("steerlab").SteeringVector(torch.randn(2, 64, generator=g), (1, 2))
@@ -149,8 +150,8 @@ QUESTIONS = ["How do I boil an egg?", "Describe a forest.", "What is a good hobb
 
 @pytest.fixture(scope="module")
 def judged(embedded_model):
-    from steerlab.generate import generate
-    from steerlab.traits import load_trait
+    from steerlab.generation.generate import generate
+    from steerlab.traits.trait import load_trait
 
     t = load_trait("pirate")
     judge = AnswerRater.for_questions(embedded_model, QUESTIONS, t.build_scorer(),
@@ -212,8 +213,8 @@ def test_vectors_eval_command(tmp_path):
     import subprocess
     import sys
 
-    from steerlab.traits import load_trait
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
+    from steerlab.traits.trait import load_trait
 
     t = load_trait("pirate")
     small = {"name": "pirate-small", "trait_instruction": t.trait_instruction,

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import EPS32
 
-from steerlab.errors import SteerlabError
-from steerlab.fitters import LogisticProbe, MeanDifference, Method, fit_vector, fitter
-from steerlab.store import Rows, StoreMeta, write_rows_file
+from steerlab.base.errors import SteerlabError
+from steerlab.extraction.attributes import StoreMeta
+from steerlab.extraction.fitters import LogisticProbe, MeanDifference, Method, fit_vector, fitter
+from steerlab.extraction.store import Rows, write_rows_file
 
 
 def planted(n=240, layers=3, d=64, seed=0, spread=3.0):
@@ -137,7 +138,7 @@ def test_fit_vector_streams_an_activation_file(tmp_path):
 
 
 def test_shuffled_label_control_swaps_exactly_half_the_pairs(tmp_path):
-    from steerlab.fitters import shuffled_control
+    from steerlab.extraction.fitters import shuffled_control
 
     chosen, rejected, direction = planted(n=40)
     n = write_planted_file(tmp_path / "a.h5", chosen, rejected)

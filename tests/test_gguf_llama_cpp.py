@@ -36,7 +36,7 @@ NORM = 60.0  # the vector's norm: a shift well above the Q4_1 noise (at 6, the n
 def _llama(monkeypatch):
     from llama_cpp import llama_cpp as low
 
-    from steerlab.models import embedded_gguf_path
+    from steerlab.model.loading import embedded_gguf_path
 
     real = low.llama_model_default_params
 
@@ -93,9 +93,9 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @pytest.mark.parametrize("layer", LAYERS)
 def test_llama_cpp_shift_matches_steerlab_at_the_same_layer(layer, embedded_model, tmp_path,
                                                              monkeypatch, capsys):
-    from steerlab.chat import encode_chat
-    from steerlab.steer import Steering
-    from steerlab.vectors import Provenance, SteeringVector
+    from steerlab.model.templates import encode_chat
+    from steerlab.steering.intervention import Steering
+    from steerlab.steering.vector import Provenance, SteeringVector
 
     g = torch.Generator().manual_seed(layer)
     d = torch.randn(embedded_model.cfg.d_model, generator=g)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from steerlab.chat import encode_chat, think_end_marker
-from steerlab.generate import generate_with_metrics
-from steerlab.infer import InferConfig, load_prompts, run_inference
-from steerlab.personas import Persona
-from steerlab.results import load_results, read_per_token
+from steerlab.generation.generate import generate_with_metrics
+from steerlab.inference.infer import InferConfig, load_prompts, run_inference
+from steerlab.inference.results import load_results, read_per_token
+from steerlab.model.personas import Persona
+from steerlab.model.templates import encode_chat, think_end_marker
 
 DATA = files("steerlab.builtin") / "data"  # the built-in prompts and personae
 PROMPTS_JSON, PERSONAE_JSON = str(DATA / "prompts.json"), str(DATA / "personae.json")
@@ -73,7 +73,7 @@ def test_batched_equals_one_at_a_time_with_lens(tiny_model, tokenizer):
 @pytest.mark.slow
 def test_batched_equals_one_at_a_time_greedy_on_the_embedded_model(embedded_model):
     """Greedy, left-padded batch with a row that stops early == each prompt alone."""
-    from steerlab.generate import stop_token_ids
+    from steerlab.model.inputs import stop_token_ids
 
     tok = embedded_model.tokenizer
     ids = _varied_ids(tok)
@@ -222,7 +222,7 @@ def test_bad_option_value_is_exit_2(tmp_path, capsys):
 
 
 def test_shipped_data_files_are_valid():
-    from steerlab.personas import load_personae
+    from steerlab.model.personas import load_personae
 
     assert len(load_prompts(PROMPTS_JSON)) >= 20
     personae = load_personae(PERSONAE_JSON)
@@ -268,7 +268,7 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
 def test_engines_give_the_same_run_and_a_resume_may_switch(tokenizer, tmp_path, caplog):
     from conftest import make_tiny_model
 
-    from steerlab.models import _use_attention
+    from steerlab.model.loading import _use_attention
 
     model = make_tiny_model(tokenizer, seed=2)
     _use_attention(model.original_model, "sdpa")  # the static engine needs HF attention

@@ -7,7 +7,8 @@
   arbitrary JSON files.
 * Context: a rendered prompt plus its new tokens (a pair's sequence) longer than the model's
   positions is refused, naming the row, before a run folder or output exists.
-* Memory: :func:`steerlab.budget.batch_memory` against the real tensors of a tiny model (the
+* Memory: :func:`steerlab.generation.budget.batch_memory` against the real tensors of a tiny model
+(the
   KV cache and the recorded metrics exactly; the peak of a prefill and of a decode step's
   logits from above, within 1.5x), and the split/refusal decision with an injected
   ``available`` number of bytes.
@@ -30,10 +31,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from steerlab.budget import HEADROOM, batch_memory, context_length, rows_per_batch
-from steerlab.chat import MAX_MESSAGE_CHARS
-from steerlab.errors import SteerlabError
-from steerlab.personas import MAX_PERSONA_CHARS, MAX_SYSTEM_PROMPT_CHARS
+from steerlab.base.errors import SteerlabError
+from steerlab.generation.budget import HEADROOM, batch_memory, context_length, rows_per_batch
+from steerlab.model.personas import MAX_PERSONA_CHARS, MAX_SYSTEM_PROMPT_CHARS
+from steerlab.model.templates import MAX_MESSAGE_CHARS
 
 LONE, NUL = "\ud800", "\x00"
 DATA = files("steerlab.builtin") / "data"
@@ -273,9 +274,9 @@ def test_readers_read_or_refuse_in_one_line():
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(prompts=_prompts, personae=_personae, pairs=_pairs, ascii_only=st.booleans())
 def _read_or_refuse(prompts, personae, pairs, ascii_only):
-    from steerlab.infer import load_prompts
-    from steerlab.pairs import load_pairs
-    from steerlab.personas import load_personae
+    from steerlab.inference.infer import load_prompts
+    from steerlab.model.personas import load_personae
+    from steerlab.traits.pairs import load_pairs
 
     def write(path: Path, text: str) -> Path:
         # ensure_ascii=False writes raw surrogates: bytes that are not UTF-8
@@ -318,7 +319,7 @@ def _read_or_refuse(prompts, personae, pairs, ascii_only):
 # ------------------------------------------------------------------ the context window
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tiny_model):
-    from steerlab.generate import generate
+    from steerlab.generation.generate import generate
 
     n_ctx = context_length(tiny_model)
     assert n_ctx == tiny_model.original_model.config.max_position_embeddings == 1024
@@ -331,8 +332,7 @@ def test_generate_refuses_a_prompt_longer_than_the_context(tiny_model):
 
 def test_infer_refuses_a_rendering_longer_than_the_context_before_the_run_folder(
         tiny_model, tmp_path, monkeypatch, capsys):
-    from steerlab import models
-
+    from steerlab.model import loading as models
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny_model)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Hi", "word " * 1100]))
@@ -346,8 +346,8 @@ def test_infer_refuses_a_rendering_longer_than_the_context_before_the_run_folder
 
 def test_extract_refuses_a_pair_longer_than_the_context_before_any_output(tiny_model,
                                                                          tmp_path):
-    from steerlab.extract import extract
-    from steerlab.pairs import Pair
+    from steerlab.extraction.extract import extract
+    from steerlab.traits.pairs import Pair
 
     pairs = [Pair("short", "Hi", "Ahoy!", "Hello."), Pair("long", "word " * 1100, "a", "b")]
     out = tmp_path / "out" / "acts.h5"
@@ -394,10 +394,10 @@ def test_the_estimate_matches_the_tensors_of_a_prefill_and_a_step(tiny_model, ro
     """The KV cache: exactly the DynamicCache's keys and values after a prefill. The most bytes
     held at once over a prefill and its first step (sampling, then the metrics): the estimate
     is within 0.9x (the 10% below are what HEADROOM leaves free) and 1.5x of it."""
-    from steerlab.compat import ensure_bridge_reads_cache
-    from steerlab.decode import prefill
-    from steerlab.metrics import chosen_metrics
-    from steerlab.sampling import sample
+    from steerlab.base.compat import ensure_bridge_reads_cache
+    from steerlab.generation.decode import prefill
+    from steerlab.generation.metrics import chosen_metrics
+    from steerlab.generation.sampling import sample
 
     ensure_bridge_reads_cache()
     prompts = [[7 + r] * (width - r) for r in range(rows)]  # left-padded to width
@@ -417,18 +417,18 @@ def test_the_estimate_matches_the_tensors_of_a_prefill_and_a_step(tiny_model, ro
 
 
 def test_recorded_metrics_estimate_is_the_decode_state(tiny_model):
-    from steerlab.decode import DecodeState, Settings, fresh
+    from steerlab.generation.decode import DecodeState, StepProgram, fresh
 
     rows, new = 5, 37
     for lens in (False, True):
-        st = DecodeState(fresh(torch.device("cpu")), rows, new, Settings(5, lens, False, (), (0,),
-                                                                         0), 3)
+        program = StepProgram(5, lens, False, (), (0,), 0)
+        st = DecodeState(fresh(torch.device("cpu")), rows, new, program, 3)
         held = st.tokens.nbytes + sum(t.nbytes for t in st.metrics.values())
         assert held == batch_memory(tiny_model, rows, 10, new, metrics=True, lens=lens).metrics
 
 
 def test_lens_chunk_is_within_the_estimate(tiny_model):
-    from steerlab.lens import lens_metrics
+    from steerlab.generation.lens import lens_metrics
 
     rows = 4
     est = batch_memory(tiny_model, rows, 8, 1, lens=True).logits - \
@@ -453,15 +453,15 @@ def test_rows_per_batch_splits_or_refuses_with_the_numbers():
 
 
 def test_generate_splits_a_batch_that_does_not_fit_and_refuses_one_row(tiny_model, caplog):
-    from steerlab.budget import generation_need
-    from steerlab.generate import generate, generate_with_metrics
+    from steerlab.generation.budget import generation_need
+    from steerlab.generation.generate import generate, generate_with_metrics
 
     prompts = [[5 + i] * (3 + 4 * i) for i in range(5)]
     kw = dict(max_new_tokens=6, engine="eager", lens=True)
     whole = generate_with_metrics(tiny_model, prompts, **kw)
     need = generation_need(tiny_model, max(map(len, prompts)), 6, metrics=True, lens=True)
     seen: list[list] = []
-    with caplog.at_level("INFO", logger="steerlab.generate"):
+    with caplog.at_level("INFO", logger="steerlab.generation.generate"):
         parts = generate_with_metrics(tiny_model, prompts, **kw,
                                       available_memory=int(need(2) / HEADROOM) + 1,
                                       on_token=lambda new: seen.append(new))
@@ -479,14 +479,14 @@ def test_generate_splits_a_batch_that_does_not_fit_and_refuses_one_row(tiny_mode
 
 
 def test_capture_splits_a_batch_that_does_not_fit(tiny_model, caplog):
-    from steerlab.capture import capture_positions
+    from steerlab.extraction.capture import capture_positions
 
     seqs = [[5 + i] * (4 + 3 * i) for i in range(6)]
     pos = [len(s) - 1 for s in seqs]
     spans = [(0, len(s)) for s in seqs]
     whole = capture_positions(tiny_model, seqs, pos, [0, 2], spans=spans)
     one = batch_memory(tiny_model, 4, max(map(len, seqs))).total
-    with caplog.at_level("INFO", logger="steerlab.capture"):
+    with caplog.at_level("INFO", logger="steerlab.extraction.capture"):
         parts = capture_positions(tiny_model, seqs, pos, [0, 2], spans=spans,
                                   available_memory=int(one / HEADROOM) + 1)
     assert "running it as 2 parts of at most 4" in caplog.text

@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from steerlab.errors import SteerlabError
-from steerlab.fitters import fit_vector
-from steerlab.store import ActivationFile, Rows, StoreMeta, write_rows_file
-from steerlab.vectors import Provenance, SteeringVector
+from steerlab.base.errors import SteerlabError
+from steerlab.extraction.attributes import StoreMeta
+from steerlab.extraction.fitters import fit_vector
+from steerlab.extraction.store import ActivationFile, Rows, write_rows_file
+from steerlab.steering.vector import Provenance, SteeringVector
 
 D = 8
 N_ROWS = 4

@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import matmul_delta, metric_tolerances
 
-from steerlab.chat import think_end_marker
-from steerlab.lens import lens_logits, lens_metrics, logit_lens
-from steerlab.metrics import (
+from steerlab.generation.lens import lens_logits, lens_metrics, logit_lens
+from steerlab.generation.metrics import (
     entropy,
     section_averages,
     split_sections,
     token_metrics,
     top_k_mass,
 )
+from steerlab.model.templates import think_end_marker
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])

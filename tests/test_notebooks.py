@@ -36,10 +36,10 @@ def _config(embedded_dir) -> dict:
 
 
 def test_trait_vectors_notebook(tmp_path, embedded_dir):
-    from steerlab.pairs import load_pairs
-    from steerlab.store import ActivationFile
-    from steerlab.traits import load_trait
-    from steerlab.vectors import SteeringVector
+    from steerlab.extraction.store import ActivationFile
+    from steerlab.steering.vector import SteeringVector
+    from steerlab.traits.pairs import load_pairs
+    from steerlab.traits.trait import load_trait
 
     nb = _run("02_trait_vectors.ipynb", {
         "STEERLAB_NB_QUESTIONS": "12", "STEERLAB_NB_TOKENS": "24", "STEERLAB_NB_HELD_OUT": "4",

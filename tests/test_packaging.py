@@ -22,12 +22,12 @@ import pytest
 from packaging.requirements import Requirement
 
 from steerlab.demo import DemoConfig, DemoSummary
-from steerlab.evaluate import SteeringEval, spread_groups
-from steerlab.pairs import load_pairs
-from steerlab.results import load_results
-from steerlab.store import ActivationFile
-from steerlab.traits import load_trait
-from steerlab.validation import validation_report
+from steerlab.evaluation.evaluate import SteeringEval, spread_groups
+from steerlab.evaluation.verdict import validation_report
+from steerlab.extraction.store import ActivationFile
+from steerlab.inference.results import load_results
+from steerlab.traits.pairs import load_pairs
+from steerlab.traits.trait import load_trait
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "steerlab"
@@ -112,7 +112,7 @@ def test_declared_dependencies_are_the_imported_ones():
               for r in reqs}
     imported = set().union(*(_imports(p) for p in PACKAGE.rglob("*.py")))
     third_party = imported - set(sys.stdlib_module_names) - {"steerlab", "__future__"}
-    assert "tqdm" not in imported  # rich is the one progress library (steerlab.progress)
+    assert "tqdm" not in imported  # rich is the one progress library (steerlab.base.progress)
     dists = importlib.metadata.packages_distributions()
     provided = {m: {_norm(d) for d in dists.get(m, [m])} for m in third_party}
     undeclared = {m: d for m, d in provided.items() if not d & (core | extras)}

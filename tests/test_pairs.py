@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from steerlab.errors import SteerlabError
-from steerlab.pairs import Pair, load_pairs, prompt_id, save_pairs
+from steerlab.base.errors import SteerlabError
+from steerlab.traits.pairs import Pair, load_pairs, prompt_id, save_pairs
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -8,13 +8,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from steerlab.base.files import append_jsonl, read_jsonl
 from steerlab.cli import app
-from steerlab.collect import ROLES, collect, collected_pairs
-from steerlab.files import append_jsonl, read_jsonl
-from steerlab.judge import filter_pairs, judge, scorer_judge
-from steerlab.pairs import load_pairs, prompt_id
-from steerlab.responders import LocalResponder
-from steerlab.traits import load_trait
+from steerlab.traits.collect import ROLES, collect, collected_pairs
+from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+from steerlab.traits.pairs import load_pairs, prompt_id
+from steerlab.traits.responders import LocalResponder
+from steerlab.traits.trait import load_trait
 
 MAX_TOKENS = 48
 
@@ -118,7 +118,7 @@ def test_cli_collect_on_a_tiny_model(tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_filter_drops_repetition_loops(pirate_run):
-    from steerlab.scorers import text_distinct
+    from steerlab.traits.scorers import text_distinct
 
     d = pirate_run["dir"]
     clean = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", min_distinct=0.5)

@@ -16,19 +16,15 @@ import pytest
 import torch
 from conftest import EPS32, assert_close_to_scale, assert_same_tokens
 
-from steerlab.capture import capture_pairs
-from steerlab.chat import encode_chat
-from steerlab.errors import SteerlabError
-from steerlab.generate import generate_with_metrics, stop_token_ids
-from steerlab.models import load_from_options, load_model
-from steerlab.pairs import Pair
-from steerlab.placement import (
-    ModelOptions,
-    check_placement,
-    parse_device_map,
-    provenance,
-    resolve_device,
-)
+from steerlab.base.errors import SteerlabError
+from steerlab.extraction.capture import capture_pairs
+from steerlab.generation.generate import generate_with_metrics
+from steerlab.model.inputs import stop_token_ids
+from steerlab.model.loading import load_from_options, load_model
+from steerlab.model.options import ModelOptions, check_placement, parse_device_map, resolve_device
+from steerlab.model.provenance import provenance
+from steerlab.model.templates import encode_chat
+from steerlab.traits.pairs import Pair
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -140,7 +136,7 @@ KERNEL_EPS = 128
 @pytest.fixture(scope="module")
 def padded_logits(embedded_model, eager_model):
     """Both models' logits at the real positions of a left-padded batch of QUESTIONS."""
-    from steerlab.generate import left_pad
+    from steerlab.model.inputs import left_pad
 
     tok = embedded_model.tokenizer
     ids, mask = left_pad([encode_chat(tok, q) for q in QUESTIONS], tok.pad_token_id)
@@ -235,7 +231,7 @@ def test_extract_config_with_cuda_exits_2_in_a_real_process(tmp_path):
 
 
 def test_extract_flags_override_only_the_config_keys_given(tmp_path):
-    from steerlab.extract import load_config
+    from steerlab.extraction.extract import load_config
 
     cfg = tmp_path / "extract.yaml"
     cfg.write_text("pairs: p.jsonl\noutput: a.h5\nmodel: embedded\ndtype: float32\n"

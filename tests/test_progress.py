@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from transformers.utils import logging as hf_logging
 
-from steerlab.progress import quiet_hf
+from steerlab.base.progress import quiet_hf
 
 
 @pytest.fixture

@@ -18,16 +18,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steerlab.chat import encode_chat
-from steerlab.chat_session import ChatSession
-from steerlab.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_filled
-from steerlab.generate import generate, generate_with_metrics, stop_token_ids
-from steerlab.layers import hidden_of, replace_hidden
-from steerlab.models import load_model
-from steerlab.personas import Persona
-from steerlab.responders import LocalResponder
-from steerlab.steer import steer
-from steerlab.vectors import SteeringVector
+from steerlab.base.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_filled
+from steerlab.chat.session import ChatSession
+from steerlab.generation.generate import generate, generate_with_metrics
+from steerlab.model.hooks import hidden_of, replace_hidden
+from steerlab.model.inputs import stop_token_ids
+from steerlab.model.loading import load_model
+from steerlab.model.personas import Persona
+from steerlab.model.templates import encode_chat
+from steerlab.steering.intervention import steer
+from steerlab.steering.vector import SteeringVector
+from steerlab.traits.responders import LocalResponder
 
 pytestmark = pytest.mark.slow
 

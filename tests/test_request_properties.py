@@ -22,10 +22,10 @@ from conftest import make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from steerlab.chat_request import RequestError, parse_chat_request, parse_steering
-from steerlab.models import _use_attention
-from steerlab.vector_names import VectorShelf
-from steerlab.vectors import Provenance, SteeringVector
+from steerlab.model.loading import _use_attention
+from steerlab.serving.requests import RequestError, parse_chat_request, parse_steering
+from steerlab.serving.shelf import VectorShelf
+from steerlab.steering.vector import Provenance, SteeringVector
 
 SEEDED = settings(derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -108,7 +108,8 @@ def test_field_checks_accept_or_refuse_with_a_4xx(half_model, shelf):
 
 
 def test_every_generated_body_is_served_or_refused_never_a_5xx(half_model, shelf):
-    from steerlab.serve import Limits, make_server
+    from steerlab.serving.http_edge import Limits
+    from steerlab.serving.server import make_server
 
     srv = make_server(half_model, port=0, model_name="tiny", engine="static", max_batch=4,
                       max_context=128, vectors_dir=shelf.root, limits=Limits(max_tokens=4))

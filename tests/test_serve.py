@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from steerlab.client import Endpoint, EndpointClient
-from steerlab.collect import collect, collected_pairs
-from steerlab.judge import filter_pairs, judge, scorer_judge
-from steerlab.personas import Persona
-from steerlab.responders import EndpointResponder, LocalResponder
-from steerlab.traits import load_trait
+from steerlab.model.personas import Persona
+from steerlab.traits.client import Endpoint, EndpointClient
+from steerlab.traits.collect import collect, collected_pairs
+from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+from steerlab.traits.responders import EndpointResponder, LocalResponder
+from steerlab.traits.trait import load_trait
 
 pytestmark = pytest.mark.slow
 
@@ -156,8 +156,8 @@ def pirate_vector(embedded_model, vectors_dir):
     """A small pirate vector (response means of four hand-written pairs), served as 'pirate'."""
     from types import SimpleNamespace
 
-    from steerlab.capture import capture_pairs
-    from steerlab.vectors import SteeringVector
+    from steerlab.extraction.capture import capture_pairs
+    from steerlab.steering.vector import SteeringVector
 
     rows = [("How is the weather?", "Arr, the seas be calm, matey!", "It is sunny and mild."),
             ("What do you eat?", "Arr, salted pork and grog, matey!", "Mostly pasta."),
@@ -172,9 +172,9 @@ def pirate_vector(embedded_model, vectors_dir):
 
 
 def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector):
-    from steerlab.generate import generate
-    from steerlab.responders import encode_messages
-    from steerlab.steer import steer
+    from steerlab.generation.generate import generate
+    from steerlab.model.templates import encode_messages
+    from steerlab.steering.intervention import steer
 
     vector, path = pirate_vector
     tok = embedded_model.tokenizer
@@ -227,7 +227,7 @@ def test_bad_steering_gets_a_4xx_naming_the_field(server, pirate_vector, vectors
                                                   tmp_path):
     import torch
 
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     _, path = pirate_vector
     SteeringVector(torch.ones(1, 64), (8,)).save(vectors_dir / "narrow")
@@ -268,7 +268,7 @@ BUDGET = [32, 36, 40, 32, 36, 40, 32, 36]
 def random_vector(vectors_dir):
     """Seeded random directions (norm 40, about a third of a mid-layer residual) at layers
     4, 10 and 16, in raw units: strong enough to move every greedy reply below."""
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(3, 576, generator=g)
@@ -427,9 +427,9 @@ def _error_then_done(raw: bytes) -> dict:
 def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer, engine):
     from conftest import make_tiny_model
 
-    from steerlab.layers import decoder_layers
-    from steerlab.models import _use_attention
-    from steerlab.serve import make_server
+    from steerlab.model.hooks import decoder_layers
+    from steerlab.model.loading import _use_attention
+    from steerlab.serving.server import make_server
 
     model = make_tiny_model(tokenizer, n_layers=2, seed=2)
     _use_attention(model.original_model, "sdpa")

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from steerlab.serve import Limits, make_server
+from steerlab.serving.http_edge import Limits
+from steerlab.serving.server import make_server
 
 OK = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
       "temperature": 0}

@@ -7,7 +7,8 @@ leave the normal answers equal to a fresh server's; vectors are named, never pat
 every refusal of a name reads the same whether or not some file exists.
 
 The model is a tiny random Llama in float16, where a steering inside the up-front bound
-(:data:`steerlab.steer.MAX_DELTA_NORM`) can still overflow: a spike of 1e5 on one coordinate
+(:data:`steerlab.steering.intervention.MAX_DELTA_NORM`) can still overflow: a spike of 1e5 on one
+coordinate
 is beyond float16's 65504, so the residual turns infinite in the middle of a reply.
 """
 
@@ -24,11 +25,11 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from steerlab.generate import NonFiniteError, generate
-from steerlab.models import _use_attention
-from steerlab.steer import Steering
-from steerlab.vector_names import VectorShelf
-from steerlab.vectors import Provenance, SteeringVector
+from steerlab.generation.generate import NonFiniteError, generate
+from steerlab.model.loading import _use_attention
+from steerlab.serving.shelf import VectorShelf
+from steerlab.steering.intervention import Steering
+from steerlab.steering.vector import Provenance, SteeringVector
 
 D = 64
 QUESTIONS = ["Hello there", "What is the sea?", "Name a colour.", "Tell me a story.",
@@ -55,12 +56,12 @@ def _spike(size=1e5):
 
 
 def test_a_reused_slot_ignores_what_its_last_row_left(half_model, tokenizer):
-    from steerlab.decode import Settings
-    from steerlab.slots import SlotBatch
+    from steerlab.generation.decode import StepProgram
+    from steerlab.generation.slots import SlotBatch
 
     prompts = [tokenizer.encode(q) for q in QUESTIONS[:3]]
     want = generate(half_model, prompts[2:3], max_new_tokens=6, engine="eager").tokens[0]
-    batch = SlotBatch(half_model, 2, 128, Settings(0, False, False, (), (2,), 0))
+    batch = SlotBatch(half_model, 2, 128, StepProgram(0, False, False, (), (2,), 0))
     with batch.running():
         batch.admit([0, 1], prompts[:2], limits=[6, 6], temps=[0.0, 0.0], seeds=[0, 0])
         for t in (*batch.cache.keys, *batch.cache.values):
@@ -89,7 +90,7 @@ def test_generate_names_the_row_whose_logits_went_non_finite(half_model, tokeniz
 
 
 def test_a_steering_that_would_overflow_is_refused_up_front(tiny_model):
-    from steerlab.errors import SteerlabError
+    from steerlab.base.errors import SteerlabError
 
     for bad in (SteeringVector(torch.ones(1, D), (1,), Provenance(resid_norms={"1": 1e30})),):
         with pytest.raises(SteerlabError, match="at most 1e"):
@@ -127,7 +128,7 @@ def vectors_dir(tmp_path_factory):
 
 class _Server:
     def __init__(self, model, vectors_dir, **kw):
-        from steerlab.serve import make_server
+        from steerlab.serving.server import make_server
 
         self.srv = make_server(model, port=0, model_name="tiny", max_batch=8, max_context=256,
                                vectors_dir=vectors_dir, **kw)
@@ -240,7 +241,7 @@ def test_steering_needs_a_vectors_dir_and_names_reveal_nothing(half_model, vecto
 
 
 def test_a_shelf_offers_plain_names_inside_its_folder(vectors_dir, tmp_path):
-    from steerlab.errors import SteerlabError
+    from steerlab.base.errors import SteerlabError
 
     shelf = VectorShelf(vectors_dir)
     assert shelf.names() == ["huge-norm", "linked", "mild", "nan-norm", "spike"]

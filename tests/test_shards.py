@@ -16,13 +16,13 @@ import pytest
 import torch
 from conftest import assert_same_run, assert_same_tokens, run_cli
 
-from steerlab.errors import SteerlabError
-from steerlab.extract import extract, merge_shards
-from steerlab.infer import InferConfig, run_identity, run_inference
-from steerlab.personas import Persona
-from steerlab.placement import provenance
-from steerlab.runs import merge_run, open_run
-from steerlab.shards import parse_shard
+from steerlab.base.errors import SteerlabError
+from steerlab.base.shards import parse_shard
+from steerlab.extraction.extract import extract, merge_shards
+from steerlab.inference.infer import InferConfig, run_identity, run_inference
+from steerlab.inference.runs import merge_run, open_run
+from steerlab.model.personas import Persona
+from steerlab.model.provenance import provenance
 
 PERSONAE = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character")]
 PROMPTS = ["Who are you?", "Name a colour.", "Count to three."]
@@ -105,14 +105,14 @@ def test_slurm_array_numbered_from_one_via_the_cli(single, tmp_path):
 
 @pytest.mark.slow
 def test_sampled_shards_equal_one_process_per_task_seeds(embedded_model, tmp_path):
-    from steerlab.chat import encode_chat
-    from steerlab.generate import generate
+    from steerlab.generation.generate import generate
+    from steerlab.model.templates import encode_chat
 
     try:
         generate(embedded_model, [encode_chat(embedded_model.tokenizer, "Hi")],
                  max_new_tokens=1, temperature=1.0, seed=[0])
     except (TypeError, RuntimeError):
-        pytest.skip("steerlab.generate does not take per-row seeds yet")
+        pytest.skip("steerlab.generation.generate does not take per-row seeds yet")
     prompts = PROMPTS[:2]  # 4 tasks in 2 batches: one per shard
     cfg = InferConfig(max_tokens=6, batch_size=2, temperature=1.0, seed=11)
     for i in range(2):
@@ -125,10 +125,10 @@ def test_sampled_shards_equal_one_process_per_task_seeds(embedded_model, tmp_pat
     # Task t samples with seed + t whatever batch it is in. Other batches pad the rows
     # otherwise, so the logits differ in the last bits (measured: 2e-5, 5 eps of logits up to
     # ~40): the same tokens, up to a tie between the uniform and a CDF boundary (64 eps: 13x).
-    from steerlab.generate import stop_token_ids
-    from steerlab.infer import make_tasks
-    from steerlab.personas import system_prompt_style
-    from steerlab.results import read_per_token
+    from steerlab.inference.infer import make_tasks
+    from steerlab.inference.results import read_per_token
+    from steerlab.model.inputs import stop_token_ids
+    from steerlab.model.personas import system_prompt_style
 
     other = run_inference(embedded_model, prompts, PERSONAE, tmp_path / "b3",
                           InferConfig(max_tokens=6, batch_size=3, temperature=1.0, seed=11),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab.errors import SteerlabError
-from steerlab.generate import generate
-from steerlab.layers import decoder_layers
-from steerlab.steer import monitor, steer
-from steerlab.vectors import SteeringVector
+from steerlab.base.errors import SteerlabError
+from steerlab.generation.generate import generate
+from steerlab.model.hooks import decoder_layers
+from steerlab.steering.intervention import monitor, steer
+from steerlab.steering.vector import SteeringVector
 
 PROMPTS = [[1, 28, 42, 99, 7], [1, 500, 17], [1, 3, 4, 5, 6, 8, 9]]
 
@@ -47,7 +47,7 @@ def test_alpha_zero_is_bit_identical(tiny_model, vector):
 
 
 def test_adds_alpha_times_vector_at_resid_post(tiny_model, vector):
-    from steerlab.capture import capture_positions
+    from steerlab.extraction.capture import capture_positions
 
     ids = PROMPTS[0]
     pos = list(range(len(ids)))

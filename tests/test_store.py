@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from steerlab.errors import SteerlabError
-from steerlab.extract import extract, merge_shards
-from steerlab.shards import parse_shard, shard_path, shard_range
-from steerlab.store import ActivationFile
+from steerlab.base.errors import SteerlabError
+from steerlab.base.shards import parse_shard, shard_path, shard_range
+from steerlab.extraction.extract import extract, merge_shards
+from steerlab.extraction.store import ActivationFile
 
 DATASETS = ("chosen", "rejected", "chosen_mean", "rejected_mean", "divergence",
             "chosen_length", "rejected_length", "response_start", "pair_id", "layers")
@@ -30,7 +30,7 @@ def crash_at_boom(monkeypatch) -> None:
     the capture itself)."""
     import importlib
 
-    module = importlib.import_module("steerlab.extract")  # the module, not sl.extract
+    module = importlib.import_module("steerlab.extraction.extract")  # the module, not sl.extract
     real = module.capture_pairs
 
     def capture(model, batch, *args, **kwargs):
@@ -153,8 +153,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_model, tokenizer, tmp_path
     import torch
     from conftest import make_tiny_hf
 
-    from steerlab.models import load_model
-    from steerlab.pairs import Pair, save_pairs
+    from steerlab.model.loading import load_model
+    from steerlab.traits.pairs import Pair, save_pairs
 
     model_dir = tmp_path / "tiny"
     make_tiny_hf(tokenizer, seed=3).save_pretrained(model_dir)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from steerlab.errors import SteerlabError
-from steerlab.scorers import (
+from steerlab.base.errors import SteerlabError
+from steerlab.traits.scorers import (
     SCORERS,
     emoji_rate_scorer,
     lexicon_scorer,
     regex_scorer,
     scorer_from_spec,
 )
-from steerlab.traits import Trait, list_traits, load_trait, trait_dirs
+from steerlab.traits.trait import Trait, list_traits, load_trait, trait_dirs
 
 
 @pytest.mark.parametrize("name", ["pirate", "emoji", "playful", "formatting"])
@@ -150,7 +150,7 @@ def test_scorer_from_spec_uses_the_factory_table():
 
 
 def test_text_distinct_flags_loops():
-    from steerlab.scorers import distinct_n, text_distinct
+    from steerlab.traits.scorers import distinct_n, text_distinct
 
     assert text_distinct("Boil the water, then add the egg for nine minutes.") == 1.0
     loop = "Aye, me hearty, me hearty, me hearty, me hearty, me hearty, me hearty!"

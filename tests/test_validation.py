@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steerlab.evaluate import SteeringEval
-from steerlab.rating import Setting
-from steerlab.validation import Criteria, validation_report, write_validation_html
+from steerlab.evaluation.evaluate import SteeringEval
+from steerlab.evaluation.rating import Setting
+from steerlab.evaluation.verdict import Criteria, validation_report, write_validation_html
 
 
 def setting(scores, coherent=None, layers=(12,), alpha=0.2):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import EPS32
 
-from steerlab.errors import SteerlabError
-from steerlab.vectors import Provenance, SteeringVector, random_like, read_gguf
+from steerlab.base.errors import SteerlabError
+from steerlab.steering.vector import Provenance, SteeringVector, random_like, read_gguf
 
 
 def vec(seed=0, layers=(3, 5)):
@@ -93,10 +93,10 @@ def test_gguf_control_vector_names_layers_as_llama_cpp_does(tmp_path, caplog):
     steerlab steers at layer N; it has no slot for layer 0, which is left out (warned)."""
     import gguf
 
-    from steerlab.models import EMBEDDED_REPO_ID
+    from steerlab.model.loading import EMBEDDED_REPO_ID
 
     a = replace(vec(layers=(0, 4, 9)), provenance=Provenance(model_id=EMBEDDED_REPO_ID))
-    with caplog.at_level("WARNING", logger="steerlab.vectors"):
+    with caplog.at_level("WARNING", logger="steerlab.steering.vector"):
         path = a.to_gguf(tmp_path / "c.gguf")
     assert "layer 0" in caplog.text
     reader = gguf.GGUFReader(str(path))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steerlab import viz
-from steerlab.personas import Persona
+from steerlab.model.personas import Persona
+from steerlab.reporting import figures as viz
 
 RECORDS = [
     {"id": 0, "category": "a", "avg_entropy": 1.0, "avg_entropy_thinking": None,
@@ -44,7 +44,7 @@ def test_lens_heatmap_is_layer_by_token():
 
 @pytest.fixture(scope="module")
 def embedded_run(embedded_model, tmp_path_factory):
-    from steerlab.infer import InferConfig, run_inference
+    from steerlab.inference.infer import InferConfig, run_inference
 
     personae = [Persona("assistant", "assistant", "an"), Persona("Hamlet", "fictional-character"),
                 Persona("doctor", "profession", "a"), Persona("toaster", "object", "a")]
@@ -56,9 +56,9 @@ def embedded_run(embedded_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_is_standalone_html(embedded_run, embedded_model):
-    from steerlab.report import write_report
+    from steerlab.inference.report import write_run_report
 
-    path = write_report(embedded_run, tokenizer=embedded_model.tokenizer)
+    path = write_run_report(embedded_run, tokenizer=embedded_model.tokenizer)
     page = path.read_text()
     assert "<script src=" not in page  # plotly.js is inlined: no network needed
     assert page.count("Plotly.newPlot") == 4  # three box figures and the lens heatmap
@@ -136,8 +136,8 @@ def test_box_legend_survives_an_empty_first_panel_and_notes_fit_their_panel():
 
 
 def test_sweep_controls_never_take_a_layer_groups_colour():
-    from steerlab.evaluate import SteeringEval
-    from steerlab.rating import Setting
+    from steerlab.evaluation.evaluate import SteeringEval
+    from steerlab.evaluation.rating import Setting
 
     def s(layers, alpha):
         return Setting(layers, alpha, 1.0, 1.0, 1.0, 1.0, coherent_trait=1.0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab.errors import SteerlabError
-from steerlab.vectors import SteeringVector
+from steerlab.base.errors import SteerlabError
+from steerlab.steering.vector import SteeringVector
 
 pytest.importorskip("ipywidgets")
 
-from steerlab.widgets import SteeringChat, find_vectors  # noqa: E402
+from steerlab.chat.widget import SteeringChat, find_vectors  # noqa: E402
 
 
 def _vector(layers: tuple[int, ...], norm: float, seed: int = 0) -> SteeringVector:
@@ -54,8 +54,8 @@ def test_slider_and_message_stream_a_reply(tiny_model, tmp_path):
     chat.persona_box.value = "Hamlet"
     steered = chat.send("Hello")
     # the reference: the library path with the same vector, layer, strength and persona
-    from steerlab.chat_session import ChatSession
-    from steerlab.personas import Persona
+    from steerlab.chat.session import ChatSession
+    from steerlab.model.personas import Persona
 
     ref = ChatSession(tiny_model, max_tokens=10, persona=Persona("Hamlet", "custom", ""))
     ref.set_steering(chat.selected_vector(), 1.0, [2])

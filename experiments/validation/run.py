@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import steerlab as sl
-from steerlab.evaluate import EvalConfig
-from steerlab.fitters import shuffled_control
-from steerlab.judge import select_pairs
-from steerlab.validation import validation_report, write_validation_html
+from steerlab.evaluation.evaluate import EvalConfig
+from steerlab.evaluation.verdict import validation_report, write_validation_html
+from steerlab.extraction.fitters import shuffled_control
+from steerlab.traits.judge import select_pairs
 
 HERE = Path(__file__).parent
 TRAITS = ["pirate", "emoji", "formatting", str(HERE / "traits" / "cowboy.json")]

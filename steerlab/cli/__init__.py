@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import typer
 
+from steerlab.base.errors import SteerlabError
 from steerlab.cli import _app
 from steerlab.cli._app import app
-from steerlab.errors import SteerlabError
 
 # Every public module in this package registers its commands on `app` when imported.
 for _info in pkgutil.iter_modules(__path__):

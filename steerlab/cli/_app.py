@@ -7,7 +7,7 @@ from typing import Any, no_type_check
 
 import typer
 
-from steerlab.progress import quiet_hf
+from steerlab.base.progress import quiet_hf
 
 VERBOSE = False  # set by --verbose: the CLI boundary then shows tracebacks
 TRAIT_HELP = "Trait: a built-in name (steerlab traits list), ./traits/<name>.json, or a path."

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.placement import ModelOptions
+from steerlab.model.options import ModelOptions
 
 _PANEL = "Model"
 FLAGS: dict[str, tuple[Any, Any]] = {
@@ -37,7 +37,7 @@ ENGINE_HELP = ("Generation engine: eager (growing KV cache, one Python step per 
 
 def check_engine(engine: str) -> str:
     """``--engine`` checked before anything loads (one error line, exit code 2)."""
-    from steerlab.engine import Engine
+    from steerlab.generation.engine import Engine
 
     return Engine.parse(engine, field="engine").value
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from steerlab.errors import SteerlabError
+from steerlab.base.errors import SteerlabError
 
 N = TypeVar("N", int, float)
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import typer
 
+from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import number_list
-from steerlab.errors import SteerlabError
-from steerlab.models import load_from_options, model_geometry
-from steerlab.placement import ModelOptions
+from steerlab.model.loading import load_from_options, model_geometry
+from steerlab.model.options import ModelOptions
 
 ESC = b"\x1b"
 
@@ -94,7 +94,7 @@ def load_steering(session: Any, path: str, alpha: float, layers: str = "",
                   units: str = "raw") -> str:
     """Steer ``session`` with the vector file ``path`` at ``alpha`` on ``layers`` ("10,12";
     "" for the vector's own) in ``units``; returns the confirmation line."""
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     chosen = number_list(layers, int, "layers") or None
     steering = session.set_steering(SteeringVector.load(path), alpha, chosen, units)
@@ -135,7 +135,7 @@ def run_command(session: Any, command: Command) -> str:
     if name in ("thinking", "nothinking"):
         session.thinking = name == "thinking"
         line = f"thinking {'on' if session.thinking else 'off'}"
-        from steerlab.chat import has_thinking_mode
+        from steerlab.model.templates import has_thinking_mode
 
         if not has_thinking_mode(session.model.tokenizer):
             line += " (no effect: this model's chat template has no thinking mode)"
@@ -269,11 +269,11 @@ def chat(
     engine: str = typer.Option("auto", help=ENGINE_HELP),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
-    from steerlab.chat_session import ChatSession
-    from steerlab.checks import integer, number
-    from steerlab.checks import seed as check_seed
-    from steerlab.personas import persona_name, system_prompt_text
-    from steerlab.steer import Units
+    from steerlab.base.checks import integer, number
+    from steerlab.base.checks import seed as check_seed
+    from steerlab.chat.session import ChatSession
+    from steerlab.model.personas import persona_name, system_prompt_text
+    from steerlab.steering.intervention import Units
 
     # every flag (and the vector file) is checked before the model loads
     persona_name(persona, "persona")
@@ -300,7 +300,7 @@ def chat(
     _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
     if thinking:
-        from steerlab.chat import has_thinking_mode
+        from steerlab.model.templates import has_thinking_mode
 
         if not has_thinking_mode(bridge.tokenizer):
             _out("--thinking has no effect: this model's chat template has no thinking mode\n")
@@ -310,7 +310,7 @@ def chat(
 def _check_vector(model: ModelOptions, vector: str, chosen: list[int]) -> None:
     """Refuse, before the model loads, a vector file of another model or without a ``chosen``
     layer."""
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     loaded = SteeringVector.load(vector)
     geometry = model_geometry(model.model)

@@ -9,7 +9,7 @@ import typer
 
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
-from steerlab.placement import ModelOptions
+from steerlab.model.options import ModelOptions
 
 
 @app.command()

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
+from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import app
 from steerlab.cli._model import model_flags
-from steerlab.errors import SteerlabError
-from steerlab.models import load_from_options, model_geometry
+from steerlab.model.loading import load_from_options, model_geometry
 
-log = logging.getLogger("steerlab.extract")
+log = logging.getLogger("steerlab.extraction.extract")
 
 
 def _log_to(path: Path | None) -> None:
@@ -39,14 +39,14 @@ def extract(
     """Capture divergence-point activations of a pairs file into HDF5 (resumable).
 
     The model flags, where given, override the config's model keys."""
-    from steerlab.checks import output_file
-    from steerlab.extract import check_output, load_config
-    from steerlab.extract import extract as run
-    from steerlab.layers import check_layers
-    from steerlab.pairs import load_pairs
-    from steerlab.personas import system_prompt_style
-    from steerlab.shards import parse_shard
-    from steerlab.store import activation_files
+    from steerlab.base.checks import output_file
+    from steerlab.base.shards import parse_shard
+    from steerlab.extraction.extract import check_output, load_config
+    from steerlab.extraction.extract import extract as run
+    from steerlab.extraction.store import activation_files
+    from steerlab.model.hooks import check_layers
+    from steerlab.model.personas import system_prompt_style
+    from steerlab.traits.pairs import load_pairs
 
     # everything is checked before the model loads and before anything is written
     cfg = load_config(config, overrides=model)
@@ -95,12 +95,12 @@ def merge(
     ] = None,
 ) -> None:
     """Join the shards of a sharded ``steerlab extract`` (files) or ``steerlab infer`` (RUN)."""
-    from steerlab.checks import output_file
-    from steerlab.extract import load_config, merge_shards
-    from steerlab.store import activation_files
+    from steerlab.base.checks import output_file
+    from steerlab.extraction.extract import load_config, merge_shards
+    from steerlab.extraction.store import activation_files
 
     if shards and len(shards) == 1 and shards[0].is_dir():
-        from steerlab.runs import merge_run
+        from steerlab.inference.runs import merge_run
 
         if config is not None or output is not None:
             raise SteerlabError("an inference run is merged in place; drop --config and "

@@ -9,8 +9,8 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
-from steerlab.models import load_from_options, model_geometry
-from steerlab.placement import ModelOptions
+from steerlab.model.loading import load_from_options, model_geometry
+from steerlab.model.options import ModelOptions
 
 
 @app.command()
@@ -42,9 +42,9 @@ def infer(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Generate every persona x prompt x rep and record entropy / top-k mass (resumable)."""
-    from steerlab.infer import InferConfig, load_prompts, run_inference
-    from steerlab.personas import load_personae
-    from steerlab.runs import check_run_target
+    from steerlab.inference.infer import InferConfig, load_prompts, run_inference
+    from steerlab.inference.runs import check_run_target
+    from steerlab.model.personas import load_personae
 
     # Everything is validated before the model loads and before the run folder exists.
     prompts = load_prompts(prompts_json)
@@ -77,9 +77,9 @@ def _run_folder(shard: str | None, output_dir: Path | None) -> tuple[tuple[int, 
     need ``--output-dir`` (or a SLURM array job, whose id names the default folder)."""
     import os
 
-    from steerlab.errors import SteerlabError
-    from steerlab.infer import default_output_dir
-    from steerlab.shards import parse_shard
+    from steerlab.base.errors import SteerlabError
+    from steerlab.base.shards import parse_shard
+    from steerlab.inference.infer import default_output_dir
 
     part = parse_shard(shard)
     if part[1] > 1 and output_dir is None and "SLURM_ARRAY_JOB_ID" not in os.environ:
@@ -95,7 +95,8 @@ def report(
         "--output", "-o", help="HTML file (default: RESULTS_DIR/report.html).")] = None,
 ) -> None:
     """Write a standalone HTML report (no kernel, no network) of an inference run."""
-    from steerlab.report import report_path, run_tokenizer, write_report
+    from steerlab.inference.report import report_path, run_tokenizer, write_run_report
 
     report_path(results_dir, output)  # before the tokenizer loads: one line, no warning first
-    typer.echo(f"wrote {write_report(results_dir, output, tokenizer=run_tokenizer(results_dir))}")
+    written = write_run_report(results_dir, output, tokenizer=run_tokenizer(results_dir))
+    typer.echo(f"wrote {written}")

@@ -10,14 +10,14 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import check_engine, model_flags
-from steerlab.models import load_from_options
-from steerlab.placement import ModelOptions
+from steerlab.model.loading import load_from_options
+from steerlab.model.options import ModelOptions
 
 
 def check_serving(model: ModelOptions, engine: str, max_batch: int, max_context: int,
                   sync_every: int) -> str:
     """The batching flags checked before the model loads (one error line, exit code 2)."""
-    from steerlab.errors import SteerlabError
+    from steerlab.base.errors import SteerlabError
 
     engine = check_engine(engine)
     for value, field, low in ((max_batch, "max_batch", 1), (max_context, "max_context", 16),
@@ -93,10 +93,10 @@ def serve(
     /v1/vectors); concurrent requests batched (continuous batching);
     a key required beyond localhost; tokens, prompt, body, time, queue and connections
     bounded; HTTP/1.1 keep-alive (a stream closes its connection)."""
-    from steerlab.checks import integer
-    from steerlab.http_edge import Limits, check_exposure
-    from steerlab.serve import make_server
-    from steerlab.vector_names import VectorShelf
+    from steerlab.base.checks import integer
+    from steerlab.serving.http_edge import Limits, check_exposure
+    from steerlab.serving.server import make_server
+    from steerlab.serving.shelf import VectorShelf
 
     integer(port, "port", lo=0, hi=65535)
     engine = check_serving(model, engine, max_batch, max_context, sync_every)
@@ -104,7 +104,7 @@ def serve(
     limits = Limits(max_tokens=max_tokens_cap, max_body_bytes=max_body_bytes,
                     request_timeout=request_timeout, max_queue=max_queue,
                     read_timeout=read_timeout, idle_timeout=idle_timeout,
-                    max_connections=max_connections)  # each value checked (steerlab.checks)
+                    max_connections=max_connections)  # each value checked (steerlab.base.checks)
     if vectors_dir is not None:
         VectorShelf(vectors_dir)  # the server's own folder check, before the model loads
     name = name or model.model

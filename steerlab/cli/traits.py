@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
+from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
-from steerlab.errors import SteerlabError
-from steerlab.models import load_from_options
-from steerlab.placement import ModelOptions
+from steerlab.model.loading import load_from_options
+from steerlab.model.options import ModelOptions
 
 sub = typer.Typer(help="Trait data pipeline: list, generate, collect, judge, filter, merge.",
                   no_args_is_help=True)
@@ -27,7 +27,7 @@ def _run_dir(run_dir: Path | None, trait: Any) -> Path:
 
 def _client(url: str, model: str, key_env: str, concurrency: int, retries: int, timeout: float,
             field: str = "base_url"):
-    from steerlab.client import Endpoint, EndpointClient
+    from steerlab.traits.client import Endpoint, EndpointClient
 
     url = _check_endpoint(url, concurrency, retries, timeout, field) or url
     return EndpointClient(Endpoint(url, model, key_env or None, timeout=timeout,
@@ -38,8 +38,8 @@ def _check_endpoint(url: str | None, concurrency: int, retries: int, timeout: fl
                     field: str = "base_url") -> str | None:
     """An endpoint's flags (``url`` None: a local responder), checked before anything loads
     or is sent."""
-    from steerlab.checks import integer, number
-    from steerlab.checks import url as check_url
+    from steerlab.base.checks import integer, number
+    from steerlab.base.checks import url as check_url
 
     integer(concurrency, "concurrency", lo=1)
     integer(retries, "retries", lo=0)
@@ -67,7 +67,7 @@ def list_() -> None:
 
     One line each: name, questions, held-out questions, scorer kind and the file it loads.
     """
-    from steerlab.traits import list_traits, load_trait
+    from steerlab.traits.trait import list_traits, load_trait
 
     for name, path in list_traits().items():
         try:
@@ -95,9 +95,9 @@ def generate(
     timeout: float = typer.Option(300.0, help="Seconds per request."),
 ) -> None:
     """Have an LLM write instructions, questions and a 0-100 rubric for a trait."""
-    from steerlab.checks import integer, output_file
-    from steerlab.elicit import elicit_trait
-    from steerlab.traits import load_trait
+    from steerlab.base.checks import integer, output_file
+    from steerlab.traits.elicit import elicit_trait
+    from steerlab.traits.trait import load_trait
 
     t = load_trait(trait)
     integer(n_questions, "n_questions", lo=1)
@@ -117,8 +117,8 @@ def generate(
 
 def _responder(side: str, t: Any, url: str | None, model_name: str, key_env: str,
                system: str | None, persona: str | None, local: Any, opts: dict) -> Any:
-    from steerlab.personas import ASSISTANT, Persona
-    from steerlab.responders import EndpointResponder, LocalResponder
+    from steerlab.model.personas import ASSISTANT, Persona
+    from steerlab.traits.responders import EndpointResponder, LocalResponder
 
     defaults = t.positive_instructions if side == "chosen" else t.negative_instructions
     sys_prompt = _system(system, defaults, f"{side}_system")
@@ -168,10 +168,10 @@ def collect(
     """Answer the trait's questions with a chosen and a rejected responder (resumable)."""
     from functools import cache
 
-    from steerlab.checks import integer, number
-    from steerlab.checks import seed as check_seed
-    from steerlab.collect import collect as run_collect
-    from steerlab.traits import load_trait
+    from steerlab.base.checks import integer, number
+    from steerlab.base.checks import seed as check_seed
+    from steerlab.traits.collect import collect as run_collect
+    from steerlab.traits.trait import load_trait
 
     # every flag is checked before the model loads or a request goes out
     t = load_trait(trait)
@@ -200,7 +200,7 @@ def collect(
 
 def _check_sides(sides: dict[str, tuple[str | None, str | None]]) -> None:
     """Each side's ``--*-system`` and ``--*-persona`` flags, where given."""
-    from steerlab.personas import persona_name, system_prompt_text
+    from steerlab.model.personas import persona_name, system_prompt_text
 
     for side, (system, persona) in sides.items():
         if system is not None:
@@ -221,8 +221,8 @@ def _questions(t: Any, held_out: bool, trait: str) -> tuple[str, ...]:
 def _collected_file(d: Path, held_out: bool, trait: str, model: ModelOptions) -> Path:
     """The answers file in the run folder ``d``, checked writable (and no input) before
     anything loads."""
-    from steerlab.checks import output_dir
-    from steerlab.traits import trait_file
+    from steerlab.base.checks import output_dir
+    from steerlab.traits.trait import trait_file
 
     out = d / ("collected_held_out.jsonl" if held_out else "collected.jsonl")
     output_dir(d, "run_dir", inputs={"trait": trait_file(trait), "model": model.local_files()},
@@ -243,10 +243,10 @@ def judge(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Score every collected answer 0-100 (resumable; failures are recorded)."""
-    from steerlab.checks import input_file, output_file
-    from steerlab.judge import judge as run_judge
-    from steerlab.judge import rubric_judge, scorer_judge
-    from steerlab.traits import load_trait, trait_file
+    from steerlab.base.checks import input_file, output_file
+    from steerlab.traits.judge import judge as run_judge
+    from steerlab.traits.judge import rubric_judge, scorer_judge
+    from steerlab.traits.trait import load_trait, trait_file
 
     t = load_trait(trait)
     _check_endpoint(rubric_url or None, concurrency, retries, 120.0, "rubric_url")
@@ -282,10 +282,10 @@ def filter_(
     least the threshold (optionally loop-free); writes why the others were dropped."""
     from collections import Counter
 
-    from steerlab.checks import input_file, number, output_file
-    from steerlab.files import read_jsonl
-    from steerlab.judge import dropped_path, filter_pairs
-    from steerlab.traits import load_trait, trait_file
+    from steerlab.base.checks import input_file, number, output_file
+    from steerlab.base.files import read_jsonl
+    from steerlab.traits.judge import dropped_path, filter_pairs
+    from steerlab.traits.trait import load_trait, trait_file
 
     d = _run_dir(run_dir, load_trait(trait))
     number(threshold, "threshold", lo=-100, hi=100)  # scores are 0-100
@@ -315,8 +315,8 @@ def merge(
                                                  "filtered JSON.")],
 ) -> None:
     """Merge pairs files (first occurrence of each prompt wins)."""
-    from steerlab.checks import output_file
-    from steerlab.pairs import merge_pairs, save_pairs
+    from steerlab.base.checks import output_file
+    from steerlab.traits.pairs import merge_pairs, save_pairs
 
     output_file(output, "output", inputs={"inputs": inputs})
     pairs = merge_pairs(inputs)

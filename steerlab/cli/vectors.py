@@ -8,12 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
+from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import layer_groups, number_list
-from steerlab.errors import SteerlabError
-from steerlab.models import load_from_options, model_geometry
-from steerlab.placement import ModelOptions
+from steerlab.model.loading import load_from_options, model_geometry
+from steerlab.model.options import ModelOptions
 
 sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
 app.add_typer(sub, name="vectors")
@@ -29,10 +29,10 @@ def fit(
     normalise: bool = typer.Option(False, help="Unit norm per layer."),
 ) -> None:
     """Fit a steering vector from captured activations (probe: prints held-out accuracy)."""
-    from steerlab.checks import output_file
-    from steerlab.fitters import fit_vector
-    from steerlab.store import activation_files
-    from steerlab.vectors import vector_paths
+    from steerlab.base.checks import output_file
+    from steerlab.extraction.fitters import fit_vector
+    from steerlab.extraction.store import activation_files
+    from steerlab.steering.vector import vector_paths
 
     for path in vector_paths(output):  # before the fit: a bad target loses no work
         output_file(path, "output", inputs={"activations": activation_files(activations)})
@@ -81,12 +81,12 @@ def evaluate(
     """Search the strength per layer group on the trait's held-out questions (raise it until
     coherence falls below 0.8 x unsteered, then refine), pick the best coherent setting, run
     a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
-    from steerlab.calibrate import Search
-    from steerlab.checks import input_file, integer
-    from steerlab.evaluate import EvalConfig, evaluate_steering
-    from steerlab.store import activation_files
-    from steerlab.traits import trait_file
-    from steerlab.vectors import vector_paths
+    from steerlab.base.checks import input_file, integer
+    from steerlab.evaluation.calibrate import Search
+    from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering
+    from steerlab.extraction.store import activation_files
+    from steerlab.steering.vector import vector_paths
+    from steerlab.traits.trait import trait_file
 
     # everything is checked before the model loads, let alone the first generation
     vec = _model_vector(model, vector)
@@ -115,7 +115,7 @@ def evaluate(
 
 def _model_vector(model: ModelOptions, vector: Path) -> Any:
     """The vector file, refused before the model loads when it is of another model."""
-    from steerlab.vectors import SteeringVector
+    from steerlab.steering.vector import SteeringVector
 
     vec = SteeringVector.load(vector)
     geometry = model_geometry(model.model)
@@ -126,7 +126,7 @@ def _model_vector(model: ModelOptions, vector: Path) -> Any:
 
 def _held_out(trait: str) -> tuple[Any, list[str]]:
     """The trait and its held-out questions (a trait without any is refused)."""
-    from steerlab.traits import load_trait
+    from steerlab.traits.trait import load_trait
 
     t = load_trait(trait)
     questions = list(t.held_out_questions)
@@ -140,7 +140,7 @@ def _groups_and_strengths(vec: Any, vector: Path, layers: str, strengths: str
                           ) -> tuple[list[tuple[int, ...]] | None, list[float] | None]:
     """The ``--layers`` groups (every layer one of the vector's) and the ``--strengths``
     (finite); ``None`` for a flag left empty."""
-    from steerlab.checks import number
+    from steerlab.base.checks import number
 
     groups = layer_groups(layers) or None
     for layer in sorted({x for g in groups or () for x in g} - set(vec.layers)):
@@ -155,9 +155,9 @@ def _groups_and_strengths(vec: Any, vector: Path, layers: str, strengths: str
 def _check_eval_outputs(out: Path, inputs: dict[str, Any]) -> None:
     """Refuse an ``--output`` whose files cannot be written, alias an input, or whose points
     file another evaluation holds."""
-    from steerlab.checks import output_file
-    from steerlab.evaluate import POINTS_BUSY, points_lock
-    from steerlab.files import check_unlocked
+    from steerlab.base.checks import output_file
+    from steerlab.base.files import check_unlocked
+    from steerlab.evaluation.evaluate import POINTS_BUSY, points_lock
 
     for suffix in (".json", ".html", ".points.jsonl"):
         output_file(out.with_name(out.name + suffix), "output", inputs=inputs)
@@ -169,7 +169,7 @@ def _check_eval_outputs(out: Path, inputs: dict[str, Any]) -> None:
 def _shuffled_control(vec: Any, source: Path | None) -> Any:
     """The shuffled-label control vector fitted from ``source``, or ``None`` (with a warning
     where the file cannot give one)."""
-    from steerlab.fitters import shuffled_control
+    from steerlab.extraction.fitters import shuffled_control
 
     if source is None or not source.is_file():
         return None
@@ -182,7 +182,7 @@ def _shuffled_control(vec: Any, source: Path | None) -> Any:
 
 def _write_eval(ev: Any, out: Path, trait: str) -> None:
     """Write ``<output>.json`` and ``.html`` and print every setting and the report."""
-    from steerlab.validation import validation_report, write_validation_html
+    from steerlab.evaluation.verdict import validation_report, write_validation_html
 
     report = validation_report(ev, trait=trait)
     ev.save(out.with_name(out.name + ".json"))
@@ -204,8 +204,8 @@ def export_gguf(
     """Export a vector as a llama.cpp control vector (use with --control-vector): steerlab
     layer L is direction.L (llama.cpp steers the output of its layer L); layer 0 has no slot
     there and is left out."""
-    from steerlab.checks import output_file
-    from steerlab.vectors import SteeringVector, read_gguf, vector_paths
+    from steerlab.base.checks import output_file
+    from steerlab.steering.vector import SteeringVector, read_gguf, vector_paths
 
     vec = SteeringVector.load(vector)
     output_file(output, "output", inputs={"vector": vector_paths(vector)})

@@ -1,0 +1,18 @@
+"""Interactive chat with a steered model: the session behind the terminal and the widget."""
+
+from typing import Any
+
+from steerlab.base import moved as _moved
+from steerlab.chat.session import ChatSession
+
+__all__ = ["ChatSession", "SteeringChat"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SteeringChat":
+        # deferred: steerlab.chat.widget imports ipywidgets, an optional extra (notebooks)
+        from steerlab.chat.widget import SteeringChat
+
+        return SteeringChat
+    # steerlab 0.1's steerlab.chat was the chat templates, now steerlab.model.templates
+    return _moved.moved_attribute("chat", name, ("model.templates",), globals())

@@ -1,0 +1,213 @@
+"""A notebook chat widget with a persona, a system prompt, a vector picker and a strength slider.
+
+Example:
+    >>> from steerlab.chat.widget import SteeringChat
+    >>> chat = SteeringChat(model, vectors="vectors/")   # *.safetensors in the folder
+    >>> chat                                              # shows the widget
+    >>> chat.strength.value = 4.0; chat.send("Who are you?").text   # the same, from code
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as w
+
+from steerlab.base.errors import SteerlabError
+from steerlab.chat.session import ChatReply, ChatSession
+from steerlab.steering.vector import SteeringVector
+
+VectorSource = str | os.PathLike | Mapping[str, SteeringVector] | Sequence[SteeringVector]
+
+
+def find_vectors(source: VectorSource | None) -> dict[str, SteeringVector | Path]:
+    """Name -> vector (or file, loaded when picked) from a folder, a mapping or a list.
+
+    Args:
+        source: a folder whose ``*.safetensors`` files are vectors, ``{name: vector}``, a list
+            of vectors (named ``vector 0``, ``vector 1``, …), or ``None``.
+    """
+    if source is None:
+        return {}
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise SteerlabError("expected a folder of *.safetensors vectors",
+                                source=str(folder), field="vectors")
+        return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+    items = source.items() if isinstance(source, Mapping) else (
+        (f"vector {i}", v) for i, v in enumerate(source))
+    out: dict[str, SteeringVector | Path] = {}
+    for name, vec in items:
+        if not isinstance(vec, SteeringVector):
+            raise SteerlabError(f"{name!r} is {type(vec).__name__}; expected a SteeringVector",
+                                field="vectors")
+        out[str(name)] = vec
+    return out
+
+
+class SteeringChat(w.VBox):
+    """Chat with a (steered) model in a notebook; replies stream into :attr:`output`.
+
+    Controls: persona, system prompt, vector picker, layer, steering strength (read when a
+    reply starts, so moving the slider affects the next reply), max tokens, thinking, and a
+    toggle that colours each reply token by its projection on the vector.
+
+    Args:
+        model: a bridge from :func:`steerlab.load_model`.
+        vectors: a folder of ``*.safetensors`` vectors, ``{name: SteeringVector}`` or a list.
+        persona: the initial persona.
+        max_tokens: the initial token budget per reply.
+        strength_range: the slider's ``(min, max)``, in units of the vector.
+
+    Example:
+        >>> chat = SteeringChat(model, {"pirate": vec}, persona="assistant")
+        >>> chat.strength.value = 6.0
+        >>> reply = chat.send("What do you do on Sundays?")
+    """
+
+    def __init__(self, model: Any, vectors: VectorSource | None = None, *,
+                 persona: str = "assistant", max_tokens: int = 120,
+                 strength_range: tuple[float, float] = (-10.0, 10.0)):
+        self.session = ChatSession(model, max_tokens=max_tokens)
+        self.vectors = find_vectors(vectors)
+        self._loaded: dict[str, SteeringVector] = {}
+        self.persona_box = w.Text(value=persona, description="persona")
+        self.system_box = w.Textarea(placeholder="default: You are PERSONA.",
+                                     description="system", rows=2)
+        self.vector_picker = w.Dropdown(options=["(none)", *self.vectors], description="vector")
+        self.layer_picker = w.Dropdown(options=[("all", None)], description="layer")
+        self.strength = w.FloatSlider(value=0.0, min=strength_range[0], max=strength_range[1],
+                                      step=0.25, description="strength", continuous_update=False)
+        self.max_tokens = w.BoundedIntText(value=max_tokens, min=1, max=32768,
+                                           description="max tokens")
+        self.thinking = w.Checkbox(value=False, description="thinking")
+        self.show_projection = w.ToggleButton(value=False, description="projection",
+                                              tooltip="colour tokens by projection on the vector")
+        # continuous_update=False: the box syncs its value on Enter (and on leaving it), which
+        # sends; ipywidgets 8's replacement for the deprecated on_submit
+        self.message = w.Text(placeholder="message (Enter sends)", continuous_update=False,
+                              layout=w.Layout(width="60%"))
+        self.send_button = w.Button(description="send", button_style="primary")
+        self.clear_button = w.Button(description="clear")
+        self.output = w.Output(layout=w.Layout(border="1px solid #ccc", min_height="6em"))
+        self.projection_view = w.HTML()
+        self.status = w.HTML()
+        self.last_chunks: list[str] = []
+        self.last_reply: ChatReply | None = None
+        self.vector_picker.observe(self._on_vector, names="value")
+        self.message.observe(lambda _: self._send_message(), names="value")
+        for control in (self.vector_picker, self.layer_picker, self.strength):
+            control.observe(lambda _: self._show_status(), names="value")
+        self.send_button.on_click(lambda _: self._send_message())
+        self.clear_button.on_click(lambda _: self.clear())
+        super().__init__([
+            w.HBox([self.persona_box, self.system_box]),
+            w.HBox([self.vector_picker, self.layer_picker, self.strength]),
+            w.HBox([self.max_tokens, self.thinking, self.show_projection]),
+            self.output, self.projection_view,
+            w.HBox([self.message, self.send_button, self.clear_button]), self.status,
+        ])
+
+    # --- programmatic API -------------------------------------------------------------------
+    def send(self, text: str) -> ChatReply:
+        """Send a message with the current control values; the reply streams into the output."""
+        s = self.session
+        s.set_persona(self.persona_box.value or "assistant")
+        s.system = self.system_box.value.strip() or None
+        s.set_max_tokens(int(self.max_tokens.value))
+        s.thinking = bool(self.thinking.value)
+        vector = self.selected_vector()
+        if vector is None:
+            s.clear_steering()
+        else:
+            layer = self.layer_picker.value
+            s.set_steering(vector, self.strength.value, None if layer is None else [layer])
+        watch = None
+        if self.show_projection.value and vector is not None:
+            watch = s.steered_layers()[0]
+        self.last_chunks = []
+        self.output.append_stdout(f"you: {text}\n{s.persona.persona}: ")
+
+        def on_text(chunk: str) -> None:
+            self.last_chunks.append(chunk)
+            self.output.append_stdout(chunk)
+
+        reply = s.reply(text, on_text=on_text, projection_layer=watch)
+        self.output.append_stdout("\n")
+        self.last_reply = reply
+        self._show_status()
+        self.projection_view.value = (
+            self._projection_html(reply, watch) if reply.projection is not None else "")
+        return reply
+
+    def clear(self) -> None:
+        """Forget the conversation and empty the output."""
+        self.session.clear()
+        self.output.outputs = ()
+        self.projection_view.value = ""
+
+    def selected_vector(self) -> SteeringVector | None:
+        """The picked vector (files are loaded once, on first use), or ``None``."""
+        name = self.vector_picker.value
+        if name in (None, "(none)"):
+            return None
+        if name not in self._loaded:
+            item = self.vectors[name]
+            self._loaded[name] = item if isinstance(item, SteeringVector) else (
+                SteeringVector.load(item))
+        return self._loaded[name]
+
+    def steering_label(self) -> str:
+        """The steering the controls set for the next reply: ``"pirate × 4 (layer 12)"`` or
+        ``"off"`` (no vector, or strength 0)."""
+        name, alpha, layer = self.vector_picker.value, self.strength.value, \
+            self.layer_picker.value
+        if name in (None, "(none)") or alpha == 0:
+            return "off"
+        return f"{name} × {alpha:g}" + ("" if layer is None else f" (layer {layer})")
+
+    # --- callbacks --------------------------------------------------------------------------
+    def _show_status(self) -> None:
+        """The status line: the last reply's length and the steering in force now (it follows
+        the controls at once, so it never shows a stale strength)."""
+        done = "" if self.last_reply is None else f"{self.last_reply.n_tokens} tokens · "
+        self.status.value = f"<small>{done}steering {html.escape(self.steering_label())}</small>"
+
+    def _send_message(self) -> None:
+        text = self.message.value.strip()
+        if not text:
+            return
+        self.message.value = ""  # observed again, empty: nothing is sent twice
+        try:
+            self.send(text)
+        except SteerlabError as err:
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+
+    def _on_vector(self, change: dict) -> None:
+        try:
+            vector = self.selected_vector()
+        except SteerlabError as err:
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            vector = None
+        layers = [] if vector is None else list(vector.layers)
+        self.layer_picker.options = [("all", None), *((str(x), x) for x in layers)]
+        self.layer_picker.value = None
+
+    def _projection_html(self, reply: ChatReply, layer: int) -> str:
+        tok = self.session.model.tokenizer
+        values = reply.projection or []
+        scale = max((abs(v) for v in values), default=1.0) or 1.0
+        spans = []
+        for token, value in zip(reply.tokens, values, strict=False):
+            a = min(abs(value) / scale, 1.0)
+            colour = f"rgba(220,60,40,{a:.2f})" if value > 0 else f"rgba(40,90,220,{a:.2f})"
+            text = html.escape(tok.decode([token], skip_special_tokens=True))
+            spans.append(f"<span title='{value:.3f}' style='background:{colour}'>{text}</span>")
+        return (f"<div><small>projection on the unit vector at layer {layer} (red +, blue −; "
+                f"max |p| = {scale:.2f})</small><br><span style='white-space:pre-wrap'>"
+                + "".join(spans) + "</span></div>")

@@ -1,0 +1,146 @@
+"""The static engine's memory: :class:`SlotCache` (a preallocated KV cache, one slot per batch
+row with its own write position) and the per-model :class:`Workspace` of persistent tensors
+and step programs, kept in a small LRU per bucket."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerlab.generation.graphs import CapturedStep
+from steerlab.model.state import state
+
+log = logging.getLogger(__name__)
+
+
+class SlotCache:
+    """A KV cache of fixed shape ``[slots, kv_heads, capacity, head_dim]`` per layer.
+
+    Each row (slot) writes its next key at its own position ``write[row]``, so rows of
+    different lengths, and rows that join a running batch later, share one cache. Prompts are
+    prefilled through HF's own path and copied in with :meth:`load`; decode steps call
+    :meth:`update` (what HF attention calls) with one new position per row.
+    """
+
+    def __init__(self, slots: int, capacity: int):
+        self.slots, self.capacity = slots, capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write: torch.Tensor | None = None  # [slots] long, on the first layer's device
+        self._index: list[torch.Tensor] = []
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.keys)
+
+    def load(self, rows: torch.Tensor, prefill: Any, width: int) -> None:
+        """Copy a prefill's ``DynamicCache`` (``width`` positions) into slots ``rows``; the
+        rest of each row is zeroed.
+
+        Zeroing matters: positions past ``width`` are masked, but attention still multiplies
+        their values by a weight of zero, and ``0 * NaN`` is NaN. A row that went non-finite
+        (a hostile steering) would otherwise poison whichever request takes its slot next."""
+        layers = prefill.layers
+        if not self.keys:
+            for layer in layers:
+                k, v = layer.keys, layer.values
+                shape = (self.slots, k.shape[1], self.capacity)
+                self.keys.append(k.new_zeros((*shape, k.shape[-1])))
+                self.values.append(v.new_zeros((*shape, v.shape[-1])))
+            if self.write is None:
+                self.write = torch.zeros(self.slots, dtype=torch.long,
+                                         device=self.keys[0].device)
+        for i, layer in enumerate(layers):
+            at = rows.to(self.keys[i].device)
+            self.keys[i][at, :, :width] = layer.keys.to(self.keys[i].dtype)
+            self.values[i][at, :, :width] = layer.values.to(self.values[i].dtype)
+            self.keys[i][at, :, width:] = 0
+            self.values[i][at, :, width:] = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position per row at ``write`` (in place) and return the whole cache."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        write = self.write.to(keys.device)
+        b, h, _, d = key_states.shape
+        keys.scatter_(2, write.view(b, 1, 1, 1).expand(b, h, 1, d), key_states.to(keys.dtype))
+        dv = value_states.shape[-1]
+        values.scatter_(2, write.view(b, 1, 1, 1).expand(b, h, 1, dv),
+                        value_states.to(values.dtype))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class Workspace:
+    """The static tensors of one bucket (``slots`` rows, ``capacity`` positions): the cache,
+    the decode state and the captured steps, kept on the model and reused across calls."""
+
+    slots: int
+    capacity: int
+    cache: SlotCache
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: dict[Any, CapturedStep] = field(default_factory=dict)
+    builds: int = 0  # how many step programs were built (captured on CUDA) for this bucket
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """A persistent buffer, allocated once per name, shape, dtype and device and never
+        moved (a captured graph reads it at its address)."""
+        key = f"{name}|{tuple(shape)}|{dtype}|{device}"
+        t = self.tensors.get(key)
+        if t is None:
+            t = self.tensors[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return t
+
+    def step(self, key: Any, device: torch.device, graphs: bool) -> CapturedStep:
+        """The step program for ``key``, built once (captured on CUDA when ``graphs``)."""
+        found = self.steps.get(key)
+        if found is None:
+            found = self.steps[key] = CapturedStep(device, graphs, self.tensors)
+            self.builds += 1
+        return found
+
+
+MAX_WORKSPACES = 3  # buckets kept per model; the least recently used one is dropped
+
+
+def workspaces(model: Any) -> OrderedDict[tuple[int, int], Workspace]:
+    """The workspaces kept for ``model`` by bucket ``(slots, capacity)``, least recently used
+    first (in :func:`steerlab.model.state.state`)."""
+    return state(model).workspaces
+
+
+def workspace(model: Any, slots: int, capacity: int) -> Workspace:
+    """The model's workspace for a bucket, created on first use (LRU of :data:`MAX_WORKSPACES`)."""
+    kept = workspaces(model)
+    key = (slots, capacity)
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    while len(kept) >= MAX_WORKSPACES:
+        dropped, _ = kept.popitem(last=False)
+        log.info("dropping the static-engine workspace of bucket %s", dropped)
+    kept[key] = ws = Workspace(slots, capacity, SlotCache(slots, capacity))
+    return ws
+
+
+def release_workspaces(model: Any) -> None:
+    """Free every static-engine workspace (KV caches, captured graphs) held for ``model``."""
+    workspaces(model).clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def captures(model: Any) -> int:
+    """Step programs built (CUDA graphs captured on GPUs) for ``model`` so far."""
+    return sum(ws.builds for ws in workspaces(model).values())

@@ -1,0 +1,164 @@
+"""The static engine's running batch: rows (slots) on a preallocated KV cache.
+
+:class:`SlotBatch` admits prompts into free slots (one prefill through HF's own path, copied
+into the :class:`steerlab.generation.cache.SlotCache`), runs decode steps for every slot at once
+(a CUDA
+graph per bucket on GPUs) and lets the caller read the state at checks. ``generate`` admits
+a whole batch and runs it to the end; ``steerlab serve`` keeps one running and refills a
+finished row's slot with the next request (continuous batching).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from steerlab.base.errors import SteerlabError
+from steerlab.generation.cache import workspace
+from steerlab.generation.decode import (
+    DecodeState,
+    RowSteering,
+    StepProgram,
+    advance,
+    forward,
+    prefill,
+)
+from steerlab.generation.engine import hf_attention, one_device
+from steerlab.generation.lens import LastPositionRecorder
+from steerlab.model.hooks import unsafe_hooks
+from steerlab.steering.intervention import Steering
+from steerlab.steering.step_state import generating, listeners
+
+
+class SlotBatch:
+    """``slots`` rows decoding together on a static cache of ``capacity`` positions.
+
+    Example:
+        >>> batch = SlotBatch(model, 8, 512, settings)
+        >>> with batch.running():
+        ...     batch.admit([0], [ids], limits=[64], temps=[0.0], seeds=[0])
+        ...     while batch.any_active():
+        ...         batch.step()
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: Any, slots: int, capacity: int, settings: StepProgram, *,
+                 graphs: bool = True):
+        if not hf_attention(model):
+            raise SteerlabError("the static engine needs HF attention kernels; this model "
+                                "runs the bridge's eager attention (load it with "
+                                "attn_implementation='sdpa', or use engine='eager')",
+                                field="engine")
+        self.model, self.settings = model, settings
+        self.device = next(model.original_model.parameters()).device
+        self.ws = workspace(model, slots, capacity)
+        self.slots, self.capacity = slots, capacity
+        alloc = self._alloc
+        self.st = DecodeState(alloc, slots, capacity, settings, model.cfg.n_layers)
+        self.st.active.zero_()
+        self.valid = alloc("valid", (slots, capacity), torch.bool)
+        self.valid.zero_()
+        self.rope = alloc("rope", (slots,), torch.long)
+        self.cache = self.ws.cache
+        self.cache.write = alloc("write", (slots,), torch.long)
+        self.cache.write.zero_()
+        self.steering = RowSteering(model, self.st, alloc)
+        self.recorder = LastPositionRecorder(model) if settings.lens else None
+        self.graphs = graphs
+        self._hooks: contextlib.ExitStack | None = None
+        self._replayable = False
+
+    def _alloc(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.ws.tensor(name, shape, dtype, self.device)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[SlotBatch]:
+        """Hold the model for this batch: its hooks (steering, lens) on, other steering
+        hooks aside, inference mode: the workspace's tensors are inference tensors)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(generating(self.model))
+            if self.recorder is not None:
+                stack.enter_context(self.recorder.recording())
+            # hooks from outside (monitors, users' own) run in Python every step: no graphs
+            # and a model split over GPUs runs its step uncaptured (a graph is one device's)
+            self._replayable = self.graphs and not listeners(self.model) and \
+                unsafe_hooks(self.model) == 0 and one_device(self.model)
+            self._hooks = stack.enter_context(contextlib.ExitStack())
+            self._hooks.enter_context(self.steering.hooks())
+            try:
+                yield self
+            finally:
+                self._hooks = None
+
+    def _rehook(self) -> None:
+        assert self._hooks is not None, "use the batch inside running()"
+        self._hooks.close()
+        self._hooks.enter_context(self.steering.hooks())
+
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], *,
+              limits: Sequence[int], temps: Sequence[float], seeds: Sequence[int],
+              steerings: Sequence[Sequence[Steering]] | None = None,
+              steer_all: Sequence[Steering] = ()) -> None:
+        """Prefill ``prompts`` into ``slots`` and choose their first tokens.
+
+        ``steerings[i]`` steer slot ``slots[i]`` alone; ``steer_all`` steer every admitted row
+        (per-row strengths index the admitted rows)."""
+        need = max(len(p) for p in prompts) + max(limits)
+        if need > self.capacity:
+            raise SteerlabError(f"a prompt of {max(len(p) for p in prompts)} tokens with "
+                                f"{max(limits)} new ones needs {need} positions; the cache "
+                                f"holds {self.capacity}", field="max_tokens")
+        rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        st = self.st
+        st.start(rows, limits, temps, seeds)
+        changed = self.steering.set_rows(rows, steerings or [() for _ in slots])
+        if steer_all:
+            self.steering.set_all_rows(rows, steer_all)
+            changed = True
+        if changed:
+            self._rehook()
+        self.steering.prefill, self.steering.prefill_rows = True, rows
+        try:
+            logits, dyn, mask, resid = prefill(self.model, prompts, self.settings.pad_id,
+                                               self.device, self.recorder)
+        finally:
+            self.steering.prefill, self.steering.prefill_rows = False, None
+        width = mask.shape[1]
+        self.cache.load(rows, dyn, width)
+        self.valid[rows] = False
+        self.valid[rows, :width] = mask.bool()
+        self.cache.write[rows] = width
+        self.rope[rows] = mask.sum(-1)
+        advance(st, logits, resid, rows=rows, model=self.model)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Stop ``slots`` and drop their steering (their slots may be admitted again)."""
+        rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        self.st.finish(rows)
+        if self.steering.set_rows(rows, [() for _ in slots]):
+            self._rehook()
+
+    def _decode(self) -> None:
+        st, cache = self.st, self.cache
+        fed = st.active.clone()
+        self.valid.scatter_(1, cache.write[:, None], True)
+        logits, _, resid = forward(self.model, st.next_ids[:, None],
+                                   self.valid[:, None, None, :], self.rope[:, None], cache,
+                                   self.recorder)
+        advance(st, logits, resid, model=self.model)
+        cache.write += fed
+        self.rope += fed
+
+    def step(self) -> None:
+        """One decode step for every slot (finished and empty slots compute but change
+        nothing); replayed from a captured graph on CUDA."""
+        key = (self.settings, self.steering.keys, self._replayable)
+        self.ws.step(key, self.device, self._replayable).run(self._decode)
+
+    def any_active(self) -> bool:
+        """Whether any slot is still generating (one host read)."""
+        return bool(self.st.active.any())

@@ -1,0 +1,152 @@
+"""Files of a persona inference run: crash-safe batch parts, ``results.json``, ``per_token.h5``.
+
+Every finished batch is committed as one small HDF5 part (written to a temporary name, then
+renamed) holding its records and per-token arrays, so a crash, even SIGKILL, loses at most the
+batch under way and a rerun skips committed batches. After each batch ``results.json`` is
+rewritten atomically; at the end the parts are concatenated into ``per_token.h5``.
+
+A run may be split into shards that share one folder: each commits its own batches and
+writes ``shards/shard-IIII-of-NNNN.json`` when done, and :func:`steerlab.inference.runs.merge_run`
+then
+writes ``results.json`` and ``per_token.h5`` exactly as a single process would.
+
+``per_token.h5`` layout (rows are results in ``results.json`` order)::
+
+    attrs: format, model, n_layers, top_k_mass_k, lens, provenance (a JSON string)
+    record_id [n]  offset [n]  length [n]          (int64; a row's tokens are offset:offset+length)
+    tokens [N] int32   entropy [N] float32   top_k_mass [N] float32
+    lens_entropy [N, n_layers] float32   lens_top_k_mass [N, n_layers]   (only with --lens)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steerlab.base.errors import SteerlabError
+from steerlab.base.files import PartsDir, atomic_path, h5py, open_h5, read_json
+
+FORMAT = "steerlab.per_token/1"
+RESULTS, CONFIG, PER_TOKEN, PARTS, LOG, SHARDS, LOCK = (
+    "results.json", "config.json", "per_token.h5", "parts", "infer.log", "shards", ".lock",
+)
+CONFIG_LOCK = ".config.lock"
+ARRAYS = ("tokens", "entropy", "top_k_mass", "lens_entropy", "lens_top_k_mass")
+RUN_FILES = (CONFIG, RESULTS, PER_TOKEN, PARTS, SHARDS, LOG, LOCK, CONFIG_LOCK)
+
+
+def run_files(root: str | os.PathLike) -> tuple[Path, ...]:
+    """Every file and folder an inference run owns in its folder: what no output of another
+    command may alias (``report.html`` is not one: ``steerlab report`` writes it there).
+
+    Example:
+        >>> output_file("out.html", "output", inputs={"results_dir": run_files("logs/run")})
+    """
+    return tuple(Path(root) / name for name in RUN_FILES)
+
+
+class RunStore:
+    """The output folder of one run: committed parts, results and the final per-token file."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.parts = PartsDir(self.root / PARTS, "batch", "h5")
+
+    def config(self) -> dict[str, Any]:
+        """The run's ``config.json``."""
+        return read_json(self.root / CONFIG, "a run's config.json")
+
+    def marker(self, shard: tuple[int, int]) -> Path:
+        """``shards/shard-IIII-of-NNNN.json``: written when shard ``(i, n)`` has finished."""
+        return self.root / SHARDS / f"shard-{shard[0]:04d}-of-{shard[1]:04d}.json"
+
+    def complete(self) -> bool:
+        """Whether the run is finished (``per_token.h5`` written, parts removed)."""
+        return (self.root / PER_TOKEN).is_file() and not self.parts.exists()
+
+    def done_batches(self) -> set[int]:
+        """Indices of committed batches."""
+        return {key[0] for key in self.parts.keys()}
+
+    def commit(self, batch: int, records: Sequence[dict], arrays: Sequence[dict]) -> None:
+        """Commit one batch: its records and, per record, the per-token arrays."""
+        with self.parts.commit(batch) as tmp, h5py().File(tmp, "w") as f:
+            f.attrs["records"] = json.dumps(list(records), ensure_ascii=False)
+            lengths = [len(a["tokens"]) for a in arrays]
+            f["length"] = np.asarray(lengths, dtype=np.int64)
+            for name in ARRAYS:
+                if arrays and arrays[0].get(name) is not None:
+                    f[name] = np.concatenate([np.asarray(a[name]) for a in arrays])
+
+    def records(self) -> list[dict]:
+        """All committed records, in batch order."""
+        out: list[dict] = []
+        for part in self.parts.paths():
+            with h5py().File(part, "r") as f:
+                out.extend(json.loads(f.attrs["records"]))
+        return out
+
+    def finalize(self, attrs: dict[str, Any]) -> Path:
+        """Concatenate the parts into ``per_token.h5`` (atomically) and remove the parts."""
+        h5 = h5py()
+        with atomic_path(self.root / PER_TOKEN) as tmp, h5.File(tmp, "w") as out:
+            out.attrs.update({"format": FORMAT, **attrs})
+            ids, lengths, data = [], [], {name: [] for name in ARRAYS}
+            for part in self.parts.paths():
+                with h5.File(part, "r") as f:
+                    ids += [r["id"] for r in json.loads(f.attrs["records"])]
+                    lengths.append(f["length"][:])
+                    for name in ARRAYS:
+                        if name in f:
+                            data[name].append(f[name][:])
+            length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+            out["record_id"] = np.asarray(ids, dtype=np.int64)
+            out["length"] = length
+            out["offset"] = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+            for name, blocks in data.items():
+                if blocks:
+                    out.create_dataset(name, data=np.concatenate(blocks), chunks=True)
+        self.parts.remove()
+        return self.root / PER_TOKEN
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Records of a run: ``path`` is its folder or its ``results.json``.
+
+    Example:
+        >>> rows = load_results("logs/personae-inference-123")
+        >>> rows[0]["avg_entropy"]
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    data = read_json(path, "a run's results.json")
+    if not isinstance(data, list):
+        raise SteerlabError("expected a JSON list of result records", source=str(path))
+    return data
+
+
+def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndarray]:
+    """Per-token arrays of one result (by its ``id``) from ``per_token.h5`` or a run folder.
+
+    Example:
+        >>> arrays = read_per_token("logs/run", rows[0]["id"])
+        >>> arrays["lens_entropy"].shape  # [n_tokens, n_layers]
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / PER_TOKEN
+    if not path.is_file():
+        raise SteerlabError("no per-token file (is the run finished?)", source=str(path))
+    with open_h5(path, "a run's per_token.h5") as f:
+        where = np.flatnonzero(f["record_id"][:] == record_id)
+        if not len(where):
+            raise SteerlabError(f"no record with id {record_id}", source=str(path), field="id")
+        row = int(where[0])
+        start, n = int(f["offset"][row]), int(f["length"][row])
+        return {name: f[name][start : start + n] for name in ARRAYS if name in f}

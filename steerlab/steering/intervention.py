@@ -1,0 +1,366 @@
+"""Steering: add ``alpha * v`` to the residual stream at chosen layers; projection monitoring.
+
+:class:`Steering` is the one steering value (vector, layers, strengths, positions), validated
+once by :meth:`Steering.create`; :func:`steer` and :func:`monitor` are context managers over
+:func:`steerlab.model.hooks.layer_hooks`, so they act on bridge forwards and on
+:func:`steerlab.generation.generate.generate` alike, and the hooks are removed on exit. Rules that
+depend
+on the generation step (steer only generated tokens, NaN for finished rows) are told each
+step's state by ``generate`` (:func:`steerlab.generation.generate.listen`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+
+from steerlab.base.choice import Choice
+from steerlab.base.errors import SteerlabError
+from steerlab.model.hooks import check_layers, layer_hooks
+from steerlab.steering.norms import residual_norms
+from steerlab.steering.step_state import StepState, in_force, is_generating, listen
+from steerlab.steering.vector import SteeringVector
+
+log = logging.getLogger(__name__)
+
+# The largest norm a steering may add at a layer: far above any residual stream (typically
+# 10 to 10^4), far below what overflows a float32 norm layer (squares summed over d_model).
+MAX_DELTA_NORM = 1e6
+
+
+def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
+                 delta: Float[torch.Tensor, "batch d_model"],
+                 rows: Bool[torch.Tensor, " batch"] | None,
+                 preserve_norm: bool) -> Float[torch.Tensor, "batch pos d_model"]:
+    """``h + delta`` at the rows ``rows`` marks (all when None), every position: the one
+    steering arithmetic of the package. With ``preserve_norm`` each steered residual is
+    rescaled to its old norm (only its direction turns)."""
+    d = delta.to(device=h.device, dtype=h.dtype)[:, None, :]
+    if rows is not None:
+        d = d * rows.to(device=h.device, dtype=h.dtype)[:, None, None]
+    out = h + d
+    if not preserve_norm:
+        return out
+    size = h.float().norm(dim=-1, keepdim=True)
+    kept = out * (size / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(h.dtype)
+    return torch.where(d.ne(0).any(dim=-1, keepdim=True), kept, h)
+
+
+class Units(Choice):
+    """What a steering strength ``alpha`` is measured in.
+
+    ``norm``: a fraction of the layer's typical residual norm (see :mod:`steerlab.steering.norms`):
+    ``alpha * norm_L * v_L / ||v_L||`` is added, so a strength means the same push for every
+    vector, layer and model (0.1 is a tenth of a typical residual). ``raw``: a multiple of the
+    vector as stored, ``alpha * v_L`` (its size depends on how it was fitted).
+    """
+
+    NORM = "norm"
+    RAW = "raw"
+
+
+class Positions(Choice):
+    """Which positions a steering vector is added at.
+
+    ``all``: every position of every forward pass (prompt included); ``generated``: only the
+    tokens :func:`steerlab.generation.generate.generate` produces; ``output``: generated tokens
+    after
+    ``</think>`` (all generated ones when the model is not thinking). Outside ``generate`` the
+    last two steer nothing.
+    """
+
+    ALL = "all"
+    GENERATED = "generated"
+    OUTPUT = "output"
+
+    def rows(self, state: StepState | None) -> torch.Tensor | None | bool:
+        """A ``[batch]`` row mask for the forward pass ``state`` describes, ``None`` for every
+        row and position, or ``False`` for nothing."""
+        if self is Positions.ALL:
+            return None
+        if state is None or state.prefill:
+            return False
+        return state.generated if self is Positions.GENERATED else \
+            state.generated & state.in_output
+
+
+def _strength(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SteerlabError(f"got {value!r}; expected a finite number", field="alpha")
+    return float(value)
+
+
+def _strengths(alpha: Any) -> float | tuple[float, ...]:
+    """A strength, or one per batch row (a sequence or ``[batch]`` tensor), as finite floats."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.ndim > 1:
+            raise SteerlabError(f"alpha must be a number or one per batch row; got shape "
+                                f"{tuple(alpha.shape)}", field="alpha")
+        alpha = alpha.tolist()
+    if isinstance(alpha, (list, tuple)):
+        return tuple(_strength(a) for a in alpha)
+    return _strength(alpha)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering intervention: ``alpha * vector.direction(L)`` added at each layer ``L``.
+
+    The single steering value of the package (the CLI, chat, server, evaluation and
+    :func:`steer` all build one); made by :meth:`create`, which validates it against the
+    model once, and applied with :meth:`apply`. ``alpha`` is a strength in units of the
+    vector's stored scale, or a tuple with one strength per batch row.
+
+    Example:
+        >>> s = Steering.create(model, vector, 4.0, layers=[10])
+        >>> with s.apply(model):
+        ...     generate(model, prompts, max_new_tokens=40)
+        >>> s.with_alpha(-2.0)   # a new value; the old one is unchanged
+    """
+
+    vector: SteeringVector
+    alpha: float | tuple[float, ...]
+    layers: tuple[int, ...]
+    positions: Positions = Positions.ALL
+    units: Units = Units.RAW
+    scale: tuple[float, ...] = ()  # per layer: what alpha multiplies the direction by
+    preserve_norm: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a steering whose added vector is not finite or beyond :data:`MAX_DELTA_NORM`
+        at some layer (checked on every new value: :meth:`create`, :meth:`with_alpha`)."""
+        values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        strongest = max((abs(a) for a in values), default=0.0)
+        if strongest == 0.0:
+            return
+        scales = self.scale or (1.0,) * len(self.layers)
+        for layer, k in zip(self.layers, scales, strict=True):
+            size = strongest * abs(k) * float(self.vector.direction(layer).double().norm())
+            if not size <= MAX_DELTA_NORM:  # NaN fails too
+                what = "is not finite" if not math.isfinite(size) else f"has norm {size:.3g}"
+                raise SteerlabError(
+                    f"the vector added at layer {layer} (alpha {strongest:g} x scale {k:.3g} "
+                    f"x direction) {what}; at most {MAX_DELTA_NORM:g} is allowed (the "
+                    "residual stream would overflow: check the vector's residual norms and "
+                    "the strength)", field="alpha")
+
+    @classmethod
+    def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,
+               layers: Sequence[int] | None = None,
+               positions: str | Positions = Positions.ALL,
+               units: str | Units = Units.RAW,
+               preserve_norm: bool = False) -> Steering:
+        """A checked steering value: finite strengths, layers that the model and the vector
+        both have (negative ones count from the end), the vector's width equal to the model's.
+
+        Args:
+            units: ``"raw"`` (alpha times the stored vector) or ``"norm"`` (a fraction of the
+                layer's residual norm: the norms stored with the vector, else measured now on
+                neutral prompts; see :class:`Units`).
+            preserve_norm: rescale each steered residual to its norm before steering, so only
+                its direction turns (a remedy against steering that breaks the model).
+        """
+        if not isinstance(vector, SteeringVector):
+            raise SteerlabError(f"got {type(vector).__name__}; expected a SteeringVector",
+                                field="vector")
+        d_model = model.cfg.d_model
+        if vector.d_model != d_model:
+            raise SteerlabError(f"the vector has d_model {vector.d_model}; the model "
+                                f"{d_model}", field="vector")
+        chosen = check_layers(model, list(vector.layers if layers is None else layers))
+        if not chosen:
+            raise SteerlabError("no layers to steer; give e.g. 10 or 10,12", field="layers")
+        missing = [x for x in chosen if x not in vector.layers]
+        if missing:
+            raise SteerlabError(f"the vector has no layer {missing[0]}; it has "
+                                f"{list(vector.layers)}", field="layers")
+        units = Units.parse(units, field="units")
+        return cls(vector, _strengths(alpha), tuple(chosen),
+                   Positions.parse(positions, field="positions"), units,
+                   _scales(model, vector, chosen, units), bool(preserve_norm))
+
+    def with_alpha(self, alpha: Any) -> Steering:
+        """The same steering at another strength (checked)."""
+        return replace(self, alpha=_strengths(alpha))
+
+    @property
+    def active(self) -> bool:
+        """False when every strength is 0 (applying it leaves the model untouched)."""
+        values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        return any(a != 0.0 for a in values)
+
+    def row_deltas(self, n_rows: int) -> dict[int, Float[torch.Tensor, "batch d_model"]]:
+        """What each layer adds to each of ``n_rows`` rows: ``alpha_row * scale_L * v_L``
+        (float32, on the vector's device)."""
+        if isinstance(self.alpha, tuple):
+            if len(self.alpha) != n_rows:
+                raise SteerlabError(f"alpha has {len(self.alpha)} rows, the batch {n_rows}",
+                                    field="alpha")
+            alphas = torch.tensor(self.alpha, dtype=torch.float32)
+        else:
+            alphas = torch.full((n_rows,), self.alpha, dtype=torch.float32)
+        scales = self.scale or (1.0,) * len(self.layers)
+        out = {}
+        for layer, k in zip(self.layers, scales, strict=True):
+            v = self.vector.direction(layer).float()
+            out[layer] = alphas.to(v.device)[:, None] * (v * k)[None, :]
+        return out
+
+    @contextmanager
+    def apply(self, model: Any) -> Iterator[Steering]:
+        """Add the vector while inside (hooks removed on exit, also on errors).
+
+        Forward passes of the bridge or its HF model are steered by hooks; generation
+        (:func:`steerlab.generation.generate`) finds the steering in force and adds it itself."""
+        if not self.active:
+            yield self  # nothing to add: leave the model untouched
+            return
+        registered = in_force(model)
+        registered.append(self)
+        try:
+            if self.positions is not Positions.ALL:  # outside generation these steer nothing
+                yield self
+                return
+            hooks: dict[int, Callable[[torch.Tensor], torch.Tensor | None]] = {}
+            deltas: dict[int, torch.Tensor] = {}
+
+            def hook_for(layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+                def add(h: torch.Tensor) -> torch.Tensor | None:
+                    if is_generating(model):
+                        return None
+                    if layer not in deltas:
+                        deltas.update(self.row_deltas(h.shape[0]) if isinstance(
+                            self.alpha, tuple) else self.row_deltas(1))
+                    delta = deltas[layer]
+                    if delta.shape[0] != h.shape[0]:
+                        delta = delta.expand(h.shape[0], -1)
+                    return add_steering(h, delta, None, self.preserve_norm)
+
+                return add
+
+            for layer in self.layers:
+                hooks[layer] = hook_for(layer)
+            with layer_hooks(model, hooks, graph_safe=True):
+                yield self
+        finally:
+            registered.remove(self)
+
+
+def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
+            units: Units) -> tuple[float, ...]:
+    if units is Units.RAW:
+        return tuple(1.0 for _ in layers)
+    known = {x: vector.resid_norm(x) for x in layers}
+    missing = [x for x, n in known.items() if n is None]
+    if missing:
+        log.info("the vector has no residual norms for layers %s; measuring them", missing)
+        known.update(residual_norms(model, missing))
+    out = []
+    for x in layers:
+        size = float(vector.direction(x).float().norm())
+        if not size > 0:
+            raise SteerlabError(f"the vector is zero at layer {x}; norm units need a "
+                                "direction", field="vector")
+        out.append(float(known[x]) / size)
+    return tuple(out)
+
+
+@contextmanager
+def steer(
+    model: Any,
+    vector: SteeringVector,
+    alpha: float | Float[torch.Tensor, " batch"],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: str | Positions = "all",
+    units: str | Units = Units.RAW,
+    preserve_norm: bool = False,
+) -> Iterator[None]:
+    """Add ``alpha * vector.direction(L)`` to ``resid_post`` of each layer ``L`` while inside.
+
+    Shorthand for ``Steering.create(model, vector, alpha, ...).apply(model)``.
+
+    Args:
+        model: a bridge (hooks sit on its decoder layers, shared with its HF model).
+        vector: the steering vector; its stored scale is the unit of ``alpha``.
+        alpha: strength, or one strength per batch row (a ``[batch]`` tensor or sequence).
+        layers: which of the vector's layers to steer (default all of them).
+        positions: ``"all"``, ``"generated"`` or ``"output"`` (see :class:`Positions`).
+        units: ``"raw"`` (multiples of the stored vector) or ``"norm"`` (fractions of the
+            layer's residual norm); see :class:`Units`.
+        preserve_norm: keep each steered residual's norm (see :meth:`Steering.create`).
+
+    Example:
+        >>> with steer(model, vector, 0.2, layers=[12], units="norm"):
+        ...     replies = generate(model, prompts, max_new_tokens=40)
+        >>> with steer(model, vector, 4.0, layers=[10]):
+        ...     replies = generate(model, prompts, max_new_tokens=40)
+    """
+    with Steering.create(model, vector, alpha, layers=layers, positions=positions, units=units,
+                         preserve_norm=preserve_norm).apply(model):
+        yield
+
+
+class ProjectionMonitor:
+    """Projections of the last position's residual on the vector, one entry per forward pass.
+
+    In :func:`steerlab.generation.generate.generate` the first entry is the prompt's last token and
+    the
+    following ones are the generated tokens; rows that have finished are NaN.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = list(layers)
+        self._steps: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self.state: StepState | None = None
+
+    def on_step(self, state: StepState | None) -> None:
+        self.state = state
+
+    def trace(self, layer: int) -> Float[torch.Tensor, "batch step"]:
+        """``[batch, step]`` projections at a layer."""
+        if layer not in self._steps:
+            raise SteerlabError(f"layer {layer} is not monitored; {self.layers} are",
+                                field="layer")
+        steps = self._steps[layer]
+        return torch.stack(steps, dim=1) if steps else torch.empty(0, 0)
+
+
+@contextmanager
+def monitor(model: Any, vector: SteeringVector, *, layers: Sequence[int] | None = None,
+            normalise: bool = True) -> Iterator[ProjectionMonitor]:
+    """Record each forward pass's last-position projection on ``vector`` (unit by default).
+
+    Works together with :func:`steer` (hooks added later run later: enter ``steer`` first to
+    see the steered residual).
+
+    Example:
+        >>> with steer(model, v, 4.0), monitor(model, v, layers=[10]) as mon:
+        ...     generate(model, prompts, max_new_tokens=20)
+        >>> mon.trace(10).shape  # [batch, steps]
+    """
+    layers = check_layers(model, list(vector.layers if layers is None else layers))
+    mon = ProjectionMonitor(layers)
+    vec = vector.normalise() if normalise else vector
+
+    def hook_for(layer: int) -> Callable[[torch.Tensor], None]:
+        direction = vec.direction(layer)
+
+        def record(h: torch.Tensor) -> None:
+            p = h[:, -1].float() @ direction.to(h.device, torch.float32)
+            state = mon.state
+            if state is not None and not state.prefill:
+                p = torch.where(state.generated.to(p.device), p, torch.nan)
+            mon._steps[layer].append(p.detach().cpu())
+
+        return record
+
+    with listen(model, mon), layer_hooks(model, {layer: hook_for(layer) for layer in layers}):
+        yield mon

@@ -1,0 +1,67 @@
+"""Residual-stream scale: the typical norm of each layer's residual on neutral prompts.
+
+Steering strengths in *norm units* are fractions of this norm (``alpha = 0.1`` adds a tenth
+of a typical residual), so one range of strengths means the same push for every vector, layer
+and model. The norm is the median over token positions of ``||resid_post||`` on the built-in
+neutral prompts, chat-formatted; the first position of each row is left out, because many
+models park a huge "attention sink" activation there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib.resources import files
+from typing import Any
+
+import torch
+
+from steerlab.model.hooks import HookPoint, check_layers, layer_hooks
+from steerlab.model.inputs import left_pad, position_ids
+from steerlab.model.templates import encode_chat
+
+__all__ = ["neutral_prompts", "residual_norms"]
+
+
+def neutral_prompts(n: int = 16) -> list[str]:
+    """The first ``n`` built-in neutral prompts (``steerlab/builtin/data/prompts.json``)."""
+    data = json.loads((files("steerlab.builtin") / "data" / "prompts.json").read_text("utf-8"))
+    return [str(p) for p in data[:n]]
+
+
+@torch.inference_mode()
+def residual_norms(model: Any, layers: Sequence[int] | None = None,
+                   prompts: Sequence[str] | None = None, *,
+                   point: HookPoint = HookPoint.RESID_POST) -> dict[int, float]:
+    """``{layer: median residual norm}`` over the tokens of chat-formatted neutral prompts.
+
+    Args:
+        model: a bridge.
+        layers: decoder layers (default all).
+        prompts: user messages (default :func:`neutral_prompts`).
+        point: where in the layer the residual is read.
+
+    Example:
+        >>> residual_norms(model, [8, 16])
+        {8: 41.2, 16: 77.9}
+    """
+    chosen = check_layers(model, list(range(model.cfg.n_layers) if layers is None else layers))
+    texts = list(neutral_prompts() if prompts is None else prompts)
+    rows = [encode_chat(model.tokenizer, t) for t in texts]
+    hf = model.original_model
+    device = next(hf.parameters()).device
+    ids, mask = left_pad(rows, model.tokenizer.pad_token_id or 0, device)
+    first = mask.float().argmax(dim=1)  # each row's first real token
+    keep = mask.bool().clone()
+    keep[torch.arange(len(rows), device=device), first] = False
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        def fn(h: torch.Tensor) -> None:
+            seen[layer] = h.float().norm(dim=-1)[keep.to(h.device)].cpu()
+        return fn
+
+    with layer_hooks(model, {layer: record(layer) for layer in chosen}, point):
+        hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+           logits_to_keep=1)
+    return {layer: float(seen[layer].median()) for layer in chosen}
