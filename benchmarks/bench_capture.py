@@ -46,8 +46,8 @@ def best_of(fn, repeat: int = 3) -> float:
 
 
 def rss_child(n: int) -> None:
-    from steerlab.extraction.extract import extract
-    from steerlab.model.loading import load_model
+    from steerlab.extraction import extract
+    from steerlab.model import load_model
 
     model = load_model("embedded", device="cpu")
     with tempfile.TemporaryDirectory() as d:
@@ -64,9 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child)
-    from steerlab.extraction.capture import capture_pairs, tokenize_pair
-    from steerlab.model.inputs import left_pad
-    from steerlab.model.loading import load_model
+    from steerlab.extraction import capture_pairs, tokenize_pair
+    from steerlab.model import left_pad, load_model
 
     n = 8 if args.quick else args.pairs
     model = load_model("embedded", device="cpu")

@@ -50,8 +50,7 @@ COPY_OPS = ("aten::_to_copy", "aten::copy_")
 
 def prompts_for(tok: Any, n: int) -> list[list[int]]:
     """``n`` chat prompts of different lengths (built-in prompts and personae)."""
-    from steerlab.model.personas import load_personae
-    from steerlab.model.templates import encode_chat
+    from steerlab.model import encode_chat, load_personae
 
     data = files("steerlab.builtin") / "data"
     prompts = json.loads((data / "prompts.json").read_text(encoding="utf-8"))
@@ -81,8 +80,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, fl
 def paths(model: Any, ids: list[list[int]]) -> tuple[dict[str, Callable[[int], Any]], dict]:
     """The generation paths, each a function of the number of new tokens; and notes on the
     paths that could not run (HF static cache on this device)."""
-    from steerlab.generation.generate import generate, generate_with_metrics
-    from steerlab.model.inputs import left_pad
+    from steerlab.generation import generate, generate_with_metrics
+    from steerlab.model import left_pad
 
     hf, tok = model.original_model, model.tokenizer
     dev = next(hf.parameters()).device
@@ -143,11 +142,14 @@ def bench_times(model: Any, ids: list[list[int]], tokens: int, repeats: int) -> 
 def bench_syncs(model: Any, ids: list[list[int]], tokens: int, steps: int) -> dict:
     """Host syncs over whole ``generate`` calls (per decode step from two lengths) and over
     ``steps`` bare ``SlotBatch.step()`` calls."""
-    from steerlab.generation.decode import StepProgram
-    from steerlab.generation.engine import bucket_batch, bucket_capacity
-    from steerlab.generation.generate import generate
-    from steerlab.generation.host_syncs import count_host_syncs
-    from steerlab.generation.slots import SlotBatch
+    from steerlab.generation import (
+        SlotBatch,
+        StepProgram,
+        bucket_batch,
+        bucket_capacity,
+        count_host_syncs,
+        generate,
+    )
 
     out: dict[str, Any] = {}
     for engine in ("eager", "static"):
@@ -201,7 +203,7 @@ def bench_profile(model: Any, ids: list[list[int]], steps: int, trace: Path | No
     so its checks are counted at their average rate)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from steerlab.generation.generate import generate
+    from steerlab.generation import generate
 
     out = {}
     for engine in ("eager", "static"):
@@ -302,7 +304,7 @@ def main() -> None:
 
     import transformers
 
-    from steerlab.model.loading import load_model
+    from steerlab.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

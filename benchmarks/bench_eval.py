@@ -22,10 +22,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering
-    from steerlab.model.loading import load_model
-    from steerlab.steering.vector import SteeringVector
-    from steerlab.traits.trait import load_trait
+    from steerlab.evaluation import EvalConfig, evaluate_steering
+    from steerlab.model import load_model
+    from steerlab.steering import SteeringVector
+    from steerlab.traits import load_trait
 
     n, tokens = (4, 8) if args.quick else (args.questions, args.tokens)
     model = load_model("embedded", device="cpu")

@@ -142,7 +142,7 @@ def build_model(shape: dict[str, int], dev: torch.device, dtype: torch.dtype, ou
     """Save a random-weight Llama of ``shape`` with the embedded tokenizer; returns #params."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from steerlab.model.loading import embedded_model_dir
+    from steerlab.model import embedded_model_dir
 
     src = embedded_model_dir()
     tok = AutoTokenizer.from_pretrained(src)
@@ -195,8 +195,7 @@ def off_device(b: Bench, model: Any) -> tuple[int, int]:
 
 
 def chat_prompts(tok: Any, n: int) -> list[list[int]]:
-    from steerlab.model.personas import load_personae
-    from steerlab.model.templates import encode_chat
+    from steerlab.model import encode_chat, load_personae
 
     prompts = json.loads((DATA / "prompts.json").read_text())
     personae = load_personae(DATA / "personae.json")
@@ -205,7 +204,7 @@ def chat_prompts(tok: Any, n: int) -> list[list[int]]:
 
 
 def random_pairs(n: int, seed: int = 0) -> list[Any]:
-    from steerlab.traits.pairs import Pair
+    from steerlab.traits import Pair
 
     rng = random.Random(seed)
     words = ("sea wind sail ship storm gold map island crew anchor harbour rope deck "
@@ -260,8 +259,8 @@ def bench_generation(b: Bench) -> dict:
 def generation_rows(b: Bench, model: Any, hf: Any, attn: str) -> list[dict]:
     """steerlab generate (with and without metrics) vs HF generate, same attention."""
     import steerlab
-    from steerlab.generation.generate import generate_with_metrics
-    from steerlab.model.inputs import left_pad
+    from steerlab.generation import generate_with_metrics
+    from steerlab.model import left_pad
 
     rows, n, tok = [], b.args.new_tokens, model.tokenizer
     for batch in b.args.batches:
@@ -326,7 +325,7 @@ def hf_static_generate(b: Bench, hf: Any, pad_id: int, input_ids: torch.Tensor,
 
 def graphs_captured(model: Any) -> int:
     """Decode steps of ``model``'s static-engine workspaces that replay a CUDA graph."""
-    from steerlab.generation.cache import workspaces
+    from steerlab.generation import workspaces
 
     kept = workspaces(model)
     return sum(step.graph is not None for ws in kept.values() for step in ws.steps.values())
@@ -340,9 +339,8 @@ def bench_engine(b: Bench) -> dict:
     its captured graphs, and HF's compiled shapes depend on the length), then the timed runs
     alternate the paths."""
     import steerlab
-    from steerlab.generation.cache import captures, release_workspaces
-    from steerlab.generation.generate import generate_with_metrics
-    from steerlab.model.inputs import left_pad
+    from steerlab.generation import captures, generate_with_metrics, release_workspaces
+    from steerlab.model import left_pad
 
     model, n = b.steerlab_model(), b.args.new_tokens
     tok = model.tokenizer
@@ -457,7 +455,7 @@ def engine_targets(b: Bench, rows: list[dict]) -> list[dict]:
     return out
 
 def bench_lens(b: Bench) -> dict:
-    from steerlab.generation.generate import generate_with_metrics
+    from steerlab.generation import generate_with_metrics
 
     model, batch, n = b.steerlab_model(), b.args.batches[0], b.args.new_tokens
     ids = chat_prompts(model.tokenizer, batch)
@@ -471,7 +469,7 @@ def bench_lens(b: Bench) -> dict:
 
 
 def random_vector(model: Any) -> Any:
-    from steerlab.steering.vector import SteeringVector
+    from steerlab.steering import SteeringVector
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=g)
@@ -521,8 +519,8 @@ def bench_strengths(b: Bench) -> dict:
 
 def bench_capture(b: Bench) -> dict:
     import steerlab
-    from steerlab.extraction.capture import tokenize_pair
-    from steerlab.model.inputs import left_pad
+    from steerlab.extraction import tokenize_pair
+    from steerlab.model import left_pad
 
     model, tiny = b.steerlab_model(), b.args.shape == "tiny"
     tok, hf = model.tokenizer, model.original_model
@@ -607,7 +605,7 @@ def cli_child(todo: str, report: str) -> None:
 def bench_cli(b: Bench) -> dict:
     import yaml
 
-    from steerlab.traits.pairs import save_pairs
+    from steerlab.traits import save_pairs
 
     b.model = None
     free(b)  # the child needs the GPU memory
@@ -652,7 +650,7 @@ def bench_cli(b: Bench) -> dict:
     def hf_job() -> None:  # the same job as a plain in-process HF script: load + generate
         from transformers import AutoTokenizer
 
-        from steerlab.model.inputs import left_pad
+        from steerlab.model import left_pad
 
         hf, tok = load_hf(b), AutoTokenizer.from_pretrained(b.path)
         ids, mask = left_pad(chat_prompts(tok, batch), tok.pad_token_id or 0, b.dev)
@@ -785,7 +783,7 @@ def main() -> None:
 
     import transformers
 
-    from steerlab.model.loading import _parse_dtype
+    from steerlab.model import parse_dtype
 
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("steerlab").setLevel(logging.WARNING)
@@ -793,7 +791,7 @@ def main() -> None:
         # Smoke test: matmuls this small gain nothing from threads, and a test shares its cores.
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"  # the CLI child too
-    dtype = _parse_dtype(args.dtype or ("float32" if dev.type == "cpu" else "bfloat16"))
+    dtype = parse_dtype(args.dtype or ("float32" if dev.type == "cpu" else "bfloat16"))
     shape = dict(SHAPES[args.shape])
     if args.layers or args.shape == "70b-slice":
         shape["num_hidden_layers"] = args.layers or 8

@@ -40,11 +40,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quick", action="store_true", help="4 x 12 tokens, one repeat")
     args = ap.parse_args()
-    from steerlab.generation.generate import generate_with_metrics
-    from steerlab.model.inputs import left_pad
-    from steerlab.model.loading import load_model
-    from steerlab.model.personas import load_personae
-    from steerlab.model.templates import encode_chat
+    from steerlab.generation import generate_with_metrics
+    from steerlab.model import encode_chat, left_pad, load_model, load_personae
 
     batch, tokens, repeat = (4, 12, 1) if args.quick else (args.batch_size, args.tokens,
                                                            args.repeat)

@@ -21,7 +21,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from steerlab.model.loading import embedded_model_dir, load_model
+    from steerlab.model import embedded_model_dir, load_model
 
     with tempfile.TemporaryDirectory() as cache:
         old = os.environ.get("STEERLAB_CACHE")

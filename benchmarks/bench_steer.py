@@ -27,11 +27,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from steerlab.generation.generate import generate
-    from steerlab.model.loading import load_model
-    from steerlab.model.templates import encode_chat
-    from steerlab.steering.intervention import steer
-    from steerlab.steering.vector import SteeringVector
+    from steerlab.generation import generate
+    from steerlab.model import encode_chat, load_model
+    from steerlab.steering import SteeringVector, steer
 
     tokens = 16 if args.quick else args.tokens
     model = load_model("embedded", device="cpu")

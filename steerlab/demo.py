@@ -33,7 +33,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.base.files import read_jsonl, write_json_atomic
 from steerlab.evaluation.calibrate import Search
 from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering, points_lock
-from steerlab.evaluation.verdict import validation_report, write_validation_html
+from steerlab.evaluation.verdict import write_validation
 from steerlab.extraction.extract import extract
 from steerlab.extraction.fitters import fit_vector, shuffled_control
 from steerlab.extraction.store import activation_files
@@ -282,9 +282,7 @@ class _Stages:
                                shuffled=shuffled_control(vector, h5),
                                resume=self.out / "steering-eval.points.jsonl",
                                progress=self.progress)
-        ev.save(self.out / "steering-eval.json")
-        validation = validation_report(ev, trait=t.name)
-        write_validation_html(self.out / "steering-eval.html", ev, validation)
+        validation = write_validation(self.out / "steering-eval", ev, trait=t.name)
         return ev, validation
 
     def personae(self, prompts: list[str], personae: list[Any]) -> list[dict]:

@@ -13,7 +13,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.generation.generate import generate
 from steerlab.generation.sampling import row_uniforms
 from steerlab.model.inputs import left_pad, stop_token_ids
-from steerlab.model.loading import _parse_dtype, load_model
+from steerlab.model.loading import load_model, parse_dtype
 from steerlab.model.personas import Persona
 from steerlab.model.templates import encode_chat
 
@@ -24,7 +24,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(SteerlabError, match="no such model directory"):
         load_model("./does/not/exist")
     with pytest.raises(SteerlabError, match="dtype"):
-        _parse_dtype("float33")
+        parse_dtype("float33")
 
 
 def test_missing_embedded_package_says_how_to_fix(monkeypatch):

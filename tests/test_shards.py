@@ -162,8 +162,8 @@ def test_merge_names_extra_foreign_and_other_count_shards(sharded, tmp_path):
     ]
     (shards / "shard-0003-of-0003.json").unlink()
     (shards / "shard-0001-of-0004.json").write_text(json.dumps(good))
-    with pytest.raises(SteerlabError, match="shards from different configs: "
-                       "shard-0000-of-0003.json has n=3 and shard-0001-of-0004.json has n=4"):
+    with pytest.raises(SteerlabError, match="shards from different configs: shards/shard-0000-"
+                       "of-0003.json has n=3 and shards/shard-0001-of-0004.json has n=4"):
         merge_run(run)
 
 

@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import steerlab as sl
-from steerlab.evaluation.evaluate import EvalConfig
-from steerlab.evaluation.verdict import validation_report, write_validation_html
-from steerlab.extraction.fitters import shuffled_control
-from steerlab.traits.judge import select_pairs
+from steerlab.evaluation import EvalConfig, write_validation
+from steerlab.extraction import shuffled_control
+from steerlab.traits import select_pairs
 
 HERE = Path(__file__).parent
 TRAITS = ["pirate", "emoji", "formatting", str(HERE / "traits" / "cowboy.json")]
@@ -112,9 +111,7 @@ def main() -> None:
                 shuffled=shuffled_control(vec, files[t.name]) if variant != "shared-out"
                 else shuffled_control(vectors[t.name]["mean"], files[t.name]).without(shared),
                 resume=run / f"{variant}.points.jsonl", progress=False)
-            rep = validation_report(ev, trait=t.name)
-            ev.save(run / f"{variant}.json")
-            write_validation_html(run / f"{variant}.html", ev, rep)
+            rep = write_validation(run / variant, ev, trait=t.name)
             results[(t.name, variant)] = (ev, rep)
             logging.info("%s/%s (%.0f s)\n%s", t.name, variant, time.perf_counter() - t0,
                          "\n".join(rep.lines()))

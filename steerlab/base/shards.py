@@ -2,7 +2,8 @@
 
 A shard is ``(i, n)``, 0-based. Work is cut into fixed batches and shard i owns a contiguous
 run of whole batches, so a merge of the shards equals one process doing everything, and a
-resumed shard recomputes nothing another shard did. Used by inference runs
+resumed shard recomputes nothing another shard did; :func:`shard_set` is the one check of
+what the shards left before a merge. Used by inference runs
 (:mod:`steerlab.inference.infer`, :mod:`steerlab.inference.runs`) and activation extraction
 (:mod:`steerlab.extraction.extract`).
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from steerlab.base.errors import SteerlabError
@@ -75,3 +77,51 @@ def shard_path(output: Path, shard: tuple[int, int]) -> Path:
     if n == 1:
         return Path(output)
     return Path(output).with_name(f"{Path(output).stem}.shard-{i:03d}-of-{n:03d}.h5")
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """What one shard left behind (an inference run's marker, an extraction's file)."""
+
+    name: str  # how problem lines name it
+    index: int  # i of (i, n)
+    count: int  # n of (i, n)
+    foreign: str | None = None  # why it belongs to another run or config, else None
+
+
+def shard_set(pieces: Sequence[ShardPiece], missing: Callable[[int, int], str]
+              ) -> tuple[list[ShardPiece], list[str]]:
+    """The one check of a set of shards before a merge, for inference runs and extraction
+    alike: the pieces in shard order 0..n-1 and one problem line per mixed shard count,
+    piece of another run (its ``foreign`` reason), extra or doubled shard, and missing shard
+    (``missing(i, n)`` says why). A merge goes ahead only with no problem lines.
+
+    Example:
+        >>> pieces = [ShardPiece("a.0", 0, 2), ShardPiece("a.2", 2, 2)]
+        >>> shard_set(pieces, lambda i, n: f"shard {i} of {n} is missing")[1]
+        ['extra shard a.2: shard 2 of 2 (shards are 0-1)', 'shard 1 of 2 is missing']
+    """
+    problems: list[str] = []
+    by_n: dict[int, ShardPiece] = {}
+    for piece in pieces:
+        by_n.setdefault(piece.count, piece)
+    if len(by_n) > 1:
+        (n0, a), (n1, b) = sorted(by_n.items())[:2]
+        problems.append(f"shards from different configs: {a.name} has n={n0} and {b.name} "
+                        f"has n={n1}")
+    problems += [p.foreign for p in pieces if p.foreign]
+    if not pieces or len(by_n) > 1:
+        return [], problems
+    n = pieces[0].count
+    seen: dict[int, ShardPiece] = {}
+    for piece in pieces:
+        if piece.index >= n:
+            problems.append(f"extra shard {piece.name}: shard {piece.index} of {n} (shards "
+                            f"are 0-{n - 1})")
+        elif piece.index in seen:
+            problems.append(f"shard {piece.index} of {n} given twice: "
+                            f"{seen[piece.index].name} and {piece.name}")
+        else:
+            seen[piece.index] = piece
+    problems += [missing(i, n) for i in range(n) if i not in seen]
+    return ([seen[i] for i in range(n)] if len(seen) == n else []), problems

@@ -182,11 +182,9 @@ def _shuffled_control(vec: Any, source: Path | None) -> Any:
 
 def _write_eval(ev: Any, out: Path, trait: str) -> None:
     """Write ``<output>.json`` and ``.html`` and print every setting and the report."""
-    from steerlab.evaluation.verdict import validation_report, write_validation_html
+    from steerlab.evaluation.verdict import write_validation
 
-    report = validation_report(ev, trait=trait)
-    ev.save(out.with_name(out.name + ".json"))
-    write_validation_html(out.with_name(out.name + ".html"), ev, report)
+    report = write_validation(out, ev, trait=trait)
     for s in ev.sweep:
         typer.echo(f"layer {s.label:>9} alpha {s.alpha:7.3g}  trait {s.trait:5.1f}  "
                    f"coherent trait {s.coherent_trait:5.1f}  coherence {s.coherence:.2f}")

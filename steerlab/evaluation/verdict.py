@@ -218,3 +218,20 @@ def write_validation_html(path: str | os.PathLike, ev: SteeringEval,
             + "".join(extra) + "<h2>Example answers at every setting</h2>"
             + html_table(_examples(ev, examples)))
     return write_page(path, f"steerlab validation: {report.trait}", body)
+
+
+def write_validation(stem: str | os.PathLike, ev: SteeringEval, *, trait: str = "",
+                     criteria: Criteria = Criteria()) -> ValidationReport:
+    """The one way an evaluation is reported: its validation report, with the evaluation saved
+    to ``<stem>.json`` and the report's page to ``<stem>.html`` (used by ``steerlab vectors
+    eval``, the demo and the experiments).
+
+    Example:
+        >>> report = write_validation("runs/pirate-eval", ev, trait="pirate")
+        >>> print("\\n".join(report.lines()))
+    """
+    stem = Path(stem)
+    report = validation_report(ev, trait=trait, criteria=criteria)
+    ev.save(stem.with_name(stem.name + ".json"))
+    write_validation_html(stem.with_name(stem.name + ".html"), ev, report)
+    return report

@@ -1,11 +1,18 @@
 """Activations to vectors: capture, the HDF5 store, sharded extraction, fitters."""
 
-from steerlab.extraction.capture import capture_pairs
-from steerlab.extraction.extract import ExtractConfig, extract
-from steerlab.extraction.fitters import LogisticProbe, MeanDifference, PCADifference, fit_vector
+from steerlab.extraction.capture import capture_pairs, tokenize_pair
+from steerlab.extraction.extract import ExtractConfig, extract, merge_shards
+from steerlab.extraction.fitters import (
+    LogisticProbe,
+    MeanDifference,
+    PCADifference,
+    fit_vector,
+    shuffled_control,
+)
 from steerlab.extraction.store import ActivationFile
 
 __all__ = [
     "ActivationFile", "ExtractConfig", "LogisticProbe", "MeanDifference", "PCADifference",
-    "capture_pairs", "extract", "fit_vector",
+    "capture_pairs", "extract", "fit_vector", "merge_shards", "shuffled_control",
+    "tokenize_pair",
 ]

@@ -24,7 +24,7 @@ from steerlab.base.checks import Inputs, output_file, text
 from steerlab.base.errors import SteerlabError
 from steerlab.base.files import check_unlocked, lock_path, read_text, sole_writer
 from steerlab.base.progress import progress_bar
-from steerlab.base.shards import shard_path, shard_range
+from steerlab.base.shards import ShardPiece, shard_path, shard_range, shard_set
 from steerlab.base.version import __version__
 from steerlab.extraction.attributes import StoreMeta
 from steerlab.extraction.capture import capture_pairs, check_pairs
@@ -318,38 +318,21 @@ SHARD_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)\.h5$")
 
 def _shard_set(files: list[ActivationFile], keys: list[tuple[int, int]]) -> list[ActivationFile]:
     """The shards in order 0..n-1, or an error naming every missing, extra or odd one."""
-    problems = []
-    by_n: dict[int, ActivationFile] = {}
-    for f, (_, n) in zip(files, keys, strict=True):
-        by_n.setdefault(n, f)
-    if len(by_n) > 1:
-        (n0, a), (n1, b) = sorted(by_n.items())[:2]
-        problems.append(f"shards from different configs: {a.path.name} has n={n0} and "
-                        f"{b.path.name} has n={n1}")
     first = files[0]
-    for f in files[1:]:
+    pieces = []
+    for f, (i, n) in zip(files, keys, strict=True):
         diff = first.meta.mismatch(f.meta)
-        if diff:
-            name, mine, theirs = diff
-            problems.append(f"shards from different configs: field {name!r}: "
-                            f"{first.path.name} holds {mine}, {f.path.name} holds {theirs}")
-    n = keys[0][1]
-    seen: dict[int, ActivationFile] = {}
-    for f, (i, m) in zip(files, keys, strict=True):
-        if i >= m:
-            problems.append(f"extra shard {f.path.name}: shard {i} of {m} (shards are 0-{m - 1})")
-        elif i in seen and m == n:
-            problems.append(f"shard {i} of {n} given twice: {seen[i].path} and {f.path}")
-        elif m == n:
-            seen[i] = f
-    if len(by_n) == 1:
-        for i in range(n):
-            if i not in seen:
-                want = shard_path(first.path.with_name(SHARD_NAME.sub(".h5", first.path.name)),
-                                  (i, n))
-                why = "unfinished: " + want.name + ".parts/ holds its capture" if \
-                    want.with_name(want.name + ".parts").is_dir() else f"no {want.name}"
-                problems.append(f"shard {i} of {n} is missing or unfinished ({why})")
+        foreign = (f"shards from different configs: field {diff[0]!r}: {first.path.name} holds "
+                   f"{diff[1]}, {f.path.name} holds {diff[2]}") if diff else None
+        pieces.append(ShardPiece(f.path.name, i, n, foreign))
+
+    def missing(i: int, n: int) -> str:
+        want = shard_path(first.path.with_name(SHARD_NAME.sub(".h5", first.path.name)), (i, n))
+        why = "unfinished: " + want.name + ".parts/ holds its capture" if \
+            want.with_name(want.name + ".parts").is_dir() else f"no {want.name}"
+        return f"shard {i} of {n} is missing or unfinished ({why})"
+
+    ordered, problems = shard_set(pieces, missing)
     if problems:
         raise SteerlabError("\n".join(problems))
-    return [seen[i] for i in range(n)]
+    return [next(f for f, p in zip(files, pieces, strict=True) if p is piece) for piece in ordered]

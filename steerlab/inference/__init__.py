@@ -1,10 +1,11 @@
 """Prompts x personae runs: resumable sharded inference, results, merge, report."""
 
-from steerlab.inference.infer import InferConfig, run_inference
-from steerlab.inference.report import write_run_report
-from steerlab.inference.results import load_results
+from steerlab.inference.infer import InferConfig, load_prompts, run_inference
+from steerlab.inference.report import run_tokenizer, write_run_report
+from steerlab.inference.results import load_results, read_per_token
 from steerlab.inference.runs import merge_run
 
 __all__ = [
-    "InferConfig", "load_results", "merge_run", "run_inference", "write_run_report",
+    "InferConfig", "load_prompts", "load_results", "merge_run", "read_per_token",
+    "run_inference", "run_tokenizer", "write_run_report",
 ]

@@ -32,7 +32,7 @@ from steerlab.base.files import (
     read_json,
     write_json_atomic,
 )
-from steerlab.base.shards import shard_batches
+from steerlab.base.shards import ShardPiece, shard_batches, shard_set
 from steerlab.inference.results import (
     CONFIG,
     CONFIG_LOCK,
@@ -206,34 +206,20 @@ def _shard_problems(store: RunStore, config: Mapping[str, Any], n_batches: int) 
             markers.append((path, int(m[1]), int(m[2]), read_json(path, "a shard marker")))
     if not markers:
         return [f"no shard has finished (no markers in {SHARDS}/); run the shards, then merge"]
-    problems = []
-    by_n: dict[int, Path] = {}
-    for path, _, n, _ in markers:
-        by_n.setdefault(n, path)
-    if len(by_n) > 1:
-        (n0, a), (n1, b) = sorted(by_n.items())[:2]
-        problems.append(f"shards from different configs: {a.name} has n={n0} and {b.name} "
-                        f"has n={n1}")
-    for path, _, _, data in markers:
-        if data.get("identity_sha256") != config.get("identity_sha256"):
-            problems.append(f"{SHARDS}/{path.name} is from another run: its identity "
-                            f"{str(data.get('identity_sha256'))[:12]} is not config.json's "
-                            f"{str(config.get('identity_sha256'))[:12]}")
-    if len(by_n) > 1:
-        return problems
-    (n,) = by_n
-    present = {i for _, i, _, _ in markers}
-    for path, i, _, _ in markers:
-        if i >= n:
-            problems.append(f"extra shard {SHARDS}/{path.name}: shard {i} of {n} (shards are "
-                            f"0-{n - 1})")
-    for i in range(n):
-        if i not in present:
-            own = shard_batches(n_batches, (i, n))
-            todo = [b for b in own if b not in done]
-            why = f"{_spans(todo)} not committed" if todo else \
-                "its batches are committed but it did not finish; rerun it"
-            problems.append(f"shard {i} of {n} is missing ({why})")
+    pieces = [ShardPiece(f"{SHARDS}/{path.name}", i, n, None if data.get("identity_sha256")
+                         == config.get("identity_sha256") else
+                         f"{SHARDS}/{path.name} is from another run: its identity "
+                         f"{str(data.get('identity_sha256'))[:12]} is not config.json's "
+                         f"{str(config.get('identity_sha256'))[:12]}")
+              for path, i, n, data in markers]
+
+    def missing(i: int, n: int) -> str:
+        todo = [b for b in shard_batches(n_batches, (i, n)) if b not in done]
+        why = f"{_spans(todo)} not committed" if todo else \
+            "its batches are committed but it did not finish; rerun it"
+        return f"shard {i} of {n} is missing ({why})"
+
+    _, problems = shard_set(pieces, missing)
     todo = sorted(set(range(n_batches)) - done)
     if not problems and todo:
         problems.append(f"{_spans(todo)} not committed")

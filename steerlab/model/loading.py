@@ -142,11 +142,11 @@ def load_model(
 
     opts = ModelOptions(
         model=str(name_or_path), device="auto" if device is None else str(device),
-        dtype=str(_parse_dtype(dtype)).removeprefix("torch."), device_map=device_map,
+        dtype=str(parse_dtype(dtype)).removeprefix("torch."), device_map=device_map,
         n_devices=n_devices or 1, attn_implementation=attn_implementation,
     ).validate()
     ensure_bridge_reads_cache()
-    torch_dtype = _parse_dtype(opts.dtype)
+    torch_dtype = parse_dtype(opts.dtype)
     source, model_id = _resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -215,7 +215,9 @@ def _where(hf_model: Any) -> str:
     return str(next(hf_model.parameters()).device)
 
 
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from its name (``"bfloat16"``, ``"torch.float16"``) or itself; an unknown
+    name is one error line."""
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)

@@ -6,7 +6,7 @@ from steerlab.base import moved as _moved
 from steerlab.traits.client import Endpoint, EndpointClient
 from steerlab.traits.collect import collect
 from steerlab.traits.elicit import elicit_trait
-from steerlab.traits.judge import filter_pairs, judge, rubric_judge, scorer_judge
+from steerlab.traits.judge import filter_pairs, judge, rubric_judge, scorer_judge, select_pairs
 from steerlab.traits.pairs import Pair, load_pairs, merge_pairs, save_pairs
 from steerlab.traits.responders import EndpointResponder, LocalResponder
 from steerlab.traits.scorers import scorer_from_spec
@@ -16,6 +16,7 @@ __all__ = [
     "Endpoint", "EndpointClient", "EndpointResponder", "LocalResponder", "Pair", "Trait",
     "collect", "elicit_trait", "filter_pairs", "judge", "load_pairs", "load_trait",
     "merge_pairs", "rubric_judge", "save_pairs", "scorer_from_spec", "scorer_judge",
+    "select_pairs",
 ]
 
 
