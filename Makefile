@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.steerlab-installed
 LOCK := requirements.lock
-EXTRAS := dev,notebooks
+EXTRAS := dev,notebooks,docs
 # torch's version comes from the lock (CPU build on these machines). On a GPU node pick the
 # CUDA build of the same version, e.g. make TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
@@ -18,7 +18,7 @@ LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.p
 PYTEST_ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-extended test-gguf test-browser test-slurm demo lint arch bench install lock test-latest doctor clean
+.PHONY: docs test test-extended test-gguf test-browser test-slurm demo lint arch bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ lint: $(STAMP)
 # each defers. tests/test_architecture.py asserts on the same facts.
 arch: $(STAMP)
 	$(BIN)/python tests/arch_facts.py
+
+# The documentation site (mkdocs-material + mkdocstrings) from docs/ and the public docstrings,
+# into .site/: --strict fails on a broken link, anchor or reference; check_api.py then checks
+# that the API page lists every public name with its docstring.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	$(BIN)/python docs/check_api.py
 
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -62,7 +62,7 @@ class ChatSession:
         temperature: 0 for greedy decoding.
         steering: the steering in force (see :meth:`set_steering`); ``None``: none.
         positions: where :meth:`set_steering` steers (see
-        :class:`steerlab.steering.intervention.Positions`).
+            :class:`steerlab.steering.intervention.Positions`).
         engine: how generation runs (``auto``, ``eager``, ``static``); the reply streams
             token by token with eager, in bursts of a few tokens with static.
 
