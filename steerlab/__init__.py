@@ -4,7 +4,9 @@ Example:
     >>> import steerlab as sl
     >>> model = sl.load_model("embedded")
     >>> ids = sl.encode_chat(model.tokenizer, "Hello!", persona=sl.Persona("Hamlet", "fiction"))
-    >>> sl.generate(model, [ids], max_new_tokens=4).texts(model.tokenizer)  # doctest: +SKIP
+    >>> replies = sl.generate(model, [ids], max_new_tokens=4).texts(model.tokenizer)
+    >>> len(replies)  # one reply (a str) per prompt
+    1
 
 The names below are the stable API; each subpackage (``steerlab.model``, ``steerlab.steering``,
 ``steerlab.generation``, ...) exports a few more of its own.

@@ -67,8 +67,12 @@ class ChatSession:
             token by token with eager, in bursts of a few tokens with static.
 
     Example:
-        >>> s = ChatSession(model, persona=Persona("Hamlet", "fictional-character"))
-        >>> s.reply("Who are you?", on_text=print).text
+        >>> hamlet = sl.Persona("Hamlet", "fictional-character")
+        >>> s = sl.ChatSession(model, persona=hamlet, max_tokens=8)
+        >>> pieces = []
+        >>> reply = s.reply("Who are you?", on_text=pieces.append)  # streams into pieces
+        >>> "".join(pieces) == reply.text, reply.n_tokens <= 8
+        (True, True)
     """
 
     model: Any

@@ -170,9 +170,10 @@ def evaluate_steering(
         progress: show a progress bar.
 
     Example:
-        >>> ev = evaluate_steering(model, v, trait.held_out_questions, trait.build_scorer(),
-        ...                        trait_instruction=trait.trait_instruction, layers=[12, 16])
-        >>> ev.best.label, ev.best.alpha, ev.gap_closed(ev.best)
+        >>> ev = sl.evaluate_steering(model, vec, trait.held_out_questions, trait.build_scorer(),
+        ...                           trait_instruction=trait.trait_instruction,
+        ...                           layers=[10, 12])  # doctest: +SKIP
+        >>> ev.best.label, ev.best.alpha, ev.gap_closed(ev.best)  # doctest: +SKIP
     """
     if not questions:
         raise SteerlabError("no held-out questions to evaluate on", field="questions")

@@ -126,8 +126,15 @@ def validation_report(ev: SteeringEval, *, trait: str = "",
     judge it against ``criteria``.
 
     Example:
-        >>> rep = validation_report(ev, trait="pirate")
+        >>> rep = sl.validation_report(ev, trait="pirate")
         >>> print("\\n".join(rep.lines()))
+        validation of pirate on 2 held-out questions (alpha in norm units; 95% bootstrap
+        intervals):
+        condition  layers      alpha  coherent trait        coherence  gap closed
+        unsteered ...
+        prompted ...
+        steered ...
+        random ...
     """
     conditions = [("unsteered", ev.unsteered), ("prompted", ev.prompted), ("steered", ev.best),
                   ("random", ev.random)] + ([("shuffled", ev.shuffled)] if ev.shuffled else [])
@@ -227,8 +234,10 @@ def write_validation(stem: str | os.PathLike, ev: SteeringEval, *, trait: str = 
     eval``, the demo and the experiments).
 
     Example:
+        >>> from pathlib import Path
         >>> report = write_validation("runs/pirate-eval", ev, trait="pirate")
-        >>> print("\\n".join(report.lines()))
+        >>> sorted(p.name for p in Path("runs").iterdir())
+        ['pirate-eval.html', 'pirate-eval.json']
     """
     stem = Path(stem)
     report = validation_report(ev, trait=trait, criteria=criteria)

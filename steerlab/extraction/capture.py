@@ -74,7 +74,10 @@ def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, *,
         pair_id: used in error messages.
 
     Example:
-        >>> tokenize_pair(model.tokenizer, "Hi", "Ahoy!", "Hello!").divergence
+        >>> p = tokenize_pair(model.tokenizer, "Hi", "Ahoy!", "Hello!")
+        >>> d = p.divergence  # the first response token, where the two differ
+        >>> p.chosen[:d] == p.rejected[:d], p.chosen[d] != p.rejected[d]
+        (True, True)
     """
     prefix = render_chat(tokenizer, prompt, system_prompt=system_prompt)
     prompt_ids = encode_text(tokenizer, prefix)
@@ -242,7 +245,7 @@ def capture_pairs(
         available_memory: bytes the batch may plan with (default: measured).
 
     Example:
-        >>> acts = capture_pairs(model, pairs[:8], [10, 15])
+        >>> acts = sl.capture_pairs(model, pairs[:8], [10, 15])
         >>> (acts.chosen - acts.rejected).mean(0).shape
         torch.Size([2, 576])
     """

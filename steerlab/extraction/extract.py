@@ -189,7 +189,10 @@ def extract(
             than the model's context (naming the pair, its length and the limit).
 
     Example:
-        >>> extract(model, load_pairs("data/pairs/pirate.jsonl"), "acts.h5", layers=[8, 10])
+        >>> sl.extract(model, sl.load_pairs("pairs.jsonl"), "pirate.h5", layers=[8, 10])
+        PosixPath('pirate.h5')
+        >>> sl.ActivationFile("pirate.h5").layers
+        (8, 10)
     """
     ids = [str(p.id) for p in pairs]
     if len(set(ids)) != len(ids):
@@ -292,7 +295,11 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
     line each. Other names are joined in the order given.
 
     Example:
+        >>> from pathlib import Path
+        >>> for i in range(2):
+        ...     _ = sl.extract(model, pairs[:4], "out/acts.h5", layers=[10], shard=(i, 2))
         >>> merge_shards(sorted(Path("out").glob("acts.shard-*.h5")), "out/acts.h5")
+        PosixPath('out/acts.h5')
     """
     if not shards:
         raise SteerlabError("no shard files given", field="shards")

@@ -227,8 +227,9 @@ def fit_vector(
             cancels and what is left is the direction's noise (an evaluation control).
 
     Example:
-        >>> vector, fit = fit_vector("acts.h5", "probe")
-        >>> fit.accuracy
+        >>> vector, fit = sl.fit_vector("acts.h5", "probe")
+        >>> vector.layers, fit.accuracy.shape  # a held-out accuracy per layer
+        ((10, 12), torch.Size([2]))
     """
     acts = source if isinstance(source, ActivationFile) else ActivationFile(source)
     _check_model_layers(acts)
@@ -286,7 +287,9 @@ def shuffled_control(vector: SteeringVector, source: Any, seed: int = 0) -> Stee
     the same method, site and layers, chosen and rejected swapped in half of the pairs.
 
     Example:
-        >>> control = shuffled_control(vector, "acts.h5")
+        >>> control = shuffled_control(vec, "acts.h5")
+        >>> control.layers == vec.layers
+        True
     """
     method, *flags = vector.provenance.method.split("+")
     vec, _ = fit_vector(source, method, layers=list(vector.layers), mean="mean" in flags,

@@ -233,9 +233,10 @@ class ActivationFile:
     """Streaming reader of an activation file (or part, or shard); validates it on open.
 
     Example:
-        >>> acts = ActivationFile("acts.h5")
+        >>> acts = sl.ActivationFile("acts.h5")  # 8 pairs, layers 10 and 12
         >>> for chosen, rejected in acts.iter_batches(64):
         ...     print(chosen.shape)  # [batch, layer, d_model]
+        torch.Size([8, 2, 576])
     """
 
     def __init__(self, path: str | os.PathLike):

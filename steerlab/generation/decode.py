@@ -62,6 +62,7 @@ class StepProgram:
 
         Example:
             >>> StepProgram.for_model(model, sampling=False).stops  # the EOS ids
+            (2,)
         """
         tok = model.tokenizer
         stops = tuple(sorted(stop_ids or stop_token_ids(tok, model.original_model)))

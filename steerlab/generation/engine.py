@@ -45,7 +45,10 @@ class Engine(Choice):
             stepwise: an observer or step listener is told every step (nothing to replay).
 
         Example:
-            >>> Engine.parse("auto").resolve(model, batching=True)  # HF attention: static
+            >>> sl.Engine.AUTO.resolve(model, batching=True)  # HF attention kernels: static
+            <Engine.STATIC: 'static'>
+            >>> sl.Engine.AUTO.resolve(model)  # one request at a time on the CPU: eager
+            <Engine.EAGER: 'eager'>
         """
         if self is not Engine.AUTO:
             return self

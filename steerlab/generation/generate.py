@@ -339,8 +339,10 @@ def generate(
             (naming the row, its length and the limit), or one row too big for the memory.
 
     Example:
-        >>> ids = encode_chat(model.tokenizer, "Hello!")
-        >>> generate(model, [ids], max_new_tokens=32).texts(model.tokenizer)
+        >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
+        >>> out = sl.generate(model, [ids], max_new_tokens=8)
+        >>> len(out.tokens[0]) <= 8, len(out.texts(model.tokenizer))  # one reply per prompt
+        (True, 1)
     """
     run = _decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed, stop_ids=stop_ids, think_marker=think_marker, on_token=on_token,
@@ -372,8 +374,11 @@ def generate_with_metrics(
     too big for the memory split, as in :func:`steerlab.generation.generate`.
 
     Example:
-        >>> rows = generate_with_metrics(model, [ids], max_new_tokens=64, lens=True)
-        >>> rows[0].entropy.mean(), rows[0].lens_entropy.shape
+        >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
+        >>> rows = sl.generate_with_metrics(model, [ids], max_new_tokens=8, lens=True)
+        >>> n = len(rows[0].tokens)
+        >>> rows[0].entropy.shape == (n,), rows[0].lens_entropy.shape == (n, model.cfg.n_layers)
+        (True, True)
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SteerlabError(f"k is {k!r}; expected an integer >= 1", field="top_k_mass_k")

@@ -63,9 +63,11 @@ def count_host_syncs() -> Iterator[SyncCount]:
     capture fail.
 
     Example:
+        >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
         >>> with count_host_syncs() as syncs:
-        ...     generate(model, [ids], max_new_tokens=8)
-        >>> syncs.count
+        ...     out = sl.generate(model, [ids], max_new_tokens=8, engine="eager")
+        >>> syncs.count > 0  # the eager engine checks on the host after every step
+        True
     """
     result = SyncCount()
     mode = _SyncCounter()

@@ -37,9 +37,11 @@ class SlotBatch:
     """``slots`` rows decoding together on a static cache of ``capacity`` positions.
 
     Example:
-        >>> batch = SlotBatch(model, 8, 512, settings)
+        >>> settings = StepProgram.for_model(model, sampling=False)
+        >>> batch = SlotBatch(model, 2, 64, settings)  # 2 rows of 64 positions
+        >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
         >>> with batch.running():
-        ...     batch.admit([0], [ids], limits=[64], temps=[0.0], seeds=[0])
+        ...     batch.admit([0], [ids], limits=[8], temps=[0.0], seeds=[0])
         ...     while batch.any_active():
         ...         batch.step()
     """

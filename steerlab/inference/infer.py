@@ -91,7 +91,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     characters; an error names the entry, e.g. ``field 'prompts[3]'``.
 
     Example:
-        >>> load_prompts("data/prompts.json")[:1]
+        >>> load_prompts("prompts.json")[:1]  # the built-in prompts
         ['Who are you?']
     """
     out = []
@@ -187,7 +187,9 @@ def run_inference(
         extra_config: more provenance for ``config.json`` (e.g. input file names).
 
     Example:
-        >>> run_inference(model, ["Hi!"], [ASSISTANT], "logs/run", InferConfig(max_tokens=64))
+        >>> config = sl.InferConfig(max_tokens=8)
+        >>> sl.run_inference(model, ["Hi!"], [sl.ASSISTANT], "logs/hi", config)
+        PosixPath('logs/hi')
     """
     config.validate(vocab_size=model.cfg.d_vocab)
     i, n = shard

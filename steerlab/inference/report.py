@@ -29,7 +29,9 @@ def run_tokenizer(results_dir: str | os.PathLike) -> Any:
     Used to label logit-lens heatmaps with token text; loads only local files (no network).
 
     Example:
-        >>> tok = run_tokenizer("logs/personae-inference-123")
+        >>> tok = run_tokenizer("logs/run")  # a run of the embedded model
+        >>> tok.get_vocab() == model.tokenizer.get_vocab()
+        True
     """
     config = Path(results_dir) / CONFIG
     if not config.is_file():
@@ -71,7 +73,8 @@ def write_run_report(results_dir: str | os.PathLike, output: str | os.PathLike |
         tokenizer: labels heatmap tokens with text when given (ids otherwise).
 
     Example:
-        >>> write_report("logs/personae-inference-123")
+        >>> write_run_report("logs/run")
+        PosixPath('logs/run/report.html')
     """
     import plotly.io as pio  # deferred: plotly
 

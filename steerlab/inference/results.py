@@ -119,8 +119,9 @@ def load_results(path: str | os.PathLike) -> list[dict]:
     """Records of a run: ``path`` is its folder or its ``results.json``.
 
     Example:
-        >>> rows = load_results("logs/personae-inference-123")
-        >>> rows[0]["avg_entropy"]
+        >>> rows = sl.load_results("logs/run")  # one prompt answered by the assistant
+        >>> len(rows), rows[0]["persona"], rows[0]["n_tokens"] <= 8
+        (1, 'assistant', True)
     """
     path = Path(path)
     if path.is_dir():
@@ -135,8 +136,10 @@ def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndar
     """Per-token arrays of one result (by its ``id``) from ``per_token.h5`` or a run folder.
 
     Example:
+        >>> rows = sl.load_results("logs/run")
         >>> arrays = read_per_token("logs/run", rows[0]["id"])
-        >>> arrays["lens_entropy"].shape  # [n_tokens, n_layers]
+        >>> arrays["lens_entropy"].shape == (rows[0]["n_tokens"], model.cfg.n_layers)
+        True
     """
     path = Path(path)
     if path.is_dir():

@@ -238,9 +238,14 @@ def merge_run(path: str | os.PathLike) -> Path:
         path: the run folder all shards wrote (``--output-dir``).
 
     Example:
-        >>> for i in range(3):
-        ...     run_inference(model, prompts, personae, "logs/run", shard=(i, 3))
-        >>> merge_run("logs/run")
+        >>> config = sl.InferConfig(max_tokens=4, batch_size=1)  # 2 tasks: 2 batches
+        >>> for i in range(2):
+        ...     _ = sl.run_inference(model, ["Hi!", "Bye!"], [sl.ASSISTANT], "logs/sharded",
+        ...                          config, shard=(i, 2))
+        >>> sl.merge_run("logs/sharded")
+        PosixPath('logs/sharded')
+        >>> len(sl.load_results("logs/sharded"))
+        2
     """
     root = Path(path)
     if not (root / CONFIG).is_file():

@@ -133,7 +133,7 @@ def load_model(
             found, or weights that did not land where asked.
 
     Example:
-        >>> model = load_model("embedded")
+        >>> model = sl.load_model("embedded")
         >>> model.cfg.n_layers
         30
     """

@@ -192,11 +192,16 @@ class ModelOptions:
 
     def local_files(self) -> list[Path]:
         """What a local model folder holds (``model`` a directory): inputs no output may
-        alias (a run's ``config.json`` written over the model's). None for a hub id or the
+        alias (a run's ``config.json`` written over the model's). Empty for a hub id or the
         embedded model.
 
         Example:
-            >>> output_dir(out, "output_dir", inputs={"model": options.local_files()})
+            >>> sl.ModelOptions().local_files()  # the embedded model
+            []
+            >>> from steerlab.model import embedded_model_dir
+            >>> folder = sl.ModelOptions(str(embedded_model_dir())).local_files()
+            >>> "config.json" in [p.name for p in folder]
+            True
         """
         folder = Path(self.model)
         return sorted(folder.iterdir()) if self.model != "embedded" and folder.is_dir() else []

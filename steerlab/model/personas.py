@@ -90,7 +90,8 @@ def system_prompt_style(spec: str, field: str = "system_prompt_style", *,
     ``field`` and ``source`` name where ``spec`` came from in an error.
 
     Example:
-        >>> system_prompt_style("You are {persona}, a {category}.")(Persona("Hamlet", "play"))
+        >>> style = sl.system_prompt_style("You are {persona}, a {category}.")
+        >>> style(sl.Persona("Hamlet", "play"))
         'You are Hamlet, a play.'
     """
     text(spec, field, max_chars=MAX_SYSTEM_PROMPT_CHARS, source=source)
@@ -140,7 +141,7 @@ def load_personae(path: str | Path) -> list[Persona]:
     an error names the record, e.g. ``field 'personae[3].persona'``.
 
     Example:
-        >>> load_personae("data/personae.json")[0]
+        >>> sl.load_personae("personae.json")[3]
         Persona(persona='Hamlet', category='fictional-character', article='')
     """
     src = str(path)

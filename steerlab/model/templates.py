@@ -68,8 +68,12 @@ def patch_chat_template(template: str, persona: str) -> str:
         persona: the role name to show instead of the assistant's, e.g. ``"Hamlet"``.
 
     Example:
-        >>> t = patch_chat_template(tokenizer.chat_template, "Hamlet")
-        >>> tokenizer.apply_chat_template(msgs, chat_template=t, tokenize=False)
+        >>> t = sl.patch_chat_template(model.tokenizer.chat_template, "Hamlet")
+        >>> msgs = [{"role": "user", "content": "Who are you?"}]
+        >>> text = model.tokenizer.apply_chat_template(msgs, chat_template=t, tokenize=False,
+        ...                                           add_generation_prompt=True)
+        >>> text.endswith("<|im_start|>Hamlet\\n")  # ChatML, the embedded model's template
+        True
     """
     family = template_family(template)
     if not persona or "\n" in persona:

@@ -34,7 +34,9 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
     panel with no value at all says so, and why for the thinking fields.
 
     Example:
-        >>> box_by_category(load_results("logs/run"), ENTROPY_FIELDS).show()
+        >>> fig = box_by_category(sl.load_results("logs/run"), ["avg_entropy", "avg_top_k_mass"])
+        >>> len(fig.data)  # a box per category and field; fig.show() draws it
+        2
     """
     import plotly.colors  # deferred: plotly
     from plotly.subplots import make_subplots  # deferred: plotly
@@ -68,7 +70,9 @@ def summary_figures(records: Sequence[dict]) -> dict[str, Any]:
     """The viewer's three figures: entropy, top-k mass and ``think_end_position`` by category.
 
     Example:
-        >>> for name, fig in summary_figures(rows).items(): fig.show()
+        >>> figures = summary_figures(sl.load_results("logs/run"))
+        >>> sorted(figures)
+        ['entropy', 'think_end_position', 'top_k_mass']
     """
     return {
         "entropy": box_by_category(records, ENTROPY_FIELDS, "Entropy (nats) by category"),
@@ -81,8 +85,8 @@ def summary_stats(records: Sequence[dict], fields: Sequence[str] = METRIC_FIELDS
     """Count, mean, std, median, min and max of each field per category.
 
     Example:
-        >>> summary_stats(rows, ["avg_entropy"])[0]
-        {'category': 'assistant', 'field': 'avg_entropy', 'n': 20, 'mean': 1.3, ...}
+        >>> summary_stats(sl.load_results("logs/run"), ["avg_entropy"])[0]
+        {'category': 'assistant', 'field': 'avg_entropy', 'n': 1, 'mean': ...}
     """
     out = []
     for cat in categories(records):
@@ -102,8 +106,12 @@ def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
     """Layer x token heatmap of a per-token lens metric ``[n_tokens, n_layers]``.
 
     Example:
+        >>> from steerlab.inference import read_per_token
         >>> a = read_per_token("logs/run", 0)
-        >>> lens_heatmap(a["lens_entropy"], tokenizer.convert_ids_to_tokens(a["tokens"]))
+        >>> tokens = model.tokenizer.convert_ids_to_tokens(a["tokens"])
+        >>> fig = lens_heatmap(a["lens_entropy"], tokens)
+        >>> fig.data[0].z.shape == a["lens_entropy"].T.shape  # [layer, token]
+        True
     """
     import plotly.graph_objects as go  # deferred: plotly
 
@@ -123,7 +131,7 @@ def steering_figure(ev: Any) -> Any:
     controls at the chosen setting.
 
     Example:
-        >>> steering_figure(evaluate_steering(model, v, ...)).show()
+        >>> fig = steering_figure(ev)  # ev from evaluate_steering; fig.show() draws it
     """
     import plotly.graph_objects as go  # deferred: plotly
     from plotly.colors import qualitative  # deferred: plotly

@@ -34,6 +34,7 @@ def write_page(path: str | os.PathLike, title: str, body: str) -> Path:
 
     Example:
         >>> write_page("out.html", "steerlab demo", "<h1>Hello</h1>")
+        PosixPath('out.html')
     """
     path = Path(path)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

@@ -119,10 +119,12 @@ class Steering:
     vector's stored scale, or a tuple with one strength per batch row.
 
     Example:
-        >>> s = Steering.create(model, vector, 4.0, layers=[10])
+        >>> s = sl.Steering.create(model, vec, 4.0, layers=[10])
+        >>> ids = [sl.encode_chat(model.tokenizer, "Hello!")]
         >>> with s.apply(model):
-        ...     generate(model, prompts, max_new_tokens=40)
-        >>> s.with_alpha(-2.0)   # a new value; the old one is unchanged
+        ...     steered = sl.generate(model, ids, max_new_tokens=8)
+        >>> s.with_alpha(-2.0).alpha, s.alpha  # a new value; the old one is unchanged
+        (-2.0, 4.0)
     """
 
     vector: SteeringVector
@@ -298,10 +300,14 @@ def steer(
         preserve_norm: keep each steered residual's norm (see :meth:`Steering.create`).
 
     Example:
-        >>> with steer(model, vector, 0.2, layers=[12], units="norm"):
-        ...     replies = generate(model, prompts, max_new_tokens=40)
-        >>> with steer(model, vector, 4.0, layers=[10]):
-        ...     replies = generate(model, prompts, max_new_tokens=40)
+        >>> prompts = [sl.encode_chat(model.tokenizer, q) for q in ("Hi!", "Describe the sea.")]
+        >>> plain = sl.generate(model, prompts, max_new_tokens=8)
+        >>> with sl.steer(model, vec, 0.2, layers=[12], units="norm"):  # 0.2 x the norm
+        ...     replies = sl.generate(model, prompts, max_new_tokens=8)
+        >>> with sl.steer(model, vec, 4.0, layers=[10]):  # 4 x the stored vector
+        ...     replies = sl.generate(model, prompts, max_new_tokens=8)
+        >>> sl.generate(model, prompts, max_new_tokens=8) == plain  # no hook left behind
+        True
     """
     with Steering.create(model, vector, alpha, layers=layers, positions=positions, units=units,
                          preserve_norm=preserve_norm).apply(model):
@@ -342,9 +348,11 @@ def monitor(model: Any, vector: SteeringVector, *, layers: Sequence[int] | None 
     see the steered residual).
 
     Example:
-        >>> with steer(model, v, 4.0), monitor(model, v, layers=[10]) as mon:
-        ...     generate(model, prompts, max_new_tokens=20)
-        >>> mon.trace(10).shape  # [batch, steps]
+        >>> ids = [sl.encode_chat(model.tokenizer, "Hello!")]
+        >>> with sl.steer(model, vec, 4.0), sl.monitor(model, vec, layers=[10]) as mon:
+        ...     replies = sl.generate(model, ids, max_new_tokens=4)
+        >>> mon.trace(10).shape  # [batch, steps]: the prompt, then each new token but the last
+        torch.Size([1, 4])
     """
     layers = check_layers(model, list(vector.layers if layers is None else layers))
     mon = ProjectionMonitor(layers)

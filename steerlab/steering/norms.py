@@ -42,8 +42,9 @@ def residual_norms(model: Any, layers: Sequence[int] | None = None,
         point: where in the layer the residual is read.
 
     Example:
-        >>> residual_norms(model, [8, 16])
-        {8: 41.2, 16: 77.9}
+        >>> norms = residual_norms(model, [8, 16])
+        >>> list(norms), norms[8] < norms[16]  # the residual grows with depth
+        ([8, 16], True)
     """
     chosen = check_layers(model, list(range(model.cfg.n_layers) if layers is None else layers))
     texts = list(neutral_prompts() if prompts is None else prompts)

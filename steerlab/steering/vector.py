@@ -88,10 +88,12 @@ class SteeringVector:
     Supports ``a + b``, ``a - b`` (same layers), ``2.0 * a``, ``-a`` and :meth:`normalise`.
 
     Example:
-        >>> v = SteeringVector.load("pirate.safetensors")
+        >>> import torch
+        >>> v = sl.SteeringVector.load("vectors/pirate.safetensors")  # layers 10 and 12
+        >>> other = sl.SteeringVector(torch.randn(2, 576), v.layers)
         >>> w = (v - other).normalise()
-        >>> w.direction(10).shape
-        torch.Size([576])
+        >>> w.direction(10).shape, round(float(w.direction(10).norm()), 4)
+        (torch.Size([576]), 1.0)
     """
 
     directions: Float[torch.Tensor, "layer d_model"]
@@ -145,8 +147,12 @@ class SteeringVector:
         mean direction shared by several traits' vectors).
 
         Example:
-            >>> shared = pirate.normalise() + emoji.normalise() + formal.normalise()
-            >>> specific = pirate.without(shared)
+            >>> import torch
+            >>> emoji = sl.SteeringVector(torch.randn(2, 576), vec.layers)
+            >>> shared = vec.normalise() + emoji.normalise()
+            >>> specific = vec.without(shared)
+            >>> abs(float(specific.direction(10) @ shared.direction(10))) < 1e-3
+            True
         """
         if other.layers != self.layers or other.d_model != self.d_model:
             raise SteerlabError(f"cannot project out a vector with layers {list(other.layers)} "
@@ -179,7 +185,11 @@ class SteeringVector:
         :func:`steerlab.model.loading.model_geometry` before the model loads.
 
         Example:
-            >>> v.check_model(30, 576, source="pirate.safetensors")
+            >>> vec.check_model(30, 576)  # fits: nothing to say
+            >>> vec.check_model(30, 2048)
+            Traceback (most recent call last):
+            ...
+            steerlab.base.errors.SteerlabError: ...the vector has d_model 576; the model 2048
         """
         layer_list(self.layers, n_layers=n_layers, source=source)
         if self.d_model != d_model:
@@ -231,7 +241,9 @@ class SteeringVector:
         strict JSON (NaN, infinities), is refused before either file is touched.
 
         Example:
-            >>> v.save("vectors/pirate")  # vectors/pirate.safetensors + vectors/pirate.json
+            >>> path = vec.save("saved/pirate")  # saved/pirate.safetensors + saved/pirate.json
+            >>> path, sl.SteeringVector.load(path).layers
+            (PosixPath('saved/pirate.safetensors'), (10, 12))
         """
         from safetensors.torch import save_file  # deferred: safetensors
 
@@ -301,7 +313,8 @@ class SteeringVector:
         ``model_type``, what llama.cpp's own generator writes), else its id.
 
         Example:
-            >>> v.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
+            >>> vec.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
+            PosixPath('pirate.gguf')
         """
         import gguf  # deferred: gguf
 

@@ -72,8 +72,8 @@ class EndpointClient:
     """A thread-safe chat-completions client for one :class:`Endpoint`.
 
     Example:
-        >>> c = EndpointClient(Endpoint("http://127.0.0.1:8000/v1", "embedded", None))
-        >>> c.chat([{"role": "user", "content": "Hi"}], max_tokens=16)
+        >>> c = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "embedded", None))
+        >>> c.chat([{"role": "user", "content": "Hi"}], max_tokens=16)  # doctest: +SKIP
     """
 
     def __init__(self, endpoint: Endpoint, *, sleep: Callable[[float], None] = time.sleep):

@@ -71,8 +71,11 @@ def collect(
         progress: show a progress bar.
 
     Example:
-        >>> collect(t.questions, LocalResponder(m, t.positive_instructions[0]),
-        ...         LocalResponder(m, t.negative_instructions[0]), "pirate/collected.jsonl")
+        >>> from steerlab.traits import LocalResponder
+        >>> pi = LocalResponder(model, trait.positive_instructions[0], max_tokens=8)
+        >>> plain = LocalResponder(model, trait.negative_instructions[0], max_tokens=8)
+        >>> sl.collect(trait.questions[:2], pi, plain, "pirate/collected.jsonl", samples=1)
+        CollectResult(path=PosixPath('pirate/collected.jsonl'), written=4, failed=0, skipped=0)
     """
     ids = list(ids) if ids is not None else [prompt_id(q) for q in questions]
     if len(ids) != len(questions) or len(set(ids)) != len(ids):

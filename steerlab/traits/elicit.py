@@ -64,8 +64,10 @@ def elicit_trait(
         n_held_out: questions kept for evaluating steering.
 
     Example:
-        >>> t = elicit_trait(client, Trait("playful", "The assistant is playful ..."))
-        >>> t.save("traits/playful.json")
+        >>> client = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "big", None))
+        >>> playful = sl.Trait("playful", "The assistant is playful ...")
+        >>> t = sl.elicit_trait(client, playful)  # doctest: +SKIP
+        >>> t.save("traits/playful.json")  # doctest: +SKIP
     """
     prompt = _PROMPT.format(name=trait.name, instruction=trait.trait_instruction,
                             n_inst=n_instructions, n_q=n_questions, n_h=n_held_out)

@@ -42,7 +42,7 @@ def scorer_judge(scorer: Scorer) -> Judge:
     """A judge that scores the answer alone with a built-in scorer.
 
     Example:
-        >>> j = scorer_judge(load_trait("pirate").build_scorer())
+        >>> j = sl.scorer_judge(sl.load_trait("pirate").build_scorer())
         >>> j("Who are you?", "Arr, I be a pirate, matey!")
         100.0
     """
@@ -101,8 +101,8 @@ def judge(
         progress: show a progress bar.
 
     Example:
-        >>> judge("pirate/collected.jsonl", "pirate/judged.jsonl",
-        ...       scorer_judge(trait.build_scorer()))
+        >>> sl.judge("collected.jsonl", "scored.jsonl", sl.scorer_judge(trait.build_scorer()))
+        JudgeResult(path=PosixPath('scored.jsonl'), written=4, failed=0, skipped=0)
     """
     output_file(path, "path", inputs={"collected": collected})
     answers = latest(read_jsonl(collected), "text")
@@ -172,7 +172,8 @@ def select_pairs(collected: str | os.PathLike, judged: str | os.PathLike, *,
 
     Example:
         >>> sel = select_pairs("collected.jsonl", "judged.jsonl", min_distinct=0.5)
-        >>> len(sel.pairs), sel.reasons()
+        >>> len(sel.pairs) + len(sel.dropped)  # each of the two questions: kept, or why not
+        2
     """
     recs = read_jsonl(collected)
     texts = latest(recs, "text")
@@ -225,7 +226,9 @@ def filter_pairs(
         min_distinct: minimum distinct-2 of both answers (0: keep loops; the demo uses 0.5).
 
     Example:
-        >>> pairs = filter_pairs("collected.jsonl", "judged.jsonl", "pairs.jsonl")
+        >>> kept = sl.filter_pairs("collected.jsonl", "judged.jsonl", "kept.jsonl")
+        >>> sl.load_pairs("kept.jsonl") == kept
+        True
     """
     if path is not None:  # before anything is read: no input is overwritten
         output_file(path, "path", inputs={"collected": collected, "judged": judged},

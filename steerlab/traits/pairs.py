@@ -105,7 +105,9 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         so a bad pair is refused before a model loads, naming the file, line and field.
 
     Example:
-        >>> pairs = load_pairs("data/pirate_pairs.jsonl")
+        >>> pairs = sl.load_pairs("pairs.jsonl")
+        >>> len(pairs), pairs[0].prompt
+        (8, 'Who are you?')
     """
     p = Path(path)
     text = read_text(p, "pairs as JSONL or filtered JSON")
@@ -142,7 +144,8 @@ def save_pairs(pairs: Iterable[Pair], path: str | os.PathLike) -> Path:
     """Write pairs as JSONL atomically (temp file + ``os.replace``).
 
     Example:
-        >>> save_pairs([Pair("0", "Hi", "Ahoy!", "Hello.")], "pairs.jsonl")
+        >>> sl.save_pairs([sl.Pair("0", "Hi", "Ahoy!", "Hello.")], "one-pair.jsonl")
+        PosixPath('one-pair.jsonl')
     """
     return write_jsonl_atomic(path, (asdict(pair) for pair in pairs))
 
@@ -152,7 +155,11 @@ def merge_pairs(paths: Iterable[str | os.PathLike]) -> list[Pair]:
     prompt kept; an id already taken by another prompt gets the prompt's hash appended.
 
     Example:
-        >>> save_pairs(merge_pairs(["a.jsonl", "filtered_b.json"]), "all.jsonl")
+        >>> merged = sl.merge_pairs(["pairs.jsonl", "filtered.json"])  # JSONL, original JSON
+        >>> len(merged)  # 8 + 2 prompts, one of them in both files
+        9
+        >>> sl.save_pairs(merged, "all.jsonl")
+        PosixPath('all.jsonl')
     """
     seen: dict[str, Pair] = {}
     ids: set[str] = set()

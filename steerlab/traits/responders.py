@@ -65,8 +65,9 @@ class EndpointResponder:
         extra_body: extra request fields, e.g. ``{"persona": "Hamlet"}`` for ``steerlab serve``.
 
     Example:
+        >>> client = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "embedded", None))
         >>> r = EndpointResponder(client, "Talk like a pirate.", max_tokens=64)
-        >>> dict(r.respond(["Who are you?"]))
+        >>> dict(r.respond(["Who are you?"]))  # doctest: +SKIP
     """
 
     client: EndpointClient
@@ -110,8 +111,10 @@ class LocalResponder:
             :class:`steerlab.generation.engine.Engine`).
 
     Example:
-        >>> r = LocalResponder(model, "Talk like a pirate.", max_tokens=48)
-        >>> texts = dict(r.respond(["Who are you?", "Describe the sea."]))
+        >>> r = LocalResponder(model, "Talk like a pirate.", max_tokens=8)
+        >>> answers = dict(r.respond(["Who are you?", "Describe the sea."]))
+        >>> [type(answers[i]).__name__ for i in range(2)]  # by question index: text, or error
+        ['str', 'str']
     """
 
     model: Any

@@ -139,7 +139,9 @@ def scorer_from_spec(spec: dict, *, source: str | None = None) -> Scorer:
         source: file the spec came from, named in errors.
 
     Example:
-        >>> score = scorer_from_spec({"type": "regex", "pattern": "^#+ ", "saturation": 2})
+        >>> score = sl.scorer_from_spec({"type": "regex", "pattern": "^#+ ", "saturation": 2})
+        >>> score("# Title\\n## Part"), score("# Title"), score("plain")  # 2 headings: 100
+        (100.0, 50.0, 0.0)
     """
     if not isinstance(spec, dict):
         raise SteerlabError(f"expected an object with a 'type', got {spec!r:.60}",

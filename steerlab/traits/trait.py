@@ -73,7 +73,7 @@ class Trait:
         """The built-in scorer of this trait.
 
         Example:
-            >>> load_trait("pirate").build_scorer()("Arr matey!")
+            >>> sl.load_trait("pirate").build_scorer()("Arr matey!")
             100.0
         """
         if self.scorer is None:
@@ -99,7 +99,9 @@ class Trait:
         """Write the trait as JSON atomically.
 
         Example:
-            >>> load_trait("pirate").save("traits/pirate-copy.json")
+            >>> path = sl.load_trait("pirate").save("traits/pirate-copy.json")
+            >>> sl.load_trait(path) == sl.load_trait("pirate")
+            True
         """
         return write_json_atomic(path, self.to_dict(), indent=2)
 
@@ -197,8 +199,9 @@ def load_trait(name_or_path: str | os.PathLike) -> Trait:
     current directory, else a built-in; see :func:`list_traits`).
 
     Example:
-        >>> t = load_trait("pirate")
-        >>> t.positive_instructions[0]
+        >>> t = sl.load_trait("pirate")  # the built-in one (no ./traits/pirate.json here)
+        >>> t.name, len(t.questions), len(t.held_out_questions)
+        ('pirate', 50, 30)
     """
     p = _locate(name_or_path)
     try:
