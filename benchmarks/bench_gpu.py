@@ -363,7 +363,7 @@ def bench_engine(b: Bench) -> dict:
             if not steered:
                 return steerlab.generation.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
                                          engine="static")
-            with steerlab.steering.intervention(model, vec, 4.0):
+            with steerlab.steer(model, vec, 4.0):
                 return steerlab.generation.generate(model, i, max_new_tokens=n, stop_ids=NEVER,
                                          engine="static")
 
@@ -486,7 +486,7 @@ def bench_steer(b: Bench) -> dict:
         return steerlab.generation.generate(model, ids, max_new_tokens=k, stop_ids=NEVER)
 
     def steered(k: int = n) -> Any:
-        with steerlab.steering.intervention(model, vec, 4.0):
+        with steerlab.steer(model, vec, 4.0):
             return plain(k)
 
     off = timed(b, plain, b.args.repeats, lambda: plain(min(n, 4)))
@@ -503,12 +503,12 @@ def bench_strengths(b: Bench) -> dict:
     alphas = [0.5 * (i + 1) for i in range(8)]
 
     def one_batch() -> None:
-        with steerlab.steering.intervention(model, vec, torch.tensor(alphas)):
+        with steerlab.steer(model, vec, torch.tensor(alphas)):
             steerlab.generation.generate(model, [prompt] * 8, max_new_tokens=n, stop_ids=NEVER)
 
     def sequential() -> None:
         for a in alphas:
-            with steerlab.steering.intervention(model, vec, a):
+            with steerlab.steer(model, vec, a):
                 steerlab.generation.generate(model, [prompt], max_new_tokens=n, stop_ids=NEVER)
 
     ours = timed(b, one_batch, b.args.repeats)

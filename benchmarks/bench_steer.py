@@ -2,7 +2,7 @@
 
     python benchmarks/bench_steer.py [--tokens 48] [--quick]
 
-Targets: steered / unsteered <= 1.05 on the fast path (steerlab.generation.generate.generate).
+Targets: steered / unsteered <= 1.05 on the fast path (steerlab.generation.generator.generate).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """steerlab: persona experiments and steering vectors on chat LLMs (TransformerLens 4).
 
-Example:
+Examples:
     >>> import steerlab as sl
     >>> model = sl.load_model("embedded")
     >>> ids = sl.encode_chat(model.tokenizer, "Hello!", persona=sl.Persona("Hamlet", "fiction"))
@@ -81,7 +81,7 @@ _moved.install()
 # with a DeprecationWarning naming where they live (removed in steerlab 0.3).
 _DROPPED = {
     "decoder_layers": ("model.hooks",),
-    "merge_shards": ("extraction.extract",),
+    "merge_shards": ("extraction.extractor",),
     "EndpointResponder": ("traits.responders",),
     "LocalResponder": ("traits.responders",),
 }

@@ -34,7 +34,7 @@ from steerlab.base.files import read_jsonl, write_json_atomic
 from steerlab.evaluation.calibrate import Search
 from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering, points_lock
 from steerlab.evaluation.verdict import write_validation
-from steerlab.extraction.extract import extract
+from steerlab.extraction.extractor import extract
 from steerlab.extraction.fitters import fit_vector, shuffled_control
 from steerlab.extraction.store import activation_files
 from steerlab.generation.engine import Engine
@@ -46,10 +46,10 @@ from steerlab.model.personas import load_personae
 from steerlab.reporting.figures import steering_figure, summary_figures
 from steerlab.reporting.pages import html_table, write_page
 from steerlab.steering.vector import vector_paths
-from steerlab.traits.collect import collect
-from steerlab.traits.judge import filter_pairs, judge, scorer_judge
-from steerlab.traits.responders import LocalResponder
-from steerlab.traits.trait import load_trait, trait_file
+from steerlab.traits.collection import SAMPLES, collect
+from steerlab.traits.judging import MIN_DISTINCT, THRESHOLD, filter_pairs, judge, scorer_judge
+from steerlab.traits.responders import ANSWER_TOKENS, LocalResponder
+from steerlab.traits.trait import DEFAULT_TRAIT, load_trait, trait_file
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class DemoConfig:
     """What the demo runs; the defaults take about 10 minutes on 2 CPU cores."""
 
     model: ModelOptions = ModelOptions()  # which model, where (device, dtype, attention)
-    trait: str = "pirate"
+    trait: str = DEFAULT_TRAIT
     n_questions: int | None = None  # None: all of the trait's questions
     n_held_out: int | None = None  # None: all held-out questions
-    max_tokens: int = 48  # answers collected for the pairs
-    samples: int = 4  # answers per question and side (the first greedy)
-    threshold: float = 40.0
-    min_distinct: float = 0.5
+    max_tokens: int = ANSWER_TOKENS  # answers collected for the pairs
+    samples: int = SAMPLES  # answers per question and side (the first greedy)
+    threshold: float = THRESHOLD
+    min_distinct: float = MIN_DISTINCT
     layers: tuple[int, ...] = (10, 12, 14, 16)  # captured; steered in runs of three
     strengths: tuple[float, ...] | None = None  # None: the automatic search (norm units)
     search: Search = Search()
@@ -129,6 +129,10 @@ class DemoSummary:
             f"{self.coherence_steered:.2f}",
             f"probe accuracy at layer {self.best_layers} (held out): {self.probe_accuracy:.2f}",
             ("PASS: " if self.passed else "FAIL: ") + self.verdict,
+            *([] if self.passed else [
+                "FAIL means this vector does not steer this model measurably on this trait "
+                "(it is not a crash): try a trait the model can play when prompted (see the "
+                "prompted score), more questions or samples, or other layers"]),
             f"persona-entropy results: {self.persona_results}",
             f"report: {self.report}",
         ]
@@ -164,9 +168,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         model: an already loaded bridge (default: load ``config.model``).
         progress: show progress bars.
 
-    Example:
-        >>> s = run_demo("demo-run")
-        >>> print("\\n".join(s.lines()))
+    Examples:
+        >>> s = run_demo("demo-run")  # doctest: +SKIP
+        >>> print("\\n".join(s.lines()))  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     out = output_dir(out_dir, "output_dir", owns=_demo_files(Path(out_dir)),
@@ -179,6 +183,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     if not questions or not held_out or not trait.positive_instructions:
         raise SteerlabError("the demo needs questions, held-out questions and positive and "
                             "negative instructions", source=config.trait)
+    trait.build_scorer()  # a trait judged only by an LLM rubric is refused before any work
     prompts, personae = _persona_inputs(config)
     bridge = model if model is not None else load_from_options(config.model)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and the model are good
@@ -323,7 +328,7 @@ def write_demo_page(path: Path, summary: DemoSummary, ev: Any, validation: Any,
 def summary_json(path: str | os.PathLike) -> DemoSummary:
     """Read a run's ``summary.json`` back.
 
-    Example:
+    Examples:
         >>> summary_json("demo-run/summary.json").gap_closed
     """
     return DemoSummary(**json.loads(Path(path).read_text(encoding="utf-8")))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from steerlab.base.compat import ensure_bridge_reads_cache, kv_cache_filled
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.model.inputs import stop_token_ids
 from steerlab.model.loading import embedded_model_dir, load_model
 from steerlab.model.templates import encode_chat
@@ -56,7 +56,7 @@ def devices() -> list[str]:
 def environment() -> dict[str, Any]:
     """Versions of steerlab and its stack, the platform, the devices and the compat shim state.
 
-    Example:
+    Examples:
         >>> environment()["packages"]["transformers"]
         '5.24.0'
     """

@@ -70,18 +70,25 @@ def _module_level(tree: ast.Module) -> set[int]:
     return out
 
 
+def _type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+        node.test.id == "TYPE_CHECKING"
+
+
 def imports(module: str, path: Path, known: set[str]) -> list[Import]:
     """Every import of ``path``, one entry per module imported (``from steerlab import x``
     where ``x`` is a module counts as importing ``steerlab.x``)."""
     source = path.read_text(encoding="utf-8")
     tree = ast.parse(source)
     top = _module_level(tree)
+    typing_only = {id(n) for node in ast.walk(tree) if _type_checking(node)
+                   for part in node.body for n in ast.walk(part)}
     comments, alone = _comments(source)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in typing_only:
+            continue  # imports under ``if TYPE_CHECKING:`` never run
         above = [node.lineno - 1] if node.lineno - 1 in alone else []
         notes = [comments.get(n, "") for n in [*above, *range(node.lineno, node.end_lineno + 1)]]
         match = next((m for m in map(DEFERRED.search, notes) if m), None)

@@ -43,7 +43,7 @@ def assert_same_tokens(model, prompt, got, want, *, eps_units: float, temperatur
     Two paths whose logits differ by up to ``eps_units`` eps of their scale (float32
     reordering) may pick different tokens where the top two logits (greedy) or the step's
     uniform and a CDF boundary (sampling with ``seed``, see
-    :func:`steerlab.generation.generate.sample`)
+    :func:`steerlab.generation.generator.sample`)
     are closer than that. At the first step where ``got`` and ``want`` differ, the unpadded
     reference logits of ``prompt + want[:t]`` must show such a tie for both picks (a row that
     stopped picked one of ``stop_ids``); later tokens follow other prefixes and are not

@@ -228,9 +228,9 @@ def test_an_output_aliasing_an_input_is_refused(case, workspace, tripwire, monke
 
 
 def test_the_library_writers_refuse_too(workspace, tiny_model):
-    from steerlab.extraction.extract import extract, merge_shards
+    from steerlab.extraction.extractor import extract, merge_shards
     from steerlab.inference.report import write_run_report
-    from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+    from steerlab.traits.judging import filter_pairs, judge, scorer_judge
     from steerlab.traits.pairs import load_pairs
     from steerlab.traits.trait import load_trait
 

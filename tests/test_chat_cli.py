@@ -93,7 +93,7 @@ def test_reply_streams_and_keeps_history(tiny_model):
 def test_steered_reply_equals_steered_generate(tiny_model):
     """The session's steered reply and projections are those of the library path on the same
     prompt ids: ``generate`` under ``steer`` and ``monitor`` (greedy: exact token equality)."""
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
     from steerlab.steering.intervention import monitor, steer
 
     vec = _vector(64, (1,), 50.0)

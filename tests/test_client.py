@@ -14,9 +14,9 @@ import pytest
 from steerlab.base.errors import SteerlabError
 from steerlab.base.files import read_jsonl
 from steerlab.traits.client import Endpoint, EndpointClient, parse_json_reply, validate_json
-from steerlab.traits.collect import collect, collected_pairs
+from steerlab.traits.collection import collect, collected_pairs
 from steerlab.traits.elicit import elicit_trait
-from steerlab.traits.judge import filter_pairs, judge, rubric_judge
+from steerlab.traits.judging import filter_pairs, judge, rubric_judge
 from steerlab.traits.responders import EndpointResponder
 from steerlab.traits.trait import Trait
 

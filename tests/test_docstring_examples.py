@@ -22,8 +22,7 @@ Root names are written ``sl.<name>`` as a user of ``import steerlab as sl`` woul
 example of a name only a subpackage exports also sees that subpackage's public names, as
 after ``from steerlab.<subpackage> import *``. Examples that cannot run here carry
 ``# doctest: +SKIP`` and are listed in :data:`SKIPPED` with the reason; a test holds that
-list equal to the examples that skip, so none is skipped silently (:data:`UNMARKED`: the
-same for files another change is editing now).
+list equal to the examples that skip, so none is skipped silently.
 """
 
 from __future__ import annotations
@@ -54,16 +53,9 @@ SKIPPED = {
     "steerlab.traits.EndpointResponder": "needs an OpenAI-compatible endpoint",
     "steerlab.evaluate_steering": "a full evaluation (the strength search over two layer "
                                   "groups) takes minutes on a CPU; `ev` is a tiny one",
-}
-
-# Examples that cannot run here, in files another change is editing now (steerlab/demo.py,
-# steerlab/serving/): not marked yet. Skipped, saying so; once one carries the marker, a test
-# fails until it moves to SKIPPED.
-UNMARKED = {
     "steerlab.run_demo": "runs the whole demo pipeline (minutes)",
     "steerlab.serving.make_server": "starts a server thread that is never stopped",
 }
-
 
 def _public_objects() -> dict[str, Any]:
     """Qualified name -> object, for every public object whose docstring may hold examples."""
@@ -174,8 +166,6 @@ def example_dir(tmp_path_factory, embedded_model) -> tuple[Path, dict[str, Any]]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_docstring_example(name, example_dir, monkeypatch):
-    if name in UNMARKED:
-        pytest.skip(f"{UNMARKED[name]}; not marked +SKIP yet (its file is being edited)")
     where, names = example_dir
     monkeypatch.chdir(where)
     # progress bars (rich, on stdout by default) to stderr: the examples show what they return
@@ -194,6 +184,4 @@ def test_docstring_example(name, example_dir, monkeypatch):
 def test_every_skip_is_listed_with_its_reason():
     marked = {name for name, test in EXAMPLES.items() if _skips(test)}
     assert marked == set(SKIPPED), "list each skipped example in SKIPPED with its reason"
-    assert set(UNMARKED) <= set(EXAMPLES) and not marked & set(UNMARKED), \
-        "an UNMARKED example now carries +SKIP: move it to SKIPPED"
-    assert all(SKIPPED.values()) and all(UNMARKED.values())
+    assert all(SKIPPED.values())

@@ -13,7 +13,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.generation.cache import captures
 from steerlab.generation.decode import StepProgram
 from steerlab.generation.engine import Engine, bucket_batch, bucket_capacity
-from steerlab.generation.generate import generate, generate_with_metrics
+from steerlab.generation.generator import generate, generate_with_metrics
 from steerlab.generation.host_syncs import count_host_syncs
 from steerlab.generation.slots import SlotBatch
 from steerlab.steering.intervention import Steering
@@ -83,7 +83,7 @@ def test_steering_positions_and_per_row_strengths(model, vector, positions):
     plain = generate(model, PROMPTS, max_new_tokens=10, engine="eager").tokens
     marker = plain[1][2:4]  # a "</think>" that row 1 produces, so "output" starts mid-reply
     alphas = (0.0, 3.0, -2.0, 1.5)
-    s = Steering.create(model, vector, alphas, layers=[1, 2], positions=positions)
+    s = Steering.create(model, vector, alphas, layers=[1, 2], positions=positions, units="raw")
     with s.apply(model):
         eager, static = both(model, max_new_tokens=10, think_marker=marker)
     assert_same(eager, static)
@@ -92,7 +92,7 @@ def test_steering_positions_and_per_row_strengths(model, vector, positions):
 
 def test_alpha_zero_is_the_unsteered_run(model, vector):
     base = generate_with_metrics(model, PROMPTS, max_new_tokens=8, engine="static")
-    with Steering.create(model, vector, 0.0, layers=[1]).apply(model):
+    with Steering.create(model, vector, 0.0, layers=[1], units="raw").apply(model):
         zero = generate_with_metrics(model, PROMPTS, max_new_tokens=8, engine="static")
     for a, b in zip(base, zero, strict=True):
         assert a.tokens == b.tokens and np.array_equal(a.entropy, b.entropy)
@@ -130,7 +130,7 @@ def test_on_token_stop_cuts_both_engines_at_the_same_step(model):
 
 def test_strength_change_reuses_the_step(model, vector):
     def run(alpha):
-        with Steering.create(model, vector, alpha, layers=[1]).apply(model):
+        with Steering.create(model, vector, alpha, layers=[1], units="raw").apply(model):
             return generate(model, PROMPTS, max_new_tokens=6, engine="static").tokens
 
     run(1.0)
@@ -145,7 +145,8 @@ def test_strength_change_reuses_the_step(model, vector):
 def test_a_decode_step_reads_nothing_from_the_device(model, vector):
     settings = StepProgram(5, True, True, (7, 8), (2,), 0)
     batch = SlotBatch(model, 4, 128, settings)
-    steerings = [Steering.create(model, vector, 2.0, layers=[1], positions="generated")]
+    steerings = [Steering.create(model, vector, 2.0, layers=[1], positions="generated",
+                                 units="raw")]
     with batch.running():
         batch.admit([0, 1], PROMPTS[:2], limits=[8, 8], temps=[0.0, 0.7], seeds=[1, 2],
                     steerings=[steerings, ()])

@@ -75,7 +75,7 @@ def test_batched_groups_equal_each_setting_alone(tiny_model, tmp_path):
     """Every candidate of a round shares one batch (groups steer their own rows only): each
     setting's answers equal a run of that steering alone, and a resumed evaluation reads
     everything back without generating."""
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
     from steerlab.model.templates import encode_chat
     from steerlab.steering.intervention import Steering
 
@@ -150,7 +150,7 @@ QUESTIONS = ["How do I boil an egg?", "Describe a forest.", "What is a good hobb
 
 @pytest.fixture(scope="module")
 def judged(embedded_model):
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
     from steerlab.traits.trait import load_trait
 
     t = load_trait("pirate")

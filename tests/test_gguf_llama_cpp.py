@@ -106,7 +106,7 @@ def test_llama_cpp_shift_matches_steerlab_at_the_same_layer(layer, embedded_mode
     with torch.no_grad():
         x = torch.tensor([ids])
         plain = embedded_model.original_model(x).logits[0, -1].double().numpy()
-        with Steering.create(embedded_model, vec, 1.0).apply(embedded_model):
+        with Steering.create(embedded_model, vec, 1.0, units="raw").apply(embedded_model):
             steered = embedded_model.original_model(x).logits[0, -1].double().numpy()
     ours = steered - plain
 

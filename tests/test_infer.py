@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from steerlab.generation.generate import generate_with_metrics
+from steerlab.generation.generator import generate_with_metrics
 from steerlab.inference.infer import InferConfig, load_prompts, run_inference
 from steerlab.inference.results import load_results, read_per_token
 from steerlab.model.personas import Persona

@@ -319,7 +319,7 @@ def _read_or_refuse(prompts, personae, pairs, ascii_only):
 # ------------------------------------------------------------------ the context window
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tiny_model):
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
 
     n_ctx = context_length(tiny_model)
     assert n_ctx == tiny_model.original_model.config.max_position_embeddings == 1024
@@ -346,7 +346,7 @@ def test_infer_refuses_a_rendering_longer_than_the_context_before_the_run_folder
 
 def test_extract_refuses_a_pair_longer_than_the_context_before_any_output(tiny_model,
                                                                          tmp_path):
-    from steerlab.extraction.extract import extract
+    from steerlab.extraction.extractor import extract
     from steerlab.traits.pairs import Pair
 
     pairs = [Pair("short", "Hi", "Ahoy!", "Hello."), Pair("long", "word " * 1100, "a", "b")]
@@ -454,14 +454,14 @@ def test_rows_per_batch_splits_or_refuses_with_the_numbers():
 
 def test_generate_splits_a_batch_that_does_not_fit_and_refuses_one_row(tiny_model, caplog):
     from steerlab.generation.budget import generation_need
-    from steerlab.generation.generate import generate, generate_with_metrics
+    from steerlab.generation.generator import generate, generate_with_metrics
 
     prompts = [[5 + i] * (3 + 4 * i) for i in range(5)]
     kw = dict(max_new_tokens=6, engine="eager", lens=True)
     whole = generate_with_metrics(tiny_model, prompts, **kw)
     need = generation_need(tiny_model, max(map(len, prompts)), 6, metrics=True, lens=True)
     seen: list[list] = []
-    with caplog.at_level("INFO", logger="steerlab.generation.generate"):
+    with caplog.at_level("INFO", logger="steerlab.generation.generator"):
         parts = generate_with_metrics(tiny_model, prompts, **kw,
                                       available_memory=int(need(2) / HEADROOM) + 1,
                                       on_token=lambda new: seen.append(new))

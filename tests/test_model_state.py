@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 
 from steerlab.generation.cache import captures, release_workspaces, workspaces
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.model.state import state
 from steerlab.steering.intervention import steer
 from steerlab.steering.step_state import in_force, is_generating, listeners
@@ -24,7 +24,7 @@ def test_state_lives_beside_the_model_and_goes_with_it(tokenizer):
     _use_attention(model.original_model, "sdpa")
     attributes = set(vars(model))
     vec = SteeringVector(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), (0, 1))
-    with steer(model, vec, 1.0):
+    with steer(model, vec, 1.0, units="raw"):
         assert len(in_force(model)) == 1 and state(model).steerings == in_force(model)
         generate(model, [[1, 28, 42]], max_new_tokens=3, engine="static")
     assert state(model) is state(model)

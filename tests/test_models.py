@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close_to_scale, assert_same_tokens
 
 from steerlab.base.errors import SteerlabError
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.generation.sampling import row_uniforms
 from steerlab.model.inputs import left_pad, stop_token_ids
 from steerlab.model.loading import load_model, parse_dtype

@@ -77,7 +77,8 @@ def test_norm_preserving_steering_turns_the_residual_without_growing_it(tiny_mod
     cos_after = torch.nn.functional.cosine_similarity(got, vector.direction(2)[None], dim=-1)
     assert bool((cos_after > cos_before).all())
     # alpha 0 rows are untouched bit for bit, even with preserve_norm
-    with steer(tiny_model, vector, torch.tensor([0.0]), layers=[2], preserve_norm=True):
+    with steer(tiny_model, vector, torch.tensor([0.0]), layers=[2], preserve_norm=True,
+               units="raw"):
         assert torch.equal(resid(tiny_model, 2), base)
 
 
@@ -97,3 +98,30 @@ def test_vector_files_keep_their_norms(tmp_path, vector):
     v = vector.with_resid_norms({0: 3.5, 2: 7.25})
     back = SteeringVector.load(v.save(tmp_path / "v"))
     assert back.resid_norm(0) == 3.5 and back.resid_norm(2) == 7.25 and back.resid_norm(1) is None
+
+
+def test_default_norms_are_measured_once_per_model_and_a_server_measures_first(
+        tiny_model, tmp_path, monkeypatch):
+    """The default measurement is kept beside the model: a second call runs no forward pass
+    (the measuring function is made to fail), and ``make_server`` with a vectors folder
+    measures every layer before a request thread could need them."""
+    import steerlab.steering.norms as norms_module
+    from steerlab.model.state import state
+    from steerlab.serving.server import make_server
+
+    state(tiny_model).norms.clear()
+    first = residual_norms(tiny_model, [0, 2])
+    explicit = residual_norms(tiny_model, [0, 2], neutral_prompts())
+    assert first == explicit  # the kept values are the default measurement's
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(norms_module, "_measure", no_forward)
+    assert residual_norms(tiny_model, [2, 0]) == {2: first[2], 0: first[0]}
+    monkeypatch.undo()
+    state(tiny_model).norms.clear()
+    server = make_server(tiny_model, port=0, vectors_dir=tmp_path, max_context=64,
+                         engine="eager")
+    server.server_close()
+    assert sorted(state(tiny_model).norms) == list(range(tiny_model.cfg.n_layers))

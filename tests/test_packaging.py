@@ -83,7 +83,7 @@ def test_traits_list_runs_from_the_installed_wheel(site, tmp_path):
     run = _from_wheel(site, tmp_path, "-m", "steerlab.cli", "traits", "list")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split()[0]: line for line in run.stdout.splitlines()}
-    assert set(rows) == {"emoji", "formatting", "pirate", "playful"}
+    assert set(rows) == {"cowboy", "emoji", "formatting", "pirate", "playful"}
     assert "50 questions" in rows["pirate"] and "scorer lexicon" in rows["pirate"]
     for name, row in rows.items():
         assert Path(row.split()[-1]) == site / "steerlab" / "builtin" / "traits" / f"{name}.json"

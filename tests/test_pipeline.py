@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from steerlab.base.files import append_jsonl, read_jsonl
 from steerlab.cli import app
-from steerlab.traits.collect import ROLES, collect, collected_pairs
-from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+from steerlab.traits.collection import ROLES, collect, collected_pairs
+from steerlab.traits.judging import filter_pairs, judge, scorer_judge
 from steerlab.traits.pairs import load_pairs, prompt_id
 from steerlab.traits.responders import LocalResponder
 from steerlab.traits.trait import load_trait

@@ -18,7 +18,7 @@ from conftest import EPS32, assert_close_to_scale, assert_same_tokens
 
 from steerlab.base.errors import SteerlabError
 from steerlab.extraction.capture import capture_pairs
-from steerlab.generation.generate import generate_with_metrics
+from steerlab.generation.generator import generate_with_metrics
 from steerlab.model.inputs import stop_token_ids
 from steerlab.model.loading import load_from_options, load_model
 from steerlab.model.options import ModelOptions, check_placement, parse_device_map, resolve_device
@@ -231,7 +231,7 @@ def test_extract_config_with_cuda_exits_2_in_a_real_process(tmp_path):
 
 
 def test_extract_flags_override_only_the_config_keys_given(tmp_path):
-    from steerlab.extraction.extract import load_config
+    from steerlab.extraction.extractor import load_config
 
     cfg = tmp_path / "extract.yaml"
     cfg.write_text("pairs: p.jsonl\noutput: a.h5\nmodel: embedded\ndtype: float32\n"

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steerlab.base.compat import _bridge_reads, ensure_bridge_reads_cache, kv_cache_filled
 from steerlab.chat.session import ChatSession
-from steerlab.generation.generate import generate, generate_with_metrics
+from steerlab.generation.generator import generate, generate_with_metrics
 from steerlab.model.hooks import hidden_of, replace_hidden
 from steerlab.model.inputs import stop_token_ids
 from steerlab.model.loading import load_model
@@ -215,7 +215,7 @@ def test_steered_generate_equals_hf_with_a_plain_torch_hook(model, reference, ba
         want = hf_greedy(reference, tok, prompts)
     finally:
         handle.remove()
-    with steer(model, vector, alpha):
+    with steer(model, vector, alpha, units="raw"):
         got = generate(model, prompts, max_new_tokens=NEW_TOKENS).tokens
     assert got == want
     assert got != expected  # the vector does change the replies
@@ -247,5 +247,5 @@ def test_static_engine_steered_equals_hf_with_a_plain_torch_hook(model, referenc
         want = hf_greedy(reference, model.tokenizer, batch)
     finally:
         handle.remove()
-    with steer(model, vector, alpha):
+    with steer(model, vector, alpha, units="raw"):
         assert generate(model, batch, max_new_tokens=NEW_TOKENS, engine="static").tokens == want

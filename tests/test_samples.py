@@ -9,8 +9,8 @@ import pytest
 
 from steerlab.base.errors import SteerlabError
 from steerlab.base.files import read_jsonl
-from steerlab.traits.collect import collect
-from steerlab.traits.judge import dropped_path, filter_pairs, judge, select_pairs
+from steerlab.traits.collection import collect
+from steerlab.traits.judging import dropped_path, filter_pairs, judge, select_pairs
 from steerlab.traits.responders import LocalResponder, question_seed
 
 QUESTIONS = ["Hi there", "What is rain?", "Name a colour.", "Tell me a joke."]
@@ -72,7 +72,7 @@ def test_sampled_collect_resumes_to_the_same_answers(tiny_model, tmp_path):
     moved = {(x["id"], x["role"], x["sample"]): x["text"] for x in read_jsonl(other)}
     assert all(moved[k] == v for k, v in answer.items() if k[2] == 0)  # greedy sample 0
     assert any(moved[k] != v for k, v in answer.items() if k[2] > 0)
-    from steerlab.traits.judge import scorer_judge
+    from steerlab.traits.judging import scorer_judge
 
     res = judge(whole, tmp_path / "j.jsonl", scorer_judge(len), progress=False)
     assert res.written == len(recs)

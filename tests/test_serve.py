@@ -25,8 +25,8 @@ import torch
 
 from steerlab.model.personas import Persona
 from steerlab.traits.client import Endpoint, EndpointClient
-from steerlab.traits.collect import collect, collected_pairs
-from steerlab.traits.judge import filter_pairs, judge, scorer_judge
+from steerlab.traits.collection import collect, collected_pairs
+from steerlab.traits.judging import filter_pairs, judge, scorer_judge
 from steerlab.traits.responders import EndpointResponder, LocalResponder
 from steerlab.traits.trait import load_trait
 
@@ -172,7 +172,7 @@ def pirate_vector(embedded_model, vectors_dir):
 
 
 def test_steering_field_equals_local_steer(server, embedded_model, pirate_vector):
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
     from steerlab.model.templates import encode_messages
     from steerlab.steering.intervention import steer
 

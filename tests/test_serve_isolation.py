@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from steerlab.generation.generate import NonFiniteError, generate
+from steerlab.generation.generator import NonFiniteError, generate
 from steerlab.model.loading import _use_attention
 from steerlab.serving.shelf import VectorShelf
 from steerlab.steering.intervention import Steering
@@ -78,7 +78,8 @@ def test_a_reused_slot_ignores_what_its_last_row_left(half_model, tokenizer):
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_generate_names_the_row_whose_logits_went_non_finite(half_model, tokenizer, engine):
     prompts = [tokenizer.encode(q) for q in QUESTIONS[:3]]
-    steering = Steering.create(half_model, _spike(), [0.0, 1.0, 0.0], positions="generated")
+    steering = Steering.create(half_model, _spike(), [0.0, 1.0, 0.0], positions="generated",
+                               units="raw")
     with pytest.raises(NonFiniteError) as err, steering.apply(half_model):
         generate(half_model, prompts, max_new_tokens=6, engine=engine)
     assert err.value.rows == [1]
@@ -97,8 +98,8 @@ def test_a_steering_that_would_overflow_is_refused_up_front(tiny_model):
             Steering.create(tiny_model, bad, 1.0, units="norm")
     v = SteeringVector(torch.ones(1, D), (1,))
     with pytest.raises(SteerlabError, match="norm 1.6e\\+07"):
-        Steering.create(tiny_model, v, 2e6)
-    ok = Steering.create(tiny_model, v, 1.0)
+        Steering.create(tiny_model, v, 2e6, units="raw")
+    ok = Steering.create(tiny_model, v, 1.0, units="raw")
     with pytest.raises(SteerlabError, match="field 'alpha'"):
         ok.with_alpha(1e6)
 
@@ -157,7 +158,7 @@ def _normal(i: int) -> dict:
     if i % 4 == 2:
         body["persona"] = "a pirate captain"
     if i % 5 == 3:
-        body["steering"] = {"vector": "mild", "alpha": 1.5 + i % 3, "layers": [1]}
+        body["steering"] = {"vector": "mild", "alpha": 1.5 + i % 3, "layers": [1], "units": "raw"}
     return body
 
 
@@ -165,13 +166,14 @@ def _hostile(i: int) -> dict | bytes:
     base = {"model": "tiny", "messages": [{"role": "user", "content": QUESTIONS[i % 10]}],
             "max_tokens": 8, "temperature": 0.0}
     kinds = [
-        {**base, "steering": {"vector": "spike", "alpha": 1.0, "layers": [0]}},  # 422 mid-reply
+        # 422 mid-reply
+        {**base, "steering": {"vector": "spike", "alpha": 1.0, "layers": [0], "units": "raw"}},
         {**base, "steering": {"vector": "huge-norm", "alpha": 1.0, "units": "norm"}},
         {**base, "steering": {"vector": "nan-norm", "alpha": 0.5, "units": "norm"}},
-        {**base, "steering": {"vector": "mild", "alpha": 1e6}},
-        {**base, "steering": {"vector": "../secret", "alpha": 1.0}},
-        {**base, "steering": {"vector": "linked", "alpha": 1.0}},
-        {**base, "steering": {"vector": "/etc/passwd", "alpha": 1.0}},
+        {**base, "steering": {"vector": "mild", "alpha": 1e6, "units": "raw"}},
+        {**base, "steering": {"vector": "../secret", "alpha": 1.0, "units": "raw"}},
+        {**base, "steering": {"vector": "linked", "alpha": 1.0, "units": "raw"}},
+        {**base, "steering": {"vector": "/etc/passwd", "alpha": 1.0, "units": "raw"}},
         {**base, "messages": [{"role": "user", "content": "bad \ud800 text"}]},
         {**base, "persona": "x" * 100_000},
         {**base, "persona": {"persona": "a\u0000b"}},
@@ -179,7 +181,7 @@ def _hostile(i: int) -> dict | bytes:
         {**base, "max_tokens": 10**9},
         {**base, "messages": [{"role": "user", "content": "word " * 2000}]},
         b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": NaN}',
-        {**base, "steering": {"vector": "mild", "alpha": 1.0, "layers": [600]}},
+        {**base, "steering": {"vector": "mild", "alpha": 1.0, "layers": [600], "units": "raw"}},
     ]
     return kinds[i % len(kinds)]
 

@@ -18,7 +18,7 @@ from conftest import assert_same_run, assert_same_tokens, run_cli
 
 from steerlab.base.errors import SteerlabError
 from steerlab.base.shards import parse_shard
-from steerlab.extraction.extract import extract, merge_shards
+from steerlab.extraction.extractor import extract, merge_shards
 from steerlab.inference.infer import InferConfig, run_identity, run_inference
 from steerlab.inference.runs import merge_run, open_run
 from steerlab.model.personas import Persona
@@ -105,7 +105,7 @@ def test_slurm_array_numbered_from_one_via_the_cli(single, tmp_path):
 
 @pytest.mark.slow
 def test_sampled_shards_equal_one_process_per_task_seeds(embedded_model, tmp_path):
-    from steerlab.generation.generate import generate
+    from steerlab.generation.generator import generate
     from steerlab.model.templates import encode_chat
 
     try:

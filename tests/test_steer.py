@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steerlab.base.errors import SteerlabError
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.model.hooks import decoder_layers
 from steerlab.steering.intervention import monitor, steer
 from steerlab.steering.vector import SteeringVector
@@ -37,11 +37,11 @@ def no_hooks(model):
 def test_alpha_zero_is_bit_identical(tiny_model, vector):
     ids = PROMPTS[2]
     base = logits(tiny_model, ids)
-    with steer(tiny_model, vector, 0.0):
+    with steer(tiny_model, vector, 0.0, units="raw"):
         assert torch.equal(logits(tiny_model, ids), base)
-    with steer(tiny_model, vector, torch.zeros(1)):
+    with steer(tiny_model, vector, torch.zeros(1), units="raw"):
         assert torch.equal(logits(tiny_model, ids), base)
-    with steer(tiny_model, vector, 1.0):
+    with steer(tiny_model, vector, 1.0, units="raw"):
         assert not torch.equal(logits(tiny_model, ids), base)
     assert no_hooks(tiny_model)
 
@@ -56,7 +56,7 @@ def test_adds_alpha_times_vector_at_resid_post(tiny_model, vector):
         return torch.cat([capture_positions(tiny_model, [ids], [p], [layer]).at for p in pos])
 
     base0, base1 = resid(0), resid(1)
-    with steer(tiny_model, vector, 2.5, layers=[1]):
+    with steer(tiny_model, vector, 2.5, layers=[1], units="raw"):
         got0, got1 = resid(0), resid(1)
     assert torch.equal(got0, base0)
     want = (2.5 * vector.direction(1)).expand_as(base1[:, 0])
@@ -69,12 +69,12 @@ def test_per_row_strengths_equal_separate_runs(tiny_model, vector):
     alphas = [0.0, 1.5, -3.0]
     ids = PROMPTS[0]
     seen = []
-    with steer(tiny_model, vector, torch.tensor(alphas), layers=[0, 2]):
+    with steer(tiny_model, vector, torch.tensor(alphas), layers=[0, 2], units="raw"):
         gen = generate(tiny_model, [ids] * 3, max_new_tokens=6,
                        observer=lambda s, lg, a: seen.append(lg.clone()))
     for row, a in enumerate(alphas):
         one = []
-        with steer(tiny_model, vector, a, layers=[0, 2]):
+        with steer(tiny_model, vector, a, layers=[0, 2], units="raw"):
             single = generate(tiny_model, [ids], max_new_tokens=6,
                               observer=lambda s, lg, a, one=one: one.append(lg.clone()))
         assert gen.tokens[row] == single.tokens[0]
@@ -84,7 +84,8 @@ def test_per_row_strengths_equal_separate_runs(tiny_model, vector):
             scale = float(one[step][0].abs().max())
             torch.testing.assert_close(seen[step][row], one[step][0], atol=1e-4 * scale,
                                        rtol=1e-4)
-    with pytest.raises(SteerlabError, match="rows"), steer(tiny_model, vector, torch.ones(2)):
+    with pytest.raises(SteerlabError, match="rows"), \
+            steer(tiny_model, vector, torch.ones(2), units="raw"):
         logits(tiny_model, ids)
     assert no_hooks(tiny_model)
 
@@ -109,28 +110,29 @@ def test_generated_and_output_positions(tiny_model, vector):
     # with a marker that never appears nothing is output, so nothing is steered
     marker = [49151, 49150]
     steps = []
-    with steer(tiny_model, vector, 3.0, positions="output"):
+    with steer(tiny_model, vector, 3.0, positions="output", units="raw"):
         gen = generate(tiny_model, PROMPTS, max_new_tokens=5, think_marker=marker,
                        observer=lambda s, lg, a: steps.append(lg.clone()))
     ref = generate(tiny_model, PROMPTS, max_new_tokens=5, think_marker=marker)
     assert gen.tokens == ref.tokens
-    with steer(tiny_model, vector, 3.0, positions="generated"):  # plain forward: no effect
+    # plain forward: no effect
+    with steer(tiny_model, vector, 3.0, positions="generated", units="raw"):
         assert torch.equal(logits(tiny_model, PROMPTS[1]), logits(tiny_model, PROMPTS[1]))
     assert no_hooks(tiny_model)
 
 
 def test_hooks_removed_on_error_and_bad_input(tiny_model, vector):
-    with pytest.raises(RuntimeError), steer(tiny_model, vector, 1.0):
+    with pytest.raises(RuntimeError), steer(tiny_model, vector, 1.0, units="raw"):
         raise RuntimeError("boom")
     assert no_hooks(tiny_model)
     with pytest.raises(SteerlabError, match="positions"), steer(tiny_model, vector, 1.0,
-                                                               positions="prompt"):
+                                                               positions="prompt", units="raw"):
         pass
     with pytest.raises(SteerlabError, match="d_model"), steer(
-            tiny_model, SteeringVector(torch.ones(1, 8), (0,)), 1.0):
+            tiny_model, SteeringVector(torch.ones(1, 8), (0,)), 1.0, units="raw"):
         pass
     with pytest.raises(SteerlabError, match="no layer"), steer(tiny_model, vector.select([0]),
-                                                               1.0, layers=[1]):
+                                                               1.0, layers=[1], units="raw"):
         pass
 
 
@@ -156,7 +158,7 @@ def test_monitor_sees_the_steered_residual_during_generation(tiny_model, vector)
     ids = PROMPTS[1]
     with monitor(tiny_model, vector, layers=[1]) as plain:
         generate(tiny_model, [ids], max_new_tokens=2)
-    with steer(tiny_model, vector, 2.0, layers=[1]), \
+    with steer(tiny_model, vector, 2.0, layers=[1], units="raw"), \
             monitor(tiny_model, vector, layers=[1]) as steered:
         generate(tiny_model, [ids], max_new_tokens=2)
     # the prompt pass: the same residual before layer 1's output, plus 2 v at layer 1

@@ -8,7 +8,7 @@ import pytest
 
 from steerlab.base.errors import SteerlabError
 from steerlab.base.shards import parse_shard, shard_path, shard_range
-from steerlab.extraction.extract import extract, merge_shards
+from steerlab.extraction.extractor import extract, merge_shards
 from steerlab.extraction.store import ActivationFile
 
 DATASETS = ("chosen", "rejected", "chosen_mean", "rejected_mean", "divergence",
@@ -30,7 +30,7 @@ def crash_at_boom(monkeypatch) -> None:
     the capture itself)."""
     import importlib
 
-    module = importlib.import_module("steerlab.extraction.extract")  # the module, not sl.extract
+    module = importlib.import_module("steerlab.extraction.extractor")  # the module, not sl.extract
     real = module.capture_pairs
 
     def capture(model, batch, *args, **kwargs):

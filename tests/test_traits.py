@@ -17,7 +17,7 @@ from steerlab.traits.scorers import (
 from steerlab.traits.trait import Trait, list_traits, load_trait, trait_dirs
 
 
-@pytest.mark.parametrize("name", ["pirate", "emoji", "playful", "formatting"])
+@pytest.mark.parametrize("name", ["cowboy", "pirate", "emoji", "playful", "formatting"])
 def test_shipped_traits_load(name):
     t = load_trait(name)
     assert t.name == name and t.trait_instruction
@@ -36,7 +36,7 @@ def test_pirate_has_enough_questions_and_a_lexicon():
     assert score("The weather today is mostly sunny with a light breeze.") == 0.0
 
 
-BUILTIN = ["emoji", "formatting", "pirate", "playful"]
+BUILTIN = ["cowboy", "emoji", "formatting", "pirate", "playful"]
 
 
 def test_builtin_traits_are_package_data_and_cwd_traits_come_first(tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_enter_sends_and_the_status_follows_the_controls(tiny_model):
     chat.strength.value = -1.0
     assert "planted × -1" in chat.status.value and "2.5" not in chat.status.value
     chat.layer_picker.value = 1
-    assert "planted × -1 (layer 1)" in chat.status.value
+    assert "planted × -1 norm (layer 1)" in chat.status.value  # the units with the value
     before = len(_stream_texts(chat))
     chat.message.value = "   "  # blank: nothing is sent
     assert len(_stream_texts(chat)) == before

@@ -55,7 +55,7 @@ def number(value: Any, field: str, *, lo: int | float | None = None, hi: int | f
            lo_open: bool = False, source: str | None = None) -> float:
     """``value`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``).
 
-    Example:
+    Examples:
         >>> number(0.7, "temperature", lo=0)
         0.7
     """
@@ -76,7 +76,7 @@ def integer(value: Any, field: str, *, lo: int | None = None, hi: int | None = N
 
     ``hint`` is appended to the expectation (e.g. ``"(the vocabulary size)"``).
 
-    Example:
+    Examples:
         >>> integer(4, "batch_size", lo=1)
         4
     """
@@ -96,7 +96,7 @@ def seed(value: Any, field: str = "seed", *, source: str | None = None) -> int:
     """A sampling seed: an integer in ``[0, 2**62]`` (seeds are int64 on the device, and a
     run adds the task index).
 
-    Example:
+    Examples:
         >>> seed(7)
         7
     """
@@ -106,7 +106,7 @@ def seed(value: Any, field: str = "seed", *, source: str | None = None) -> int:
 def url(value: Any, field: str, *, source: str | None = None) -> str:
     """``value`` as an ``http://`` or ``https://`` URL with a host (a trailing ``/`` dropped).
 
-    Example:
+    Examples:
         >>> url("http://localhost:8000/v1/", "base_url")
         'http://localhost:8000/v1'
     """
@@ -130,7 +130,7 @@ def input_file(path: str | os.PathLike, field: str | None = None, *,
                what: str = "a file") -> Path:
     """``path`` as an existing, readable file (``what`` names the expected content).
 
-    Example:
+    Examples:
         >>> input_file("prompts.json", "prompts_json", what="a JSON list of prompts")
         PosixPath('prompts.json')
     """
@@ -202,7 +202,7 @@ def aliased(output: PathLike, inputs: Inputs, *, holds: bool = True) -> str | No
             folder's ``config.json``, ``results.json``, …; see ``results.run_files``).
         holds: also refuse an ``output`` folder that holds an input.
 
-    Example:
+    Examples:
         >>> aliased("run/../run/results.json", {"results_dir": ["run/results.json"]})
         "is run/results.json (input 'results_dir')"
     """
@@ -252,7 +252,7 @@ def output_file(path: str | os.PathLike, field: str | None = None, *,
         owns: paths that come with the output (its parts folder, lock, sidecar), checked
             against ``inputs`` too.
 
-    Example:
+    Examples:
         >>> output_file("out/report.html", "output", inputs={"results_dir": run_files("run")})
         PosixPath('out/report.html')
     """
@@ -283,7 +283,7 @@ def output_dir(path: str | os.PathLike, field: str | None = None, *,
         inputs: the command's inputs, field name to path(s).
         owns: the files and folders the command writes in ``path``.
 
-    Example:
+    Examples:
         >>> output_dir("logs/run-1", "output_dir", inputs={"prompts_json": "prompts.json"},
         ...            owns=run_files("logs/run-1"))
         PosixPath('logs/run-1')
@@ -302,7 +302,7 @@ def finite_values(values: Any, what: str, *, source: str | None = None,
                   field: str | None = None) -> None:
     """Refuse data (a tensor or array) holding NaN or an infinity.
 
-    Example:
+    Examples:
         >>> finite_values(torch.zeros(3), "the vector")
     """
     if hasattr(values, "detach"):  # a torch tensor, checked where it lives
@@ -327,7 +327,7 @@ def text(value: Any, field: str, *, max_chars: int | None = None, empty: bool = 
     libraries and tokenizers cut there), at most ``max_chars`` characters, and non-blank
     unless ``empty``.
 
-    Example:
+    Examples:
         >>> text("pirate", "persona", max_chars=256)
         'pirate'
     """

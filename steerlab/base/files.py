@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path
     left as it was. A target that cannot be written (a folder, a path under a file, an
     unwritable folder) is refused first with one line (:func:`steerlab.base.checks.output_file`).
 
-    Example:
+    Examples:
         >>> with atomic_path("out.h5") as tmp:
         ...     write_everything(tmp)
     """
@@ -177,7 +177,7 @@ def read_json_list(path: str | os.PathLike) -> list:
 def open_h5(path: str | os.PathLike, what: str = "an HDF5 file") -> Iterator[Any]:
     """An HDF5 file opened for reading; a missing, foreign or damaged file raises one line.
 
-    Example:
+    Examples:
         >>> with open_h5("run/per_token.h5", "a run's per-token file") as f:
         ...     f["tokens"]
     """
@@ -221,7 +221,7 @@ def append_jsonl(path: str | os.PathLike) -> Iterator[Callable[[dict], None]]:
 
     A torn last line (a killed writer) is ended first, so it cannot swallow the next record.
 
-    Example:
+    Examples:
         >>> with append_jsonl("out.jsonl") as write:
         ...     write({"id": "a", "score": 3})
     """
@@ -334,7 +334,7 @@ class PartsDir:
     lists the committed ones; :meth:`sweep` clears what a crash left; :meth:`remove` deletes the
     folder once the parts have been joined into the final output.
 
-    Example:
+    Examples:
         >>> parts = PartsDir("run/parts", "batch", "h5")
         >>> with parts.commit(3) as tmp:
         ...     write_part(tmp)

@@ -41,7 +41,7 @@ def layer_list(value: Any, field: str = "layers", *, n_layers: int | None = None
         n_layers: the model's layer count, when known (0 or None: only :data:`MAX_LAYERS`).
         source: the file, for the message.
 
-    Example:
+    Examples:
         >>> layer_list([4, 7], n_layers=30)
         (4, 7)
     """
@@ -69,7 +69,7 @@ def layer_values(value: Any, field: str, *, layers: tuple[int, ...] | None = Non
     """``value`` as ``{layer: finite number > 0}``, keyed by layer indices written as decimal
     strings (JSON object keys), each one of ``layers`` when given.
 
-    Example:
+    Examples:
         >>> layer_values({"4": 12.5}, "resid_norms", layers=(4, 7))
         {'4': 12.5}
     """
@@ -97,7 +97,7 @@ def strict_json(text: str, *, source: str | None = None, field: str | None = Non
     range (``1e999``), which Python's ``json`` reads as non-finite floats; the refusal names
     where the number is (``field 'resid_norms.4'``).
 
-    Example:
+    Examples:
         >>> strict_json('{"layers": [4]}')
         {'layers': [4]}
     """
@@ -126,7 +126,7 @@ def json_object(value: Any, field: str, *, source: str | None = None) -> dict[st
     """``value`` as a dict that can be written as strict JSON in UTF-8: finite numbers,
     string keys (or ints), text with no lone surrogate, nothing circular.
 
-    Example:
+    Examples:
         >>> json_object({"devices": ["cpu"]}, "capture")
         {'devices': ['cpu']}
     """

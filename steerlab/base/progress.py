@@ -30,7 +30,7 @@ def progress_bar(total: int, description: str, *, enabled: bool = True,
                  completed: int = 0) -> Iterator[Bar]:
     """A rich bar over ``total`` steps (``completed`` already done), closed on exit.
 
-    Example:
+    Examples:
         >>> with progress_bar(len(items), "judge") as bar:
         ...     for item in items:
         ...         bar.update()
@@ -55,7 +55,7 @@ def quiet_hf(progress: bool, level: int) -> None:
         progress: whether progress bars are wanted.
         level: steerlab's log level, e.g. ``logging.INFO``.
 
-    Example:
+    Examples:
         >>> quiet_hf(False, logging.INFO)  # no bars, only errors from transformers
     """
     import huggingface_hub.utils  # deferred: huggingface_hub

@@ -5,7 +5,7 @@ run of whole batches, so a merge of the shards equals one process doing everythi
 resumed shard recomputes nothing another shard did; :func:`shard_set` is the one check of
 what the shards left before a merge. Used by inference runs
 (:mod:`steerlab.inference.infer`, :mod:`steerlab.inference.runs`) and activation extraction
-(:mod:`steerlab.extraction.extract`).
+(:mod:`steerlab.extraction.extractor`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def parse_shard(spec: str | None, env: Mapping[str, str] | None = None) -> tuple
     ``--array=1-8`` both give shards 0..7; without ``SLURM_ARRAY_TASK_MIN`` the ids are taken
     as 0-based.
 
-    Example:
+    Examples:
         >>> parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1",
         ...                    "SLURM_ARRAY_TASK_COUNT": "3"})
         (2, 3)
@@ -96,7 +96,7 @@ def shard_set(pieces: Sequence[ShardPiece], missing: Callable[[int, int], str]
     piece of another run (its ``foreign`` reason), extra or doubled shard, and missing shard
     (``missing(i, n)`` says why). A merge goes ahead only with no problem lines.
 
-    Example:
+    Examples:
         >>> pieces = [ShardPiece("a.0", 0, 2), ShardPiece("a.2", 2, 2)]
         >>> shard_set(pieces, lambda i, n: f"shard {i} of {n} is missing")[1]
         ['extra shard a.2: shard 2 of 2 (shards are 0-1)', 'shard 1 of 2 is missing']

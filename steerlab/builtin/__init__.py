@@ -4,7 +4,7 @@
 * ``data/prompts.json``, ``data/personae.json``: the prompts and personae of the demo's
   persona-entropy run, also a ready-made input for ``steerlab infer``.
 
-Example:
+Examples:
     >>> from importlib.resources import files
     >>> print(files("steerlab.builtin") / "data" / "prompts.json")
 """

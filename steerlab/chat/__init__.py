@@ -1,9 +1,12 @@
 """Interactive chat with a steered model: the session behind the terminal and the widget."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steerlab.base import moved as _moved
 from steerlab.chat.session import ChatSession
+
+if TYPE_CHECKING:  # for readers and the API reference; at run time __getattr__ loads it
+    from steerlab.chat.widget import SteeringChat
 
 __all__ = ["ChatSession", "SteeringChat"]
 

@@ -20,7 +20,7 @@ from steerlab.base.checks import number, seed
 from steerlab.base.errors import SteerlabError
 from steerlab.generation.detokenize import Detokenizer
 from steerlab.generation.engine import Engine
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.model.personas import (
     ASSISTANT,
     Persona,
@@ -30,7 +30,7 @@ from steerlab.model.personas import (
     you_are_a,
 )
 from steerlab.model.templates import encode_chat, think_end_marker
-from steerlab.steering.intervention import Positions, Steering, monitor
+from steerlab.steering.intervention import DEFAULT_UNITS, Positions, Steering, monitor
 from steerlab.steering.vector import SteeringVector
 
 
@@ -66,7 +66,7 @@ class ChatSession:
         engine: how generation runs (``auto``, ``eager``, ``static``); the reply streams
             token by token with eager, in bursts of a few tokens with static.
 
-    Example:
+    Examples:
         >>> hamlet = sl.Persona("Hamlet", "fictional-character")
         >>> s = sl.ChatSession(model, persona=hamlet, max_tokens=8)
         >>> pieces = []
@@ -116,10 +116,11 @@ class ChatSession:
         self.max_tokens = n
 
     def set_steering(self, vector: SteeringVector, alpha: float,
-                     layers: Sequence[int] | None = None, units: str = "raw") -> Steering:
+                     layers: Sequence[int] | None = None,
+                     units: str = DEFAULT_UNITS.value) -> Steering:
         """Steer later replies with ``vector`` at ``alpha`` (checked against the model);
-        ``units`` ``"norm"`` makes alpha a fraction of the residual norm (as ``vectors eval``
-        reports it), ``"raw"`` a multiple of the vector."""
+        ``units`` ``"norm"`` (the default) makes alpha a fraction of the residual norm (as
+        ``vectors eval`` reports it), ``"raw"`` a multiple of the vector."""
         self.steering = Steering.create(self.model, vector, alpha, layers=layers,
                                         positions=self.positions, units=units)
         return self.steering

@@ -1,10 +1,10 @@
 """A notebook chat widget with a persona, a system prompt, a vector picker and a strength slider.
 
-Example:
+Examples:
     >>> from steerlab.chat.widget import SteeringChat
     >>> chat = SteeringChat(model, vectors="vectors/")   # *.safetensors in the folder
     >>> chat                                              # shows the widget
-    >>> chat.strength.value = 4.0; chat.send("Who are you?").text   # the same, from code
+    >>> chat.strength.value = 0.2; chat.send("Who are you?").text   # the same, from code
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ipywidgets as w
 
 from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatReply, ChatSession
+from steerlab.steering.intervention import DEFAULT_UNITS, Units
 from steerlab.steering.vector import SteeringVector
 
 VectorSource = str | os.PathLike | Mapping[str, SteeringVector] | Sequence[SteeringVector]
@@ -62,19 +63,24 @@ class SteeringChat(w.VBox):
         vectors: a folder of ``*.safetensors`` vectors, ``{name: SteeringVector}`` or a list.
         persona: the initial persona.
         max_tokens: the initial token budget per reply.
-        strength_range: the slider's ``(min, max)``, in units of the vector.
+        strength_range: the slider's ``(min, max)``, in ``units``.
+        units: what the slider's strength is measured in: ``"norm"`` (the default, a fraction
+            of the layer's residual norm) or ``"raw"`` (a multiple of the vector).
 
-    Example:
-        >>> chat = SteeringChat(model, {"pirate": vec}, persona="assistant")
-        >>> chat.strength.value = 6.0
+    Examples:
+        >>> chat = SteeringChat(model, {"pirate": vec}, persona="assistant", max_tokens=16)
+        >>> chat.vector_picker.value = "pirate"
+        >>> chat.strength.value = 0.2  # norm units: a fifth of the residual norm
         >>> reply = chat.send("What do you do on Sundays?")
     """
 
     def __init__(self, model: Any, vectors: VectorSource | None = None, *,
                  persona: str = "assistant", max_tokens: int = 120,
-                 strength_range: tuple[float, float] = (-10.0, 10.0)):
+                 strength_range: tuple[float, float] = (-3.0, 3.0),
+                 units: str = DEFAULT_UNITS.value):
         self.session = ChatSession(model, max_tokens=max_tokens)
         self.vectors = find_vectors(vectors)
+        self.units = Units.parse(units, field="units").value
         self._loaded: dict[str, SteeringVector] = {}
         self.persona_box = w.Text(value=persona, description="persona")
         self.system_box = w.Textarea(placeholder="default: You are PERSONA.",
@@ -82,7 +88,8 @@ class SteeringChat(w.VBox):
         self.vector_picker = w.Dropdown(options=["(none)", *self.vectors], description="vector")
         self.layer_picker = w.Dropdown(options=[("all", None)], description="layer")
         self.strength = w.FloatSlider(value=0.0, min=strength_range[0], max=strength_range[1],
-                                      step=0.25, description="strength", continuous_update=False)
+                                      step=0.05, description=f"strength ({self.units})",
+                                      continuous_update=False)
         self.max_tokens = w.BoundedIntText(value=max_tokens, min=1, max=32768,
                                            description="max tokens")
         self.thinking = w.Checkbox(value=False, description="thinking")
@@ -126,7 +133,8 @@ class SteeringChat(w.VBox):
             s.clear_steering()
         else:
             layer = self.layer_picker.value
-            s.set_steering(vector, self.strength.value, None if layer is None else [layer])
+            s.set_steering(vector, self.strength.value, None if layer is None else [layer],
+                           self.units)
         watch = None
         if self.show_projection.value and vector is not None:
             watch = s.steered_layers()[0]
@@ -163,13 +171,13 @@ class SteeringChat(w.VBox):
         return self._loaded[name]
 
     def steering_label(self) -> str:
-        """The steering the controls set for the next reply: ``"pirate × 4 (layer 12)"`` or
+        """The steering the controls set for the next reply: ``"pirate × 0.2 norm (layer 12)"`` or
         ``"off"`` (no vector, or strength 0)."""
         name, alpha, layer = self.vector_picker.value, self.strength.value, \
             self.layer_picker.value
         if name in (None, "(none)") or alpha == 0:
             return "off"
-        return f"{name} × {alpha:g}" + ("" if layer is None else f" (layer {layer})")
+        return f"{name} × {alpha:g} {self.units}" + ("" if layer is None else f" (layer {layer})")
 
     # --- callbacks --------------------------------------------------------------------------
     def _show_status(self) -> None:

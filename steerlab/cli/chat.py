@@ -25,6 +25,7 @@ from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import number_list
 from steerlab.model.loading import load_from_options, model_geometry
 from steerlab.model.options import ModelOptions
+from steerlab.steering.intervention import DEFAULT_UNITS
 
 ESC = b"\x1b"
 
@@ -60,7 +61,7 @@ def parse_command(line: str) -> Command | None:
 
     Unknown commands raise :class:`SteerlabError` with a one-line hint.
 
-    Example:
+    Examples:
         >>> parse_command("/tokens 50")
         Command(name='tokens', arg='50')
     """
@@ -91,14 +92,15 @@ def _alpha(text: str) -> float:
 
 
 def load_steering(session: Any, path: str, alpha: float, layers: str = "",
-                  units: str = "raw") -> str:
+                  units: str = DEFAULT_UNITS.value) -> str:
     """Steer ``session`` with the vector file ``path`` at ``alpha`` on ``layers`` ("10,12";
     "" for the vector's own) in ``units``; returns the confirmation line."""
     from steerlab.steering.vector import SteeringVector
 
     chosen = number_list(layers, int, "layers") or None
     steering = session.set_steering(SteeringVector.load(path), alpha, chosen, units)
-    return f"steering with {path} at {steering.alpha:g} on layers {list(steering.layers)}"
+    return (f"steering with {path} at {steering.alpha:g} ({steering.units.value} units) on "
+            f"layers {list(steering.layers)}")
 
 
 def _steer(session: Any, arg: str) -> str:
@@ -107,7 +109,8 @@ def _steer(session: Any, arg: str) -> str:
     except ValueError:
         raise SteerlabError(STEER_USAGE) from None
     if len(parts) == 1 and session.steering is not None:
-        return f"steering strength {session.set_strength(_alpha(parts[0])).alpha:g}"
+        steering = session.set_strength(_alpha(parts[0]))
+        return f"steering strength {steering.alpha:g} ({steering.units.value} units)"
     if len(parts) not in (2, 3):
         raise SteerlabError(STEER_USAGE)
     with _usage(STEER_USAGE):
@@ -117,7 +120,7 @@ def _steer(session: Any, arg: str) -> str:
 def run_command(session: Any, command: Command) -> str:
     """Apply ``command`` to ``session``; the one-line confirmation (bad arguments raise a hint).
 
-    Example:
+    Examples:
         >>> run_command(session, parse_command("/persona Hamlet"))
         'persona: Hamlet'
     """
@@ -262,9 +265,10 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
     seed: int | None = typer.Option(None, help="Sampling seed."),
     vector: str | None = typer.Option(None, help="Steering vector file to start with."),
-    alpha: float = typer.Option(1.0, help="Steering strength for --vector (in --units)."),
-    units: str = typer.Option("raw", help="Strength units: raw (x the vector) or norm "
-                              "(fraction of the residual norm, as `vectors eval` reports)."),
+    alpha: float = typer.Option(0.2, help="Steering strength for --vector (in --units)."),
+    units: str = typer.Option(DEFAULT_UNITS.value, help="Strength units: norm (fraction of "
+                              "the residual norm, as `vectors eval` reports) or raw (x the "
+                              "vector)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
     engine: str = typer.Option("auto", help=ENGINE_HELP),
 ) -> None:

@@ -10,6 +10,7 @@ import typer
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.model.options import ModelOptions
+from steerlab.traits.trait import DEFAULT_TRAIT
 
 
 @app.command()
@@ -18,7 +19,7 @@ def demo(
     model: ModelOptions,
     output_dir: Annotated[Path, typer.Option(
         help="Run folder; rerun with the same folder to resume.")] = Path("logs/steerlab-demo"),
-    trait: str = typer.Option("pirate", help=TRAIT_HELP),
+    trait: str = typer.Option(DEFAULT_TRAIT, help=TRAIT_HELP),
     quick: bool = typer.Option(False, help="A small run (~2 min) exercising every stage."),
     engine: str = typer.Option("auto", help=ENGINE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars."),

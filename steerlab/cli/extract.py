@@ -13,7 +13,7 @@ from steerlab.cli._app import app
 from steerlab.cli._model import model_flags
 from steerlab.model.loading import load_from_options, model_geometry
 
-log = logging.getLogger("steerlab.extraction.extract")
+log = logging.getLogger("steerlab.extraction.extractor")
 
 
 def _log_to(path: Path | None) -> None:
@@ -41,8 +41,8 @@ def extract(
     The model flags, where given, override the config's model keys."""
     from steerlab.base.checks import output_file
     from steerlab.base.shards import parse_shard
-    from steerlab.extraction.extract import check_output, load_config
-    from steerlab.extraction.extract import extract as run
+    from steerlab.extraction.extractor import check_output, load_config
+    from steerlab.extraction.extractor import extract as run
     from steerlab.extraction.store import activation_files
     from steerlab.model.hooks import check_layers
     from steerlab.model.personas import system_prompt_style
@@ -96,7 +96,7 @@ def merge(
 ) -> None:
     """Join the shards of a sharded ``steerlab extract`` (files) or ``steerlab infer`` (RUN)."""
     from steerlab.base.checks import output_file
-    from steerlab.extraction.extract import load_config, merge_shards
+    from steerlab.extraction.extractor import load_config, merge_shards
     from steerlab.extraction.store import activation_files
 
     if shards and len(shards) == 1 and shards[0].is_dir():

@@ -12,6 +12,9 @@ from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import model_flags
 from steerlab.model.loading import load_from_options
 from steerlab.model.options import ModelOptions
+from steerlab.traits.collection import SAMPLES, TEMPERATURE
+from steerlab.traits.judging import MIN_DISTINCT, THRESHOLD
+from steerlab.traits.responders import ANSWER_TOKENS
 
 sub = typer.Typer(help="Trait data pipeline: list, generate, collect, judge, filter, merge.",
                   no_args_is_help=True)
@@ -153,11 +156,11 @@ def collect(
                                "first negative instruction].")] = None,
     rejected_persona: Annotated[str | None, typer.Option(help="Persona, rejected side.")] = None,
     held_out: bool = typer.Option(False, help="Answer the held-out questions instead."),
-    max_tokens: int = typer.Option(64, help="Most new tokens per answer."),
-    samples: int = typer.Option(1, help="Answers per question and side: the first as the "
+    max_tokens: int = typer.Option(ANSWER_TOKENS, help="Most new tokens per answer."),
+    samples: int = typer.Option(SAMPLES, help="Answers per question and side: the first as the "
                                 "responder is (greedy), the rest sampled; the filter keeps "
                                 "each question's best-separated loop-free pair."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature of samples 2, 3, ..."),
+    temperature: float = typer.Option(TEMPERATURE, help="Temperature of samples 2, 3, ..."),
     seed: int = typer.Option(0, help="Base seed of the sampled answers."),
     batch_size: int = typer.Option(64, help="Questions per local generation batch."),
     concurrency: int = typer.Option(8, help="Requests in flight per endpoint."),
@@ -170,7 +173,7 @@ def collect(
 
     from steerlab.base.checks import integer, number
     from steerlab.base.checks import seed as check_seed
-    from steerlab.traits.collect import collect as run_collect
+    from steerlab.traits.collection import collect as run_collect
     from steerlab.traits.trait import load_trait
 
     # every flag is checked before the model loads or a request goes out
@@ -244,8 +247,8 @@ def judge(
 ) -> None:
     """Score every collected answer 0-100 (resumable; failures are recorded)."""
     from steerlab.base.checks import input_file, output_file
-    from steerlab.traits.judge import judge as run_judge
-    from steerlab.traits.judge import rubric_judge, scorer_judge
+    from steerlab.traits.judging import judge as run_judge
+    from steerlab.traits.judging import rubric_judge, scorer_judge
     from steerlab.traits.trait import load_trait, trait_file
 
     t = load_trait(trait)
@@ -271,10 +274,10 @@ def judge(
 def filter_(
     trait: Annotated[str, typer.Argument(help=TRAIT_HELP)],
     run_dir: RunDir = None,
-    threshold: float = typer.Option(40.0, help="Minimum chosen - rejected score difference."),
+    threshold: float = typer.Option(THRESHOLD, help="Minimum chosen - rejected score difference."),
     min_distinct: float = typer.Option(
-        0.0, help="Drop pairs with a repetition loop: minimum distinct word-bigram share of "
-        "both answers (0 keeps all; 0.5 drops 'aye, aye, aye' loops)."),
+        MIN_DISTINCT, help="Drop pairs with a repetition loop: minimum distinct word-bigram "
+        "share of both answers (0 keeps all; 0.5 drops 'aye, aye, aye' loops)."),
     output: Annotated[Path | None, typer.Option(help="Pairs JSONL [default: "
                                                 "<run-dir>/pairs.jsonl].")] = None,
 ) -> None:
@@ -284,7 +287,7 @@ def filter_(
 
     from steerlab.base.checks import input_file, number, output_file
     from steerlab.base.files import read_jsonl
-    from steerlab.traits.judge import dropped_path, filter_pairs
+    from steerlab.traits.judging import dropped_path, filter_pairs
     from steerlab.traits.trait import load_trait, trait_file
 
     d = _run_dir(run_dir, load_trait(trait))

@@ -12,8 +12,13 @@ from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import TRAIT_HELP, app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
 from steerlab.cli._parse import layer_groups, number_list
+from steerlab.evaluation.calibrate import Search
+from steerlab.evaluation.evaluate import EvalConfig
 from steerlab.model.loading import load_from_options, model_geometry
 from steerlab.model.options import ModelOptions
+from steerlab.traits.trait import DEFAULT_TRAIT
+
+SEARCH, EVAL = Search(), EvalConfig()  # the library's defaults are the flags' defaults
 
 sub = typer.Typer(help="Fit, evaluate and export steering vectors.", no_args_is_help=True)
 app.add_typer(sub, name="vectors")
@@ -52,27 +57,29 @@ def fit(
 def evaluate(
     model: ModelOptions,
     vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
-    trait: str = typer.Option("pirate", help=TRAIT_HELP),
+    trait: str = typer.Option(DEFAULT_TRAIT, help=TRAIT_HELP),
     layers: str = typer.Option("", help="Layer groups to try, comma-separated; '+' steers "
                                "layers together (e.g. 12,16,10+12+14) [default: every run of "
                                "three adjacent layers of the vector, a smaller push on each]."),
     strengths: str = typer.Option("", help="A fixed list of strengths to sweep instead of "
                                   "the automatic search."),
-    units: str = typer.Option("norm", help="Strength units: norm (fraction of the layer's "
+    units: str = typer.Option(str(EVAL.units), help="Strength units: norm (fraction of the layer's "
                               "residual norm, the same scale for every vector) or raw (x the "
                               "stored vector)."),
     positions: str = typer.Option("all", help="Steer all positions, generated tokens only, "
                                   "or output tokens (after </think>)."),
     preserve_norm: bool = typer.Option(False, help="Rescale steered residuals to their "
                                        "norm before steering."),
-    start: float = typer.Option(0.05, help="Search: first strength per layer group."),
-    max_alpha: float = typer.Option(1.6, help="Search: strongest strength tried."),
-    refine: int = typer.Option(2, help="Search: bisection steps once coherence breaks."),
-    budget: int = typer.Option(0, help="Search: most generations in all (0: no limit)."),
+    start: float = typer.Option(SEARCH.start, help="Search: first strength per layer group."),
+    max_alpha: float = typer.Option(SEARCH.max_alpha, help="Search: strongest strength tried."),
+    refine: int = typer.Option(SEARCH.refine, help="Search: bisection steps once coherence "
+                               "breaks."),
+    budget: int = typer.Option(SEARCH.budget, help="Search: most generations in all (0: no "
+                               "limit)."),
     activations: Annotated[Path | None, typer.Option(
         help="Activation file for the shuffled-label control [default: the one the vector "
         "was fitted from, when it exists].")] = None,
-    max_tokens: int = typer.Option(40, help="New tokens per answer."),
+    max_tokens: int = typer.Option(EVAL.max_new_tokens, help="New tokens per answer."),
     engine: str = typer.Option("auto", help=ENGINE_HELP),
     output: str = typer.Option("steering-eval", help="Writes <output>.json, <output>.html "
                                "and the resumable <output>.points.jsonl."),
@@ -82,8 +89,7 @@ def evaluate(
     coherence falls below 0.8 x unsteered, then refine), pick the best coherent setting, run
     a random and a shuffled-label control, and report with bootstrap intervals. Resumable."""
     from steerlab.base.checks import input_file, integer
-    from steerlab.evaluation.calibrate import Search
-    from steerlab.evaluation.evaluate import EvalConfig, evaluate_steering
+    from steerlab.evaluation.evaluate import evaluate_steering
     from steerlab.extraction.store import activation_files
     from steerlab.steering.vector import vector_paths
     from steerlab.traits.trait import trait_file

@@ -118,7 +118,7 @@ def search_strengths(
         cost: generations per candidate (the number of questions), for the budget.
         on_round: called with the number of candidates after each round (a progress bar).
 
-    Example:
+    Examples:
         >>> points = search_strengths(rate, [(12,), (16,)], floor=0.8)
         >>> max(points, key=lambda p: p[1].coherent_trait)
     """

@@ -25,9 +25,9 @@ from steerlab.base.progress import progress_bar
 from steerlab.evaluation.calibrate import Candidate, Search, search_strengths
 from steerlab.evaluation.rating import AnswerRater, Setting
 from steerlab.generation.engine import Engine
-from steerlab.generation.generate import NonFiniteError, generate
+from steerlab.generation.generator import NonFiniteError, generate
 from steerlab.model.loading import model_id
-from steerlab.steering.intervention import Positions, Steering, Units
+from steerlab.steering.intervention import DEFAULT_UNITS, Positions, Steering, Units
 from steerlab.steering.vector import SteeringVector, random_like
 from steerlab.traits.scorers import Scorer
 
@@ -53,7 +53,7 @@ class EvalConfig:
         batch_size: most rows per generation batch.
     """
 
-    units: Units | str = Units.NORM
+    units: Units | str = DEFAULT_UNITS
     positions: Positions | str = Positions.ALL
     preserve_norm: bool = False
     search: Search = Search()
@@ -169,7 +169,7 @@ def evaluate_steering(
             same inputs skips what it holds (another evaluation's file is refused).
         progress: show a progress bar.
 
-    Example:
+    Examples:
         >>> ev = sl.evaluate_steering(model, vec, trait.held_out_questions, trait.build_scorer(),
         ...                           trait_instruction=trait.trait_instruction,
         ...                           layers=[10, 12])  # doctest: +SKIP
@@ -306,7 +306,7 @@ def spread_groups(layers: Sequence[int], width: int = 3) -> list[tuple[int, ...]
     """Every run of ``width`` adjacent layers (in sorted order), e.g. ``[8, 10, 12, 14]`` gives
     ``[(8, 10, 12), (10, 12, 14)]``; fewer layers than ``width`` give one group of them all.
 
-    Example:
+    Examples:
         >>> spread_groups([6, 8, 10, 12])
         [(6, 8, 10), (8, 10, 12)]
     """

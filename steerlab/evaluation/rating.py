@@ -39,7 +39,7 @@ def answer_nll(model: Any, prompts: Sequence[Sequence[int]],
                answers: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
     """Mean negative log-likelihood per answer token under ``model`` (no hooks should be on).
 
-    Example:
+    Examples:
         >>> answer_nll(model, [encode_chat(tok, "Hi")], [tok("Hello!")["input_ids"]])
     """
     hf = model.original_model
@@ -106,7 +106,7 @@ class AnswerRater:
     ``contexts`` are the token ids the likelihood is taken under (the best one counts);
     ``nll_ref`` is the unsteered answers' mean NLL (see :meth:`calibrate`).
 
-    Example:
+    Examples:
         >>> rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction)
         >>> rater = rater.calibrate(unsteered_tokens)
         >>> rater(tokens, texts).coherence

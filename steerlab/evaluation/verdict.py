@@ -125,7 +125,7 @@ def validation_report(ev: SteeringEval, *, trait: str = "",
     """Bootstrap the evaluation over questions (paired: one resample for every condition) and
     judge it against ``criteria``.
 
-    Example:
+    Examples:
         >>> rep = sl.validation_report(ev, trait="pirate")
         >>> print("\\n".join(rep.lines()))
         validation of pirate on 2 held-out questions (alpha in norm units; 95% bootstrap
@@ -214,7 +214,7 @@ def write_validation_html(path: str | os.PathLike, ev: SteeringEval,
     """A standalone HTML page: the table and verdict, the strength curves per layer group,
     and ``examples`` answers at every setting. ``extra`` is more HTML appended to the body.
 
-    Example:
+    Examples:
         >>> write_validation_html("eval.html", ev, validation_report(ev, trait="pirate"))
     """
     import plotly.io as pio  # deferred: plotly
@@ -233,7 +233,7 @@ def write_validation(stem: str | os.PathLike, ev: SteeringEval, *, trait: str = 
     to ``<stem>.json`` and the report's page to ``<stem>.html`` (used by ``steerlab vectors
     eval``, the demo and the experiments).
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> report = write_validation("runs/pirate-eval", ev, trait="pirate")
         >>> sorted(p.name for p in Path("runs").iterdir())

@@ -1,7 +1,7 @@
 """Activations to vectors: capture, the HDF5 store, sharded extraction, fitters."""
 
 from steerlab.extraction.capture import capture_pairs, tokenize_pair
-from steerlab.extraction.extract import ExtractConfig, extract, merge_shards
+from steerlab.extraction.extractor import ExtractConfig, extract, merge_shards
 from steerlab.extraction.fitters import (
     LogisticProbe,
     MeanDifference,

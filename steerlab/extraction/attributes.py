@@ -57,7 +57,7 @@ class StoreMeta:
         """The first field (of ``fields``, default all but ``provenance``) that differs:
         ``(name, mine, other's)``. Provenance (devices, versions) may change on a resume.
 
-        Example:
+        Examples:
             >>> have.mismatch(want)
             ('layers', '[0, 2]', '[1]')
         """

@@ -73,7 +73,7 @@ def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, *,
         system_prompt: system prompt style (default ``you-are-a``, as in generation).
         pair_id: used in error messages.
 
-    Example:
+    Examples:
         >>> p = tokenize_pair(model.tokenizer, "Hi", "Ahoy!", "Hello!")
         >>> d = p.divergence  # the first response token, where the two differ
         >>> p.chosen[:d] == p.rejected[:d], p.chosen[d] != p.rejected[d]
@@ -142,7 +142,7 @@ def capture_positions(
         spans: optional ``(start, end)`` per row to also average over (e.g. the response).
         available_memory: bytes the batch may plan with (default: measured).
 
-    Example:
+    Examples:
         >>> capture_positions(model, [ids], [len(ids) - 1], [10]).at.shape
         torch.Size([1, 1, 576])
     """
@@ -244,7 +244,7 @@ def capture_pairs(
         system_prompt: system prompt style used to render (default ``you-are-a``).
         available_memory: bytes the batch may plan with (default: measured).
 
-    Example:
+    Examples:
         >>> acts = sl.capture_pairs(model, pairs[:8], [10, 15])
         >>> (acts.chosen - acts.rejected).mean(0).shape
         torch.Size([2, 576])
@@ -272,7 +272,7 @@ def check_pairs(model: Any, pairs: Sequence[Any], *, system_prompt: SystemPrompt
     one that cannot be captured: responses that render the same, a sequence longer than the
     model's context, or a longest sequence that as one row would not fit in the free memory.
 
-    Example:
+    Examples:
         >>> check_pairs(model, load_pairs("pairs.jsonl"), source="pairs.jsonl")
     """
     lengths = []

@@ -3,7 +3,7 @@
 Each fitter sees batches ``[batch, layer, d_model]`` of chosen (trait) and rejected activations
 and returns a :class:`Fit` whose directions point from rejected towards chosen.
 
-Example:
+Examples:
     >>> fitter = MeanDifference()
     >>> for chosen, rejected in ActivationFile("acts.h5").iter_batches(256):
     ...     fitter.update(chosen, rejected)
@@ -226,7 +226,7 @@ def fit_vector(
             exactly half of the pairs (a seeded draw), so the trait's share of the difference
             cancels and what is left is the direction's noise (an evaluation control).
 
-    Example:
+    Examples:
         >>> vector, fit = sl.fit_vector("acts.h5", "probe")
         >>> vector.layers, fit.accuracy.shape  # a held-out accuracy per layer
         ((10, 12), torch.Size([2]))
@@ -286,7 +286,7 @@ def shuffled_control(vector: SteeringVector, source: Any, seed: int = 0) -> Stee
     """The shuffled-label control of a fitted vector: refitted from its activation file with
     the same method, site and layers, chosen and rejected swapped in half of the pairs.
 
-    Example:
+    Examples:
         >>> control = shuffled_control(vec, "acts.h5")
         >>> control.layers == vec.layers
         True

@@ -141,7 +141,7 @@ def activation_files(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """What an activation file owns: the file, its parts folder while it is being written
     and the lock of its writer (``.<name>.lock``); what no other output may alias.
 
-    Example:
+    Examples:
         >>> output_file("v.json", "output", inputs={"activations": activation_files("acts.h5")})
     """
     return Path(path), parts_path(path), lock_path(path)
@@ -232,7 +232,7 @@ class PartWriter:
 class ActivationFile:
     """Streaming reader of an activation file (or part, or shard); validates it on open.
 
-    Example:
+    Examples:
         >>> acts = sl.ActivationFile("acts.h5")  # 8 pairs, layers 10 and 12
         >>> for chosen, rejected in acts.iter_batches(64):
         ...     print(chosen.shape)  # [batch, layer, d_model]

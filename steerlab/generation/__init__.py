@@ -3,7 +3,12 @@
 from steerlab.generation.cache import captures, release_workspaces, workspaces
 from steerlab.generation.decode import StepProgram
 from steerlab.generation.engine import Engine, bucket_batch, bucket_capacity
-from steerlab.generation.generate import Generation, NonFiniteError, generate, generate_with_metrics
+from steerlab.generation.generator import (
+    Generation,
+    NonFiniteError,
+    generate,
+    generate_with_metrics,
+)
 from steerlab.generation.host_syncs import count_host_syncs
 from steerlab.generation.slots import SlotBatch
 

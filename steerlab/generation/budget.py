@@ -44,7 +44,7 @@ def context_length(model: Any) -> int | None:
     """The most positions ``model`` takes: its HF config's ``max_position_embeddings`` (or
     ``n_positions``, …), else the bridge's ``cfg.n_ctx``; None when neither says.
 
-    Example:
+    Examples:
         >>> context_length(load_model("embedded"))
         8192
     """
@@ -72,7 +72,7 @@ def check_context(model: Any, lengths: Sequence[int], new_tokens: int = 0, *,
         budget: the name of ``new_tokens`` in the message.
         source: the file the rows come from, if any.
 
-    Example:
+    Examples:
         >>> check_context(model, [len(ids)], 256)
     """
     limit = context_length(model)
@@ -140,7 +140,7 @@ def batch_memory(model: Any, rows: int, prompt: int, new_tokens: int = 0, *,
     An estimate (kernels keep other small temporaries; on a tiny Llama it is within 0.9x to
     1.5x of the measured peak): callers plan with :data:`HEADROOM` of the free memory.
 
-    Example:
+    Examples:
         >>> batch_memory(model, rows=8, prompt=512, new_tokens=256, metrics=True).total
     """
     s = _Shape.of(model)
@@ -169,7 +169,7 @@ def generation_need(model: Any, prompt: int, new_tokens: int, *, static: bool = 
     buckets (:func:`steerlab.generation.engine.bucket_batch`,
     :func:`~steerlab.generation.engine.bucket_capacity`).
 
-    Example:
+    Examples:
         >>> rows_per_batch(generation_need(model, 512, 256), 64, free_memory(model))
     """
     def need(rows: int) -> int:
@@ -213,7 +213,7 @@ def free_memory(model: Any) -> int | None:
     ``MemAvailable`` of ``/proc/meminfo``; None where neither can be read (then nothing is
     split or refused).
 
-    Example:
+    Examples:
         >>> free_memory(model) / 2**30  # GiB
     """
     devices = {p.device for p in model.original_model.parameters()}
@@ -241,7 +241,7 @@ def rows_per_batch(need: Callable[[int], int], rows: int, available: int | None,
     Raises:
         SteerlabError: when even one row does not fit, with both numbers.
 
-    Example:
+    Examples:
         >>> rows_per_batch(lambda r: r * 2**30, 8, available=5 * 2**30)
         4
     """

@@ -60,7 +60,7 @@ class StepProgram:
             k: top-k mass of the metrics (0: no metrics).
             lens: record the logit lens.
 
-        Example:
+        Examples:
             >>> StepProgram.for_model(model, sampling=False).stops  # the EOS ids
             (2,)
         """

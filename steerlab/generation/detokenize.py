@@ -33,7 +33,7 @@ class Detokenizer:
     Args:
         tokenizer: a Hugging Face tokenizer (``decode``, ``all_special_ids``).
 
-    Example:
+    Examples:
         >>> d = Detokenizer(model.tokenizer)
         >>> pieces = [d.push([t]) for t in generated_ids]
         >>> text = "".join(pieces) + d.flush()

@@ -44,7 +44,7 @@ class Engine(Choice):
             batching: a server batching requests into one running batch.
             stepwise: an observer or step listener is told every step (nothing to replay).
 
-        Example:
+        Examples:
             >>> sl.Engine.AUTO.resolve(model, batching=True)  # HF attention kernels: static
             <Engine.STATIC: 'static'>
             >>> sl.Engine.AUTO.resolve(model)  # one request at a time on the CPU: eager

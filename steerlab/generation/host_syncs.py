@@ -62,7 +62,7 @@ def count_host_syncs() -> Iterator[SyncCount]:
     through torch's dispatcher). Each would be a synchronisation on a GPU and makes a CUDA graph
     capture fail.
 
-    Example:
+    Examples:
         >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
         >>> with count_host_syncs() as syncs:
         ...     out = sl.generate(model, [ids], max_new_tokens=8, engine="eager")

@@ -26,7 +26,7 @@ def lens_logits(
 ) -> Float[torch.Tensor, "... d_vocab"]:
     """``unembed(ln_final(resid))`` with the model's own modules.
 
-    Example:
+    Examples:
         >>> lens_logits(model, resid_post[-1]) == model(ids)  # at the last layer
     """
     return model.unembed(model.ln_final(resid))
@@ -47,7 +47,7 @@ def lens_metrics(
         k: top-k for the mass.
         max_elements: most logits computed at once (rows per chunk = this / d_vocab).
 
-    Example:
+    Examples:
         >>> ent, mass = lens_metrics(model, resid, k=5)  # [n_layers, batch] each
     """
     n_layers, batch, d_model = resid.shape
@@ -100,7 +100,7 @@ def logit_lens(
 ) -> tuple[Float[torch.Tensor, "layer pos"], Float[torch.Tensor, "layer pos"]]:
     """Lens entropy and top-k mass at every layer and position of one token sequence.
 
-    Example:
+    Examples:
         >>> ent, mass = logit_lens(model, torch.tensor(encode_chat(tok, "Hi")))
         >>> ent.shape  # [n_layers, n_tokens]
     """

@@ -19,7 +19,7 @@ from steerlab.model.templates import think_end_index
 def entropy(logits: Float[torch.Tensor, "... d_vocab"]) -> Float[torch.Tensor, "..."]:
     """Entropy in nats of ``softmax(logits)`` over the last axis.
 
-    Example:
+    Examples:
         >>> entropy(torch.zeros(4))  # uniform over 4 tokens
         tensor(1.3863)
     """
@@ -30,7 +30,7 @@ def entropy(logits: Float[torch.Tensor, "... d_vocab"]) -> Float[torch.Tensor, "
 def top_k_mass(logits: Float[torch.Tensor, "... d_vocab"], k: int) -> Float[torch.Tensor, "..."]:
     """Probability mass of the ``k`` most likely tokens of ``softmax(logits)``.
 
-    Example:
+    Examples:
         >>> top_k_mass(torch.tensor([0.0, 0.0, 0.0, 0.0]), 2)
         tensor(0.5000)
     """
@@ -45,7 +45,7 @@ def token_metrics(
 ) -> tuple[Float[torch.Tensor, "..."], Float[torch.Tensor, "..."]]:
     """``(entropy, top_k_mass)`` sharing one log-softmax (what generation records per step).
 
-    Example:
+    Examples:
         >>> ent, mass = token_metrics(model_logits[:, -1], k=5)
     """
     if k < 1:
@@ -107,7 +107,7 @@ def split_sections(tokens: Sequence[int], marker: Sequence[int]) -> Sections:
     """Split generated ``tokens`` at the first ``</think>`` (ids from
     :func:`steerlab.model.templates.think_end_marker`).
 
-    Example:
+    Examples:
         >>> s = split_sections(reply_ids, think_end_marker(tokenizer))
         >>> reply_ids[s.thinking], reply_ids[s.output]
     """
@@ -126,7 +126,7 @@ def section_averages(
     Returns ``{f"avg_{name}_thinking", f"avg_{name}_output", f"avg_{name}"}``; an empty
     section averages to ``None``.
 
-    Example:
+    Examples:
         >>> section_averages(ent.tolist(), split_sections(ids, marker), "entropy")
         {'avg_entropy_thinking': None, 'avg_entropy_output': 1.2, 'avg_entropy': 1.2}
     """

@@ -36,7 +36,7 @@ from steerlab.steering.step_state import generating, listeners
 class SlotBatch:
     """``slots`` rows decoding together on a static cache of ``capacity`` positions.
 
-    Example:
+    Examples:
         >>> settings = StepProgram.for_model(model, sampling=False)
         >>> batch = SlotBatch(model, 2, 64, settings)  # 2 rows of 64 positions
         >>> ids = sl.encode_chat(model.tokenizer, "Hello!")

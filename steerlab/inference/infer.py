@@ -27,7 +27,7 @@ from steerlab.base.files import read_json_list, write_json_atomic
 from steerlab.base.shards import shard_batches
 from steerlab.generation.budget import check_context, free_memory, generation_need, rows_per_batch
 from steerlab.generation.engine import Engine
-from steerlab.generation.generate import RowMetrics, generate_with_metrics
+from steerlab.generation.generator import RowMetrics, generate_with_metrics
 from steerlab.generation.metrics import section_averages, split_sections
 from steerlab.inference.results import LOG, RESULTS, RunStore
 from steerlab.inference.runs import open_run, per_token_attrs, write_marker
@@ -90,7 +90,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     UTF-8 (no lone surrogate, no NUL) of at most :data:`steerlab.model.templates.MAX_MESSAGE_CHARS`
     characters; an error names the entry, e.g. ``field 'prompts[3]'``.
 
-    Example:
+    Examples:
         >>> load_prompts("prompts.json")[:1]  # the built-in prompts
         ['Who are you?']
     """
@@ -186,7 +186,7 @@ def run_inference(
         progress: show a rich progress bar with tokens/s.
         extra_config: more provenance for ``config.json`` (e.g. input file names).
 
-    Example:
+    Examples:
         >>> config = sl.InferConfig(max_tokens=8)
         >>> sl.run_inference(model, ["Hi!"], [sl.ASSISTANT], "logs/hi", config)
         PosixPath('logs/hi')
@@ -292,7 +292,7 @@ def check_inputs(model: Any, prompts: Sequence[str], personae: Sequence[Persona]
     exists or a task runs) one whose tokens plus ``max_tokens`` exceed the model's context,
     or a longest rendering that as one row would not fit in the free memory.
 
-    Example:
+    Examples:
         >>> check_inputs(model, ["Hi!"], [ASSISTANT], InferConfig(max_tokens=64))
     """
     style = system_prompt_style(config.system_prompt_style)

@@ -28,7 +28,7 @@ def run_tokenizer(results_dir: str | os.PathLike) -> Any:
 
     Used to label logit-lens heatmaps with token text; loads only local files (no network).
 
-    Example:
+    Examples:
         >>> tok = run_tokenizer("logs/run")  # a run of the embedded model
         >>> tok.get_vocab() == model.tokenizer.get_vocab()
         True
@@ -54,7 +54,7 @@ def report_path(results_dir: str | os.PathLike, output: str | os.PathLike | None
     checked before anything is read: the run is finished, and the page is writable and none
     of the run's own files (``results.json``, ``config.json``, ``per_token.h5``, …).
 
-    Example:
+    Examples:
         >>> report_path("logs/run", "logs/run/results.json")  # refused: the run's results
     """
     root = check_finished(results_dir)
@@ -72,7 +72,7 @@ def write_run_report(results_dir: str | os.PathLike, output: str | os.PathLike |
         output: the HTML file (default ``results_dir/report.html``).
         tokenizer: labels heatmap tokens with text when given (ids otherwise).
 
-    Example:
+    Examples:
         >>> write_run_report("logs/run")
         PosixPath('logs/run/report.html')
     """

@@ -44,7 +44,7 @@ def run_files(root: str | os.PathLike) -> tuple[Path, ...]:
     """Every file and folder an inference run owns in its folder: what no output of another
     command may alias (``report.html`` is not one: ``steerlab report`` writes it there).
 
-    Example:
+    Examples:
         >>> output_file("out.html", "output", inputs={"results_dir": run_files("logs/run")})
     """
     return tuple(Path(root) / name for name in RUN_FILES)
@@ -118,7 +118,7 @@ class RunStore:
 def load_results(path: str | os.PathLike) -> list[dict]:
     """Records of a run: ``path`` is its folder or its ``results.json``.
 
-    Example:
+    Examples:
         >>> rows = sl.load_results("logs/run")  # one prompt answered by the assistant
         >>> len(rows), rows[0]["persona"], rows[0]["n_tokens"] <= 8
         (1, 'assistant', True)
@@ -135,7 +135,7 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 def read_per_token(path: str | os.PathLike, record_id: int) -> dict[str, np.ndarray]:
     """Per-token arrays of one result (by its ``id``) from ``per_token.h5`` or a run folder.
 
-    Example:
+    Examples:
         >>> rows = sl.load_results("logs/run")
         >>> arrays = read_per_token("logs/run", rows[0]["id"])
         >>> arrays["lens_entropy"].shape == (rows[0]["n_tokens"], model.cfg.n_layers)

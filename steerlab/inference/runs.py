@@ -237,7 +237,7 @@ def merge_run(path: str | os.PathLike) -> Path:
     Args:
         path: the run folder all shards wrote (``--output-dir``).
 
-    Example:
+    Examples:
         >>> config = sl.InferConfig(max_tokens=4, batch_size=1)  # 2 tasks: 2 batches
         >>> for i in range(2):
         ...     _ = sl.run_inference(model, ["Hi!", "Bye!"], [sl.ASSISTANT], "logs/sharded",

@@ -119,7 +119,7 @@ def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
     register through here, so they act on bridge forwards and on
     :func:`steerlab.generation.generate`.
 
-    Example:
+    Examples:
         >>> seen = {}
         >>> with layer_hooks(model, {10: lambda h: seen.setdefault(10, h.shape)}):
         ...     model.original_model(input_ids=ids)

@@ -132,7 +132,7 @@ def load_model(
         SteerlabError: bad options or devices (before anything loads), a model that cannot be
             found, or weights that did not land where asked.
 
-    Example:
+    Examples:
         >>> model = sl.load_model("embedded")
         >>> model.cfg.n_layers
         30
@@ -264,7 +264,7 @@ def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
     A missing local directory raises; a hub id whose config is not in the local cache gives
     None (the checks then run once the model has loaded).
 
-    Example:
+    Examples:
         >>> model_geometry("embedded")["n_layers"]
         30
     """
@@ -280,7 +280,7 @@ def model_geometry(name_or_path: str | os.PathLike) -> dict[str, int] | None:
 def load_from_options(options: ModelOptions) -> Any:
     """Validate ``options`` (the model flags of a command or YAML file) and load the model.
 
-    Example:
+    Examples:
         >>> model = load_from_options(ModelOptions(model="embedded", device="cpu"))
     """
     opts = options.validate()
@@ -293,7 +293,7 @@ def model_type(name_or_id: str | os.PathLike) -> str | None:
     """A model's architecture name (its config's ``model_type``, e.g. ``llama``, ``qwen3``),
     read without loading it; None when its config is not available here.
 
-    Example:
+    Examples:
         >>> model_type("embedded")
         'llama'
     """

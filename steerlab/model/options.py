@@ -52,7 +52,7 @@ def resolve_device(device: str | torch.device | None, *, source: str | None = No
     Raises:
         SteerlabError: unknown device names, and devices this machine does not have.
 
-    Example:
+    Examples:
         >>> resolve_device("auto")
         device(type='cpu')
     """
@@ -195,7 +195,7 @@ class ModelOptions:
         alias (a run's ``config.json`` written over the model's). Empty for a hub id or the
         embedded model.
 
-        Example:
+        Examples:
             >>> sl.ModelOptions().local_files()  # the embedded model
             []
             >>> from steerlab.model import embedded_model_dir

@@ -45,6 +45,7 @@ class Persona:
 
 
 ASSISTANT = Persona("assistant", "assistant", "an")
+"""The model as itself: the assistant turn keeps its label and gets no persona prompt."""
 
 
 def you_are_a() -> SystemPrompt:
@@ -89,7 +90,7 @@ def system_prompt_style(spec: str, field: str = "system_prompt_style", *,
 
     ``field`` and ``source`` name where ``spec`` came from in an error.
 
-    Example:
+    Examples:
         >>> style = sl.system_prompt_style("You are {persona}, a {category}.")
         >>> style(sl.Persona("Hamlet", "play"))
         'You are Hamlet, a play.'
@@ -111,7 +112,7 @@ def system_prompt_text(value: Any, field: str, *, source: str | None = None) -> 
     """A system prompt as given (a flag, a trait's instruction): a string encodable as UTF-8,
     no NUL, at most :data:`MAX_SYSTEM_PROMPT_CHARS` characters.
 
-    Example:
+    Examples:
         >>> system_prompt_text("Speak like a pirate.", "chosen_system")
         'Speak like a pirate.'
     """
@@ -122,7 +123,7 @@ def persona_name(value: Any, field: str = "persona", *, source: str | None = Non
     """A persona name as it goes into the role header of a chat template: one non-blank line of
     at most :data:`MAX_PERSONA_CHARS` characters, encodable as UTF-8, no NUL.
 
-    Example:
+    Examples:
         >>> persona_name("Hamlet")
         'Hamlet'
     """
@@ -140,7 +141,7 @@ def load_personae(path: str | Path) -> list[Persona]:
     (at most :data:`MAX_ARTICLE_CHARS`, default ``""``) as text that can be written as UTF-8;
     an error names the record, e.g. ``field 'personae[3].persona'``.
 
-    Example:
+    Examples:
         >>> sl.load_personae("personae.json")[3]
         Persona(persona='Hamlet', category='fictional-character', article='')
     """
@@ -161,7 +162,7 @@ def persona_record(rec: dict, where: str, *, category: str | None = None,
     required unless ``category`` gives a default) and ``article`` (at most
     :data:`MAX_ARTICLE_CHARS`, default ``""``) as text that can be written as UTF-8.
 
-    Example:
+    Examples:
         >>> persona_record({"persona": "Hamlet", "category": "fiction"}, "personae[0]")
         Persona(persona='Hamlet', category='fiction', article='')
     """

@@ -32,6 +32,7 @@ class ModelState:
     workspaces: OrderedDict[tuple[int, int], Any] = field(default_factory=OrderedDict)
     listeners: list[Any] = field(default_factory=list)
     steerings: list[Any] = field(default_factory=list)
+    norms: dict[int, float] = field(default_factory=dict)  # residual norms per layer, measured once
     generating: bool = False
 
 
@@ -46,7 +47,7 @@ def state(model: Any) -> ModelState:
         model: a bridge from :func:`steerlab.load_model` (any object that takes a weak
             reference and hashes by identity).
 
-    Example:
+    Examples:
         >>> state(model).generating
         False
     """

@@ -67,7 +67,7 @@ def patch_chat_template(template: str, persona: str) -> str:
         template: the tokenizer's Jinja chat template.
         persona: the role name to show instead of the assistant's, e.g. ``"Hamlet"``.
 
-    Example:
+    Examples:
         >>> t = sl.patch_chat_template(model.tokenizer.chat_template, "Hamlet")
         >>> msgs = [{"role": "user", "content": "Who are you?"}]
         >>> text = model.tokenizer.apply_chat_template(msgs, chat_template=t, tokenize=False,
@@ -147,7 +147,7 @@ def has_thinking_mode(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template reacts to ``enable_thinking`` (Qwen3 does; a
     template that renders the same either way has no thinking mode to switch).
 
-    Example:
+    Examples:
         >>> has_thinking_mode(model.tokenizer)
         False
     """

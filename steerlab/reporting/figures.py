@@ -33,7 +33,7 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
     """Box-and-whisker per category, one panel per field (missing values are left out). A
     panel with no value at all says so, and why for the thinking fields.
 
-    Example:
+    Examples:
         >>> fig = box_by_category(sl.load_results("logs/run"), ["avg_entropy", "avg_top_k_mass"])
         >>> len(fig.data)  # a box per category and field; fig.show() draws it
         2
@@ -69,7 +69,7 @@ def box_by_category(records: Sequence[dict], fields: Sequence[str], title: str =
 def summary_figures(records: Sequence[dict]) -> dict[str, Any]:
     """The viewer's three figures: entropy, top-k mass and ``think_end_position`` by category.
 
-    Example:
+    Examples:
         >>> figures = summary_figures(sl.load_results("logs/run"))
         >>> sorted(figures)
         ['entropy', 'think_end_position', 'top_k_mass']
@@ -84,7 +84,7 @@ def summary_figures(records: Sequence[dict]) -> dict[str, Any]:
 def summary_stats(records: Sequence[dict], fields: Sequence[str] = METRIC_FIELDS) -> list[dict]:
     """Count, mean, std, median, min and max of each field per category.
 
-    Example:
+    Examples:
         >>> summary_stats(sl.load_results("logs/run"), ["avg_entropy"])[0]
         {'category': 'assistant', 'field': 'avg_entropy', 'n': 1, 'mean': ...}
     """
@@ -105,7 +105,7 @@ def lens_heatmap(values: Any, tokens: Sequence[str] | None = None,
                  title: str = "Logit-lens entropy (nats)") -> Any:
     """Layer x token heatmap of a per-token lens metric ``[n_tokens, n_layers]``.
 
-    Example:
+    Examples:
         >>> from steerlab.inference import read_per_token
         >>> a = read_per_token("logs/run", 0)
         >>> tokens = model.tokenizer.convert_ids_to_tokens(a["tokens"])
@@ -130,7 +130,7 @@ def steering_figure(ev: Any) -> Any:
     every panel), with the unsteered and prompted references, the coherence floor and the
     controls at the chosen setting.
 
-    Example:
+    Examples:
         >>> fig = steering_figure(ev)  # ev from evaluate_steering; fig.show() draws it
     """
     import plotly.graph_objects as go  # deferred: plotly

@@ -32,7 +32,7 @@ def html_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digit
 def write_page(path: str | os.PathLike, title: str, body: str) -> Path:
     """Write a standalone HTML page with steerlab's table style, atomically.
 
-    Example:
+    Examples:
         >>> write_page("out.html", "steerlab demo", "<h1>Hello</h1>")
         PosixPath('out.html')
     """

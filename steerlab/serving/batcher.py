@@ -30,7 +30,7 @@ from steerlab.base.compat import ensure_bridge_reads_cache
 from steerlab.base.errors import SteerlabError
 from steerlab.generation.decode import StepProgram
 from steerlab.generation.engine import bucket_capacity
-from steerlab.generation.generate import NonFiniteError
+from steerlab.generation.generator import NonFiniteError
 from steerlab.generation.slots import SlotBatch
 from steerlab.steering.intervention import Steering
 
@@ -103,7 +103,7 @@ class Batcher:
         sync_every: decode steps between host checks (when tokens are delivered and slots
             change hands).
 
-    Example:
+    Examples:
         >>> b = Batcher(model, slots=8, max_context=512)
         >>> job = Job(ids, max_tokens=32)
         >>> b.submit(job)

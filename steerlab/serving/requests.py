@@ -17,7 +17,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.model.personas import ASSISTANT, Persona, persona_record
 from steerlab.model.templates import MAX_MESSAGE_CHARS
 from steerlab.serving.shelf import NAME, VectorShelf
-from steerlab.steering.intervention import Steering
+from steerlab.steering.intervention import DEFAULT_UNITS, Steering
 
 __all__ = ["RequestError", "decode_body", "parse_chat_request", "parse_steering"]
 
@@ -226,7 +226,7 @@ def _steering_shape(spec: Any) -> dict | None:
         raise RequestError("'steering' must be an object with 'vector' (a name), 'alpha' "
                            "(number), optional 'layers' (list of ints or null) and optional "
                            f"'units' ('raw' or 'norm'), got {_shown(spec)}", param="steering")
-    units = spec.get("units", "raw")
+    units = spec.get("units", DEFAULT_UNITS.value)
     if units not in ("raw", "norm"):
         raise RequestError(f"'steering.units' must be 'raw' or 'norm', got {_shown(units)}",
                            param="steering.units")
@@ -251,15 +251,16 @@ def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None) -> Steering
 
     Args:
         model: the served bridge (layers and width are checked against it).
-        spec: ``{"vector": name, "alpha": float, "layers": [int] | null, "units": "raw" |
-            "norm"}`` (units default raw: alpha times the vector), or None (none).
+        spec: ``{"vector": name, "alpha": float, "layers": [int] | null, "units": "norm" |
+            "raw"}`` (units default norm, :data:`steerlab.steering.intervention.DEFAULT_UNITS`:
+            a fraction of the layer's residual norm), or None (none).
         shelf: the vectors the server offers by name (``--vectors-dir``); None refuses
             every steering request.
 
     Raises:
         RequestError: the field is malformed, names no usable vector, or does not fit.
 
-    Example:
+    Examples:
         >>> parse_steering(model, {"vector": "pirate", "alpha": 4.0, "layers": [10]}, shelf)
     """
     spec = _steering_shape(spec)

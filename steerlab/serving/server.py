@@ -49,7 +49,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.generation.budget import context_length
 from steerlab.generation.detokenize import Detokenizer
 from steerlab.generation.engine import Engine
-from steerlab.generation.generate import NonFiniteError, generate
+from steerlab.generation.generator import NonFiniteError, generate
 from steerlab.model.loading import model_id
 from steerlab.model.templates import encode_messages
 from steerlab.serving import http_edge
@@ -59,6 +59,7 @@ from steerlab.serving.http_edge import Handler, Limits, check_exposure
 from steerlab.serving.requests import RequestError, parse_steering
 from steerlab.serving.shelf import VectorShelf
 from steerlab.steering.intervention import Steering
+from steerlab.steering.norms import residual_norms
 
 __all__ = ["Limits", "RequestError", "check_exposure", "make_server", "parse_steering"]
 
@@ -363,10 +364,14 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
     ``vectors_dir``: the folder of the vectors requests may steer with, by name
     (:class:`steerlab.serving.shelf.VectorShelf`); None refuses every steering request.
 
-    Example:
-        >>> srv = make_server(load_model("embedded"), port=0)
-        >>> threading.Thread(target=srv.serve_forever, daemon=True).start()
+    Examples:
+        >>> srv = make_server(sl.load_model("embedded"), port=0)  # doctest: +SKIP
+        >>> threading.Thread(target=srv.serve_forever, daemon=True).start()  # doctest: +SKIP
     """
     check_exposure(host, api_key, no_auth)
+    if vectors_dir is not None:
+        # Norm-unit strengths (the default) need each layer's residual norm. Measured here,
+        # once, before the scheduler thread decodes: a request thread must never run the model.
+        residual_norms(model)
     return _Server((host, port), model, model_name or model_id(model), engine, max_batch,
                    max_context, sync_every, api_key or None, limits or Limits(), vectors_dir)

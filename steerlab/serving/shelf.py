@@ -35,7 +35,7 @@ class VectorShelf:
     Args:
         folder: the folder holding ``<name>.safetensors`` + ``<name>.json`` pairs.
 
-    Example:
+    Examples:
         >>> shelf = VectorShelf("vectors/")
         >>> shelf.names()
         ['pirate']

@@ -3,10 +3,10 @@
 :class:`Steering` is the one steering value (vector, layers, strengths, positions), validated
 once by :meth:`Steering.create`; :func:`steer` and :func:`monitor` are context managers over
 :func:`steerlab.model.hooks.layer_hooks`, so they act on bridge forwards and on
-:func:`steerlab.generation.generate.generate` alike, and the hooks are removed on exit. Rules that
+:func:`steerlab.generation.generator.generate` alike, and the hooks are removed on exit. Rules that
 depend
 on the generation step (steer only generated tokens, NaN for finished rows) are told each
-step's state by ``generate`` (:func:`steerlab.generation.generate.listen`).
+step's state by ``generate`` (:func:`steerlab.generation.generator.listen`).
 """
 
 from __future__ import annotations
@@ -66,11 +66,17 @@ class Units(Choice):
     RAW = "raw"
 
 
+# The one default of every strength a user gives without units (Steering.create, steer, the
+# chat's /steer, the widget's slider, serve's requests, `vectors eval`): norm units, so one
+# number means the same push for every vector, layer and model.
+DEFAULT_UNITS = Units.NORM
+
+
 class Positions(Choice):
     """Which positions a steering vector is added at.
 
     ``all``: every position of every forward pass (prompt included); ``generated``: only the
-    tokens :func:`steerlab.generation.generate.generate` produces; ``output``: generated tokens
+    tokens :func:`steerlab.generation.generator.generate` produces; ``output``: generated tokens
     after
     ``</think>`` (all generated ones when the model is not thinking). Outside ``generate`` the
     last two steer nothing.
@@ -118,7 +124,7 @@ class Steering:
     model once, and applied with :meth:`apply`. ``alpha`` is a strength in units of the
     vector's stored scale, or a tuple with one strength per batch row.
 
-    Example:
+    Examples:
         >>> s = sl.Steering.create(model, vec, 4.0, layers=[10])
         >>> ids = [sl.encode_chat(model.tokenizer, "Hello!")]
         >>> with s.apply(model):
@@ -157,15 +163,15 @@ class Steering:
     def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,
                layers: Sequence[int] | None = None,
                positions: str | Positions = Positions.ALL,
-               units: str | Units = Units.RAW,
+               units: str | Units = DEFAULT_UNITS,
                preserve_norm: bool = False) -> Steering:
         """A checked steering value: finite strengths, layers that the model and the vector
         both have (negative ones count from the end), the vector's width equal to the model's.
 
         Args:
-            units: ``"raw"`` (alpha times the stored vector) or ``"norm"`` (a fraction of the
-                layer's residual norm: the norms stored with the vector, else measured now on
-                neutral prompts; see :class:`Units`).
+            units: ``"norm"`` (the default, :data:`DEFAULT_UNITS`: a fraction of the layer's
+                residual norm: the norms stored with the vector, else measured once on neutral
+                prompts) or ``"raw"`` (alpha times the stored vector); see :class:`Units`.
             preserve_norm: rescale each steered residual to its norm before steering, so only
                 its direction turns (a remedy against steering that breaks the model).
         """
@@ -282,7 +288,7 @@ def steer(
     *,
     layers: Sequence[int] | None = None,
     positions: str | Positions = "all",
-    units: str | Units = Units.RAW,
+    units: str | Units = DEFAULT_UNITS,
     preserve_norm: bool = False,
 ) -> Iterator[None]:
     """Add ``alpha * vector.direction(L)`` to ``resid_post`` of each layer ``L`` while inside.
@@ -295,11 +301,11 @@ def steer(
         alpha: strength, or one strength per batch row (a ``[batch]`` tensor or sequence).
         layers: which of the vector's layers to steer (default all of them).
         positions: ``"all"``, ``"generated"`` or ``"output"`` (see :class:`Positions`).
-        units: ``"raw"`` (multiples of the stored vector) or ``"norm"`` (fractions of the
-            layer's residual norm); see :class:`Units`.
+        units: ``"norm"`` (the default: fractions of the layer's residual norm) or ``"raw"``
+            (multiples of the stored vector); see :class:`Units`.
         preserve_norm: keep each steered residual's norm (see :meth:`Steering.create`).
 
-    Example:
+    Examples:
         >>> prompts = [sl.encode_chat(model.tokenizer, q) for q in ("Hi!", "Describe the sea.")]
         >>> plain = sl.generate(model, prompts, max_new_tokens=8)
         >>> with sl.steer(model, vec, 0.2, layers=[12], units="norm"):  # 0.2 x the norm
@@ -317,7 +323,7 @@ def steer(
 class ProjectionMonitor:
     """Projections of the last position's residual on the vector, one entry per forward pass.
 
-    In :func:`steerlab.generation.generate.generate` the first entry is the prompt's last token and
+    In :func:`steerlab.generation.generator.generate` the first entry is the prompt's last token and
     the
     following ones are the generated tokens; rows that have finished are NaN.
     """
@@ -347,7 +353,7 @@ def monitor(model: Any, vector: SteeringVector, *, layers: Sequence[int] | None 
     Works together with :func:`steer` (hooks added later run later: enter ``steer`` first to
     see the steered residual).
 
-    Example:
+    Examples:
         >>> ids = [sl.encode_chat(model.tokenizer, "Hello!")]
         >>> with sl.steer(model, vec, 4.0), sl.monitor(model, vec, layers=[10]) as mon:
         ...     replies = sl.generate(model, ids, max_new_tokens=4)

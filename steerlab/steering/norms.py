@@ -18,6 +18,7 @@ import torch
 
 from steerlab.model.hooks import HookPoint, check_layers, layer_hooks
 from steerlab.model.inputs import left_pad, position_ids
+from steerlab.model.state import state
 from steerlab.model.templates import encode_chat
 
 __all__ = ["neutral_prompts", "residual_norms"]
@@ -35,19 +36,34 @@ def residual_norms(model: Any, layers: Sequence[int] | None = None,
                    point: HookPoint = HookPoint.RESID_POST) -> dict[int, float]:
     """``{layer: median residual norm}`` over the tokens of chat-formatted neutral prompts.
 
+    The default measurement (built-in prompts, ``resid_post``) is made once per model and
+    layer and kept beside the model (:func:`steerlab.model.state.state`), so norm-unit
+    strengths cost one forward pass per model, and a server measures before it serves.
+
     Args:
         model: a bridge.
         layers: decoder layers (default all).
         prompts: user messages (default :func:`neutral_prompts`).
         point: where in the layer the residual is read.
 
-    Example:
+    Examples:
         >>> norms = residual_norms(model, [8, 16])
         >>> list(norms), norms[8] < norms[16]  # the residual grows with depth
         ([8, 16], True)
     """
     chosen = check_layers(model, list(range(model.cfg.n_layers) if layers is None else layers))
-    texts = list(neutral_prompts() if prompts is None else prompts)
+    if prompts is None and point is HookPoint.RESID_POST:
+        kept = state(model).norms
+        todo = [layer for layer in chosen if layer not in kept]
+        if todo:
+            kept.update(_measure(model, todo, neutral_prompts(), point))
+        return {layer: kept[layer] for layer in chosen}
+    return _measure(model, chosen, prompts, point)
+
+
+def _measure(model: Any, chosen: list[int], prompts: Sequence[str],
+             point: HookPoint) -> dict[int, float]:
+    texts = list(prompts)
     rows = [encode_chat(model.tokenizer, t) for t in texts]
     hf = model.original_model
     device = next(hf.parameters()).device

@@ -73,7 +73,7 @@ def provenance_fields(values: dict[str, Any], source: str | None = None) -> dict
     ``{layer: finite norm > 0}`` (whether its keys are the vector's layers is checked by
     :class:`SteeringVector`). Other keys are left out (fields of later versions).
 
-    Example:
+    Examples:
         >>> provenance_fields({"n_pairs": 3.0, "extra": 1})
         {'n_pairs': 3}
     """
@@ -87,7 +87,7 @@ class SteeringVector:
 
     Supports ``a + b``, ``a - b`` (same layers), ``2.0 * a``, ``-a`` and :meth:`normalise`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> v = sl.SteeringVector.load("vectors/pirate.safetensors")  # layers 10 and 12
         >>> other = sl.SteeringVector(torch.randn(2, 576), v.layers)
@@ -146,7 +146,7 @@ class SteeringVector:
         """This vector with its component along ``other`` removed, layer by layer (e.g. the
         mean direction shared by several traits' vectors).
 
-        Example:
+        Examples:
             >>> import torch
             >>> emoji = sl.SteeringVector(torch.randn(2, 576), vec.layers)
             >>> shared = vec.normalise() + emoji.normalise()
@@ -184,7 +184,7 @@ class SteeringVector:
         """Refuse a model this vector does not fit (its layer count, its width), e.g. with
         :func:`steerlab.model.loading.model_geometry` before the model loads.
 
-        Example:
+        Examples:
             >>> vec.check_model(30, 576)  # fits: nothing to say
             >>> vec.check_model(30, 2048)
             Traceback (most recent call last):
@@ -240,7 +240,7 @@ class SteeringVector:
         Only what :meth:`load` accepts is written: a zero direction, or a sidecar that is not
         strict JSON (NaN, infinities), is refused before either file is touched.
 
-        Example:
+        Examples:
             >>> path = vec.save("saved/pirate")  # saved/pirate.safetensors + saved/pirate.json
             >>> path, sl.SteeringVector.load(path).layers
             (PosixPath('saved/pirate.safetensors'), (10, 12))
@@ -312,7 +312,7 @@ class SteeringVector:
         ``model_hint`` defaults to the model's architecture (``llama``, ``qwen3``: its
         ``model_type``, what llama.cpp's own generator writes), else its id.
 
-        Example:
+        Examples:
             >>> vec.to_gguf("pirate.gguf")  # llama-cli -m model.gguf --control-vector pirate.gguf
             PosixPath('pirate.gguf')
         """

@@ -4,9 +4,9 @@ from typing import Any
 
 from steerlab.base import moved as _moved
 from steerlab.traits.client import Endpoint, EndpointClient
-from steerlab.traits.collect import collect
+from steerlab.traits.collection import collect
 from steerlab.traits.elicit import elicit_trait
-from steerlab.traits.judge import filter_pairs, judge, rubric_judge, scorer_judge, select_pairs
+from steerlab.traits.judging import filter_pairs, judge, rubric_judge, scorer_judge, select_pairs
 from steerlab.traits.pairs import Pair, load_pairs, merge_pairs, save_pairs
 from steerlab.traits.responders import EndpointResponder, LocalResponder
 from steerlab.traits.scorers import scorer_from_spec

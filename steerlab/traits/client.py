@@ -71,7 +71,7 @@ def _retryable(err: BaseException) -> bool:
 class EndpointClient:
     """A thread-safe chat-completions client for one :class:`Endpoint`.
 
-    Example:
+    Examples:
         >>> c = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "embedded", None))
         >>> c.chat([{"role": "user", "content": "Hi"}], max_tokens=16)  # doctest: +SKIP
     """
@@ -179,7 +179,7 @@ class EndpointClient:
 def parse_json_reply(text: str) -> Any:
     """The first JSON value in a model reply (inside a ```json fence, or the outermost braces).
 
-    Example:
+    Examples:
         >>> parse_json_reply('Sure! ```json\\n{"score": 80}\\n```')
         {'score': 80}
     """
@@ -236,7 +236,7 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], concurrency: int
     """Run ``fn`` over ``items`` on at most ``concurrency`` threads; yield ``(index, result or
     exception)`` as each finishes, so callers can record results incrementally.
 
-    Example:
+    Examples:
         >>> dict(bounded_map(len, ["a", "bb"], 2))
         {0: 1, 1: 2}
     """

@@ -63,7 +63,7 @@ def elicit_trait(
         n_questions: questions for pairs.
         n_held_out: questions kept for evaluating steering.
 
-    Example:
+    Examples:
         >>> client = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "big", None))
         >>> playful = sl.Trait("playful", "The assistant is playful ...")
         >>> t = sl.elicit_trait(client, playful)  # doctest: +SKIP

@@ -45,7 +45,7 @@ class Pair:
 def prompt_id(prompt: str) -> str:
     """Stable short id of a prompt (first 16 hex digits of its SHA-256).
 
-    Example:
+    Examples:
         >>> prompt_id("Hi")
         '3639efcd08abb273'
     """
@@ -104,7 +104,7 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         characters),
         so a bad pair is refused before a model loads, naming the file, line and field.
 
-    Example:
+    Examples:
         >>> pairs = sl.load_pairs("pairs.jsonl")
         >>> len(pairs), pairs[0].prompt
         (8, 'Who are you?')
@@ -143,7 +143,7 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
 def save_pairs(pairs: Iterable[Pair], path: str | os.PathLike) -> Path:
     """Write pairs as JSONL atomically (temp file + ``os.replace``).
 
-    Example:
+    Examples:
         >>> sl.save_pairs([sl.Pair("0", "Hi", "Ahoy!", "Hello.")], "one-pair.jsonl")
         PosixPath('one-pair.jsonl')
     """
@@ -154,7 +154,7 @@ def merge_pairs(paths: Iterable[str | os.PathLike]) -> list[Pair]:
     """Pairs from several files (JSONL or the original filtered JSON), first occurrence of each
     prompt kept; an id already taken by another prompt gets the prompt's hash appended.
 
-    Example:
+    Examples:
         >>> merged = sl.merge_pairs(["pairs.jsonl", "filtered.json"])  # JSONL, original JSON
         >>> len(merged)  # 8 + 2 prompts, one of them in both files
         9

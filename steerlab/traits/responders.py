@@ -9,11 +9,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from steerlab.generation.generate import generate
+from steerlab.generation.generator import generate
 from steerlab.model.personas import ASSISTANT, Persona
 from steerlab.model.templates import encode_messages
 from steerlab.traits.client import EndpointClient, bounded_map
 from steerlab.traits.pairs import prompt_id
+
+# The collect stage's answer length (new tokens per answer), for both responders: long enough
+# for a trait to show, short enough that 4 samples x 2 sides x 40 questions stay quick on a CPU.
+ANSWER_TOKENS = 48
 
 __all__ = ["Responder", "EndpointResponder", "LocalResponder",
            "question_seed"]
@@ -41,7 +45,7 @@ class Responder(Protocol):
 def question_seed(seed: int, question: str) -> int:
     """The sampling seed of one question under a responder's ``seed`` (stable, 31 bits).
 
-    Example:
+    Examples:
         >>> question_seed(1, "Who are you?") != question_seed(2, "Who are you?")
         True
     """
@@ -64,7 +68,7 @@ class EndpointResponder:
         temperature: 0 for greedy.
         extra_body: extra request fields, e.g. ``{"persona": "Hamlet"}`` for ``steerlab serve``.
 
-    Example:
+    Examples:
         >>> client = sl.EndpointClient(sl.Endpoint("http://127.0.0.1:8000/v1", "embedded", None))
         >>> r = EndpointResponder(client, "Talk like a pirate.", max_tokens=64)
         >>> dict(r.respond(["Who are you?"]))  # doctest: +SKIP
@@ -72,7 +76,7 @@ class EndpointResponder:
 
     client: EndpointClient
     system_prompt: str | None = None
-    max_tokens: int = 256
+    max_tokens: int = ANSWER_TOKENS
     temperature: float = 0.0
     extra_body: dict | None = None
     name: str = "endpoint"
@@ -101,7 +105,7 @@ class LocalResponder:
         system_prompt: system message; with a persona and no system prompt, "You are <persona>."
         persona: relabels the assistant turn (see :func:`steerlab.model.templates.render_chat`).
         max_tokens: new tokens per answer.
-        batch_size: questions per :func:`steerlab.generation.generate.generate` call.
+        batch_size: questions per :func:`steerlab.generation.generator.generate` call.
         temperature: 0 for greedy decoding.
         seed: sampling seed when ``temperature > 0``; each question draws with
             :func:`question_seed` ``(seed, question)``.
@@ -110,7 +114,7 @@ class LocalResponder:
         engine: how generation runs (``auto``, ``eager``, ``static``; see
             :class:`steerlab.generation.engine.Engine`).
 
-    Example:
+    Examples:
         >>> r = LocalResponder(model, "Talk like a pirate.", max_tokens=8)
         >>> answers = dict(r.respond(["Who are you?", "Describe the sea."]))
         >>> [type(answers[i]).__name__ for i in range(2)]  # by question index: text, or error
@@ -120,7 +124,7 @@ class LocalResponder:
     model: Any
     system_prompt: str | None = None
     persona: Persona = ASSISTANT
-    max_tokens: int = 64
+    max_tokens: int = ANSWER_TOKENS
     batch_size: int = 64
     temperature: float = 0.0
     seed: int | None = None

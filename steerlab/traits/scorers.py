@@ -30,7 +30,7 @@ def distinct_n(items: Sequence, n: int = 2) -> float:
     """Share of distinct n-grams among a sequence's n-grams (tokens or words); 1.0 when it has
     fewer than two n-grams. Repetition loops ("aye, aye, aye") score low.
 
-    Example:
+    Examples:
         >>> distinct_n([1, 2, 1, 2, 1, 2])
         0.4
     """
@@ -41,7 +41,7 @@ def distinct_n(items: Sequence, n: int = 2) -> float:
 def text_distinct(text: str, n: int = 2) -> float:
     """:func:`distinct_n` over a text's lower-cased words and punctuation marks (no tokenizer).
 
-    Example:
+    Examples:
         >>> text_distinct("Aye, aye, aye, aye!")
         0.5
     """
@@ -59,7 +59,7 @@ def lexicon_scorer(words: Sequence[str], *, saturation: float = 0.1) -> Scorer:
         words: lexicon entries; multi-word phrases are allowed ("shiver me timbers").
         saturation: share of lexicon hits among all words that scores 100 (linear below).
 
-    Example:
+    Examples:
         >>> score = lexicon_scorer(["arr", "matey"])
         >>> score("Arr, matey, the sea be calm today, arr!")  # 3 hits / 8 words -> 100
         100.0
@@ -87,7 +87,7 @@ def regex_scorer(pattern: str, *, saturation: int = 1, ignore_case: bool = False
         saturation: number of matches that scores 100 (linear below).
         ignore_case: compile with ``re.IGNORECASE``.
 
-    Example:
+    Examples:
         >>> score = regex_scorer(r"^\\s*([-*]|\\d+\\.)\\s", saturation=3)  # list items
         >>> score("- a\\n- b\\n- c")
         100.0
@@ -109,7 +109,7 @@ def regex_scorer(pattern: str, *, saturation: int = 1, ignore_case: bool = False
 def emoji_rate_scorer(*, saturation: float = 0.1) -> Scorer:
     """Score the rate of emoji among words and emoji: ``saturation`` of them scores 100.
 
-    Example:
+    Examples:
         >>> emoji_rate_scorer()("Great job 🎉🎉")  # 2 emoji / 4 tokens
         100.0
     """
@@ -138,7 +138,7 @@ def scorer_from_spec(spec: dict, *, source: str | None = None) -> Scorer:
         spec: e.g. ``{"type": "lexicon", "words": ["arr"], "saturation": 0.1}``.
         source: file the spec came from, named in errors.
 
-    Example:
+    Examples:
         >>> score = sl.scorer_from_spec({"type": "regex", "pattern": "^#+ ", "saturation": 2})
         >>> score("# Title\\n## Part"), score("# Title"), score("plain")  # 2 headings: 100
         (100.0, 50.0, 0.0)

@@ -72,7 +72,7 @@ class Trait:
     def build_scorer(self) -> Scorer:
         """The built-in scorer of this trait.
 
-        Example:
+        Examples:
             >>> sl.load_trait("pirate").build_scorer()("Arr matey!")
             100.0
         """
@@ -98,7 +98,7 @@ class Trait:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trait as JSON atomically.
 
-        Example:
+        Examples:
             >>> path = sl.load_trait("pirate").save("traits/pirate-copy.json")
             >>> sl.load_trait(path) == sl.load_trait("pirate")
             True
@@ -146,14 +146,20 @@ def trait_dirs() -> list[Traversable]:
     return [Path.cwd() / "traits", files("steerlab.builtin") / "traits"]
 
 
+# The trait a first run demonstrates (`steerlab demo`, `vectors eval`): one the embedded model
+# can play when asked (its prompted cowboy answers are coherent nine times in ten; its pirate
+# answers half the time), so the demo shows the method, with the verdict computed as always.
+DEFAULT_TRAIT = "cowboy"
+
+
 def list_traits() -> dict[str, Traversable]:
     """Every trait :func:`load_trait` finds by name, sorted: name -> the file it loads.
 
     A ``./traits/<name>.json`` hides the built-in of the same name, as in :func:`load_trait`.
 
-    Example:
+    Examples:
         >>> list(list_traits())
-        ['emoji', 'formatting', 'pirate', 'playful']
+        ['cowboy', 'emoji', 'formatting', 'pirate', 'playful']
     """
     found: dict[str, Traversable] = {}
     for d in trait_dirs():
@@ -183,7 +189,7 @@ def trait_file(name_or_path: str | os.PathLike) -> Path | None:
     that is not a plain file (an installed wheel's zip) or a name that finds nothing: an
     input no output may alias.
 
-    Example:
+    Examples:
         >>> trait_file("traits/pirate-copy.json")
         PosixPath('traits/pirate-copy.json')
     """
@@ -198,7 +204,7 @@ def load_trait(name_or_path: str | os.PathLike) -> Trait:
     """Load and validate a trait file, by path or by name (``traits/<name>.json`` in the
     current directory, else a built-in; see :func:`list_traits`).
 
-    Example:
+    Examples:
         >>> t = sl.load_trait("pirate")  # the built-in one (no ./traits/pirate.json here)
         >>> t.name, len(t.questions), len(t.held_out_questions)
         ('pirate', 50, 30)

@@ -338,7 +338,7 @@ def generate(
         SteerlabError: a prompt plus ``max_new_tokens`` longer than the model's context
             (naming the row, its length and the limit), or one row too big for the memory.
 
-    Example:
+    Examples:
         >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
         >>> out = sl.generate(model, [ids], max_new_tokens=8)
         >>> len(out.tokens[0]) <= 8, len(out.texts(model.tokenizer))  # one reply per prompt
@@ -373,7 +373,7 @@ def generate_with_metrics(
     device, copied to the host once at the end. Context and memory are checked, and a batch
     too big for the memory split, as in :func:`steerlab.generation.generate`.
 
-    Example:
+    Examples:
         >>> ids = sl.encode_chat(model.tokenizer, "Hello!")
         >>> rows = sl.generate_with_metrics(model, [ids], max_new_tokens=8, lens=True)
         >>> n = len(rows[0].tokens)

@@ -43,6 +43,14 @@ class CollectResult:
     skipped: int
 
 
+# The collect stage's defaults (the CLI, the YAML-free library call and the demo all use
+# these): four answers per question and side, the first as the responder is and three sampled,
+# because one greedy answer per side keeps about a quarter of a new trait's questions after
+# the score-difference filter, where four samples keep about two thirds.
+SAMPLES = 4
+TEMPERATURE = 0.8
+
+
 def collect(
     questions: Sequence[str],
     chosen: Responder,
@@ -50,8 +58,8 @@ def collect(
     path: str | os.PathLike,
     *,
     ids: Sequence[str] | None = None,
-    samples: int = 1,
-    temperature: float = 0.8,
+    samples: int = SAMPLES,
+    temperature: float = TEMPERATURE,
     seed: int = 0,
     progress: bool = True,
 ) -> CollectResult:
@@ -70,7 +78,7 @@ def collect(
             ``seed + s`` and the question (:func:`steerlab.traits.responders.question_seed`).
         progress: show a progress bar.
 
-    Example:
+    Examples:
         >>> from steerlab.traits import LocalResponder
         >>> pi = LocalResponder(model, trait.positive_instructions[0], max_tokens=8)
         >>> plain = LocalResponder(model, trait.negative_instructions[0], max_tokens=8)

@@ -24,7 +24,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.base.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from steerlab.base.progress import progress_bar
 from steerlab.traits.client import EndpointClient, bounded_map
-from steerlab.traits.collect import ROLES, latest, question_order
+from steerlab.traits.collection import ROLES, latest, question_order
 from steerlab.traits.pairs import Pair, save_pairs
 from steerlab.traits.scorers import Scorer, text_distinct
 
@@ -41,7 +41,7 @@ SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "number", "mi
 def scorer_judge(scorer: Scorer) -> Judge:
     """A judge that scores the answer alone with a built-in scorer.
 
-    Example:
+    Examples:
         >>> j = sl.scorer_judge(sl.load_trait("pirate").build_scorer())
         >>> j("Who are you?", "Arr, I be a pirate, matey!")
         100.0
@@ -100,7 +100,7 @@ def judge(
         concurrency: threads (default: the rubric judge's endpoint concurrency, else 1).
         progress: show a progress bar.
 
-    Example:
+    Examples:
         >>> sl.judge("collected.jsonl", "scored.jsonl", sl.scorer_judge(trait.build_scorer()))
         JudgeResult(path=PosixPath('scored.jsonl'), written=4, failed=0, skipped=0)
     """
@@ -158,8 +158,15 @@ class Selection:
         return out
 
 
+# The filter stage's defaults: keep a question's best pair when the chosen answer out-scores the
+# rejected one by THRESHOLD points (scores are 0-100) and both answers are loop-free
+# (distinct word-bigram share >= MIN_DISTINCT; 0.5 drops "aye, aye, aye" loops).
+THRESHOLD = 40.0
+MIN_DISTINCT = 0.5
+
+
 def select_pairs(collected: str | os.PathLike, judged: str | os.PathLike, *,
-                 threshold: float = 40.0, min_distinct: float = 0.0,
+                 threshold: float = THRESHOLD, min_distinct: float = MIN_DISTINCT,
                  samples: int | None = None) -> Selection:
     """Per question, the loop-free (chosen, rejected) pair of samples with the largest score
     difference, kept when the difference is at least ``threshold``.
@@ -170,7 +177,7 @@ def select_pairs(collected: str | os.PathLike, judged: str | os.PathLike, *,
     is never used. Ties go to the lowest sample numbers (greedy sample 0 first). ``samples``
     limits the choice to the first samples of each side (``1``: the greedy answers only).
 
-    Example:
+    Examples:
         >>> sel = select_pairs("collected.jsonl", "judged.jsonl", min_distinct=0.5)
         >>> len(sel.pairs) + len(sel.dropped)  # each of the two questions: kept, or why not
         2
@@ -212,8 +219,8 @@ def filter_pairs(
     judged: str | os.PathLike,
     path: str | os.PathLike | None = None,
     *,
-    threshold: float = 40.0,
-    min_distinct: float = 0.0,
+    threshold: float = THRESHOLD,
+    min_distinct: float = MIN_DISTINCT,
 ) -> list[Pair]:
     """The pairs :func:`select_pairs` keeps, saved to ``path`` (JSONL, atomically) with the
     dropped questions and their reasons beside it (``<path stem>.dropped.jsonl``).
@@ -225,7 +232,7 @@ def filter_pairs(
         threshold: minimum score difference (the original used 40).
         min_distinct: minimum distinct-2 of both answers (0: keep loops; the demo uses 0.5).
 
-    Example:
+    Examples:
         >>> kept = sl.filter_pairs("collected.jsonl", "judged.jsonl", "kept.jsonl")
         >>> sl.load_pairs("kept.jsonl") == kept
         True

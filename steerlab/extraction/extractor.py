@@ -69,7 +69,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
     ``overrides`` replace the config's model keys (command-line model flags).
 
-    Example:
+    Examples:
         >>> cfg = load_config("experiments/pirate/extract.yaml")
     """
     src = str(path)
@@ -188,7 +188,7 @@ def extract(
         SteerlabError: before anything is written, a pair whose rendered sequence is longer
             than the model's context (naming the pair, its length and the limit).
 
-    Example:
+    Examples:
         >>> sl.extract(model, sl.load_pairs("pairs.jsonl"), "pirate.h5", layers=[8, 10])
         PosixPath('pirate.h5')
         >>> sl.ActivationFile("pirate.h5").layers
@@ -246,7 +246,7 @@ def check_output(output: str | os.PathLike, shard: tuple[int, int] = (0, 1),
     it, its parts folder nor its lock aliasing one of ``inputs`` (field name to path: the
     pairs file, the config).
 
-    Example:
+    Examples:
         >>> check_output("acts.h5", (0, 1), {"pairs": "pairs.jsonl"})
         PosixPath('acts.h5')
     """
@@ -294,7 +294,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], output: str | os.PathLike)
     every missing shard, extra shard and shard captured with other settings is named, one
     line each. Other names are joined in the order given.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> for i in range(2):
         ...     _ = sl.extract(model, pairs[:4], "out/acts.h5", layers=[10], shard=(i, 2))
