@@ -179,7 +179,7 @@ class Chat:
         self.status = self.root.locator(":scope > .widget-html").last
         control = lambda name: self.root.locator(  # noqa: E731
             ".widget-inline-hbox", has=page.locator(f"label:text-is('{name}')"))
-        self.slider = control("strength")
+        self.slider = control("strength (norm)")  # the slider's units are in its label
         self.vector, self.layer = (control(n).locator("select") for n in ("vector", "layer"))
 
     def strength(self) -> float:
@@ -190,7 +190,7 @@ class Chat:
 
     def steering(self) -> tuple[str, float, str | None] | None:
         """(vector, strength, layer) as the status line states them; None when "off"."""
-        m = re.search(r"steering (\S+) × (\S+?)(?: \(layer (\d+)\))?$",
+        m = re.search(r"steering (\S+) × (\S+?) norm(?: \(layer (\d+)\))?$",
                       self.status.inner_text().strip())
         return m and (m.group(1), float(m.group(2)), m.group(3))
 

@@ -118,7 +118,7 @@ def test_faults_do_not_stop_a_run_and_resume_fills_gaps(server, tmp_path, caplog
     out = tmp_path / "collected.jsonl"
     a = EndpointResponder(_client(server), "be a pirate", max_tokens=8)
     b = EndpointResponder(_client(server), "be plain", max_tokens=8)
-    r = collect(QUESTIONS, a, b, out, progress=False)
+    r = collect(QUESTIONS, a, b, out, samples=1, progress=False)
     # 500s and malformed bodies exhaust the retries; 429 and timeouts recover
     assert (r.written, r.failed, r.skipped) == (8, 4, 0)
     assert server.seen["q1 fail500"] == 2 * 3 and server.seen["q4 garbage"] == 2 * 3
@@ -129,12 +129,12 @@ def test_faults_do_not_stop_a_run_and_resume_fills_gaps(server, tmp_path, caplog
     assert len(collected_pairs(out)) == 4
 
     server.heal()
-    r2 = collect(QUESTIONS, a, b, out, progress=False)
+    r2 = collect(QUESTIONS, a, b, out, samples=1, progress=False)
     assert (r2.written, r2.failed, r2.skipped) == (4, 0, 8)
     pairs = collected_pairs(out)
     assert [p.prompt for p in pairs] == QUESTIONS
     assert all(p.chosen == f"answer to {p.prompt}" for p in pairs)
-    assert collect(QUESTIONS, a, b, out, progress=False).written == 0
+    assert collect(QUESTIONS, a, b, out, samples=1, progress=False).written == 0
 
     text = out.read_text() + caplog.text + "".join(capsys.readouterr())
     assert "boom" in text and KEY not in text and "Bearer ***" in text

@@ -26,10 +26,11 @@ def pirate_run(tmp_path_factory, embedded_model):
     d = tmp_path_factory.mktemp("pirate")
     pos = LocalResponder(embedded_model, t.positive_instructions[0], max_tokens=MAX_TOKENS)
     neg = LocalResponder(embedded_model, t.negative_instructions[0], max_tokens=MAX_TOKENS)
-    collect(t.questions, pos, neg, d / "collected.jsonl", progress=False)
+    collect(t.questions, pos, neg, d / "collected.jsonl", samples=1, progress=False)
     judge(d / "collected.jsonl", d / "judged.jsonl", scorer_judge(t.build_scorer()),
           progress=False)
-    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", d / "pairs.jsonl")
+    pairs = filter_pairs(d / "collected.jsonl", d / "judged.jsonl", d / "pairs.jsonl",
+                         min_distinct=0.0)
     return dict(dir=d, trait=t, pairs=pairs, pos=pos, neg=neg)
 
 
@@ -56,7 +57,7 @@ def test_filter_keeps_exactly_the_separated_pairs(pirate_run):
 def test_rerun_skips_done_work_and_judge_resumes(pirate_run, tmp_path):
     d, t = pirate_run["dir"], pirate_run["trait"]
     again = collect(t.questions, pirate_run["pos"], pirate_run["neg"], d / "collected.jsonl",
-                    progress=False)
+                    samples=1, progress=False)
     assert (again.written, again.skipped) == (0, 2 * len(t.questions))
     # a judge run cut short (half its lines, the last one torn) resumes to the same result
     lines = (d / "judged.jsonl").read_text().splitlines(keepends=True)
@@ -65,7 +66,8 @@ def test_rerun_skips_done_work_and_judge_resumes(pirate_run, tmp_path):
     r = judge(d / "collected.jsonl", tmp_path / "judged.jsonl",
               scorer_judge(t.build_scorer()), progress=False)
     assert r.skipped == len(half) and r.written == len(lines) - len(half)
-    assert filter_pairs(d / "collected.jsonl", tmp_path / "judged.jsonl") == pirate_run["pairs"]
+    assert filter_pairs(d / "collected.jsonl", tmp_path / "judged.jsonl",
+                        min_distinct=0.0) == pirate_run["pairs"]
 
 
 @pytest.mark.slow
@@ -78,7 +80,7 @@ def test_cli_judge_filter_merge(pirate_run, tmp_path):
                               "--no-progress"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["traits", "filter", "pirate", "--run-dir", str(d),
-                              "--threshold", "40"])
+                              "--threshold", "40", "--min-distinct", "0"])
     assert res.exit_code == 0, res.output
     assert load_pairs(d / "pairs.jsonl") == pirate_run["pairs"]
     original = tmp_path / "filtered.json"
@@ -104,7 +106,7 @@ def test_cli_collect_on_a_tiny_model(tmp_path, tokenizer):
         "negative_instructions": ["Be y."], "questions": ["A?", "B?", "C?"],
         "scorer": {"type": "regex", "pattern": "."}}))
     args = ["traits", "collect", str(trait), "--model", str(model_dir), "--run-dir",
-            str(tmp_path / "run"), "--max-tokens", "3", "--no-progress"]
+            str(tmp_path / "run"), "--max-tokens", "3", "--samples", "1", "--no-progress"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "6 answers written, 0 failed" in res.output

@@ -57,7 +57,8 @@ def test_no_progress_hides_the_loading_weights_bar(hf_state, tmp_path, capfd):
     trait.write_text(json.dumps({
         "name": "t", "trait_instruction": "x", "positive_instructions": ["Be x."],
         "negative_instructions": ["Be y."], "questions": ["Hi?"]}))
-    args = ["traits", "collect", str(trait), "--max-tokens", "1", "--device", "cpu"]
+    args = ["traits", "collect", str(trait), "--max-tokens", "1", "--samples", "1",
+            "--device", "cpu"]
     assert run_cli(*args, "--run-dir", str(tmp_path / "a")) == 0
     assert "Loading weights" in capfd.readouterr().err  # the bar this test is about exists
     assert run_cli(*args, "--run-dir", str(tmp_path / "b"), "--no-progress") == 0

@@ -135,11 +135,11 @@ def test_pipeline_over_http_matches_local(server, embedded_model, tmp_path):
     out = {}
     for name, (a, b) in (("http", http), ("local", local)):
         d = tmp_path / name
-        r = collect(questions, a, b, d / "collected.jsonl", progress=False)
+        r = collect(questions, a, b, d / "collected.jsonl", samples=1, progress=False)
         assert r.failed == 0
         judge(d / "collected.jsonl", d / "judged.jsonl", judge_fn, progress=False)
         out[name] = (collected_pairs(d / "collected.jsonl"),
-                     filter_pairs(d / "collected.jsonl", d / "judged.jsonl"))
+                     filter_pairs(d / "collected.jsonl", d / "judged.jsonl", min_distinct=0.0))
     assert out["http"] == out["local"]
     assert len(out["http"][0]) == 3
 

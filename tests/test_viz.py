@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import steerlab.reporting as viz
 from steerlab.model.personas import Persona
-from steerlab.reporting import figures as viz
 
 RECORDS = [
     {"id": 0, "category": "a", "avg_entropy": 1.0, "avg_entropy_thinking": None,
