@@ -39,21 +39,48 @@ FAMILIES = (
     TemplateFamily(
         "gemma", "<start_of_turn>", "<start_of_turn>model\n", "<start_of_turn>{persona}\n"
     ),
+    # GPT-OSS (harmony): the author follows <|start|>, then <|channel|>, " to=" or the reply
+    TemplateFamily("harmony", "<|start|>", "<|start|>assistant", "<|start|>{persona}"),
 )
+
+# Formats with no role name in the text to relabel: marker -> why.
+UNRELABELLED = {
+    "[INST]": "it writes no assistant role to relabel (the [INST] format of Mistral and "
+              "Llama-2: the reply simply follows [/INST])",
+    "<|assistant|>": "its assistant role is a special token of its own, not a name to relabel "
+                     "(the Phi-3 format: <|assistant|>)",
+}
 
 THINK_END = "</think>"
 
 
 def template_family(template: str) -> TemplateFamily:
-    """The family of a chat template (ChatML, Llama-3 or Gemma), or a clear error."""
-    for family in FAMILIES:
-        if family.marker in template:
-            return family
-    raise SteerlabError(
-        "cannot patch this chat template for personas: it is not ChatML (<|im_start|>), "
-        "Llama-3 (<|start_header_id|>) or Gemma (<start_of_turn>)",
-        field="chat_template",
-    )
+    """The family of a chat template (ChatML, Llama-3, Gemma or harmony), or a clear error.
+
+    A template of a format that writes no assistant role name, or one that carries the
+    markers of two formats, is refused with the reason.
+    """
+    found = [f for f in FAMILIES if f.marker in template]
+    refused = [marker for marker in UNRELABELLED if marker in template]
+    if len(found) + len(refused) > 1:
+        markers = ", ".join([f.marker for f in found] + refused)
+        raise SteerlabError(
+            f"cannot patch this chat template for personas: it mixes the markers of several "
+            f"formats ({markers}), so where the assistant role stands is ambiguous",
+            field="chat_template",
+        )
+    if refused:
+        raise SteerlabError(
+            f"cannot patch this chat template for personas: {UNRELABELLED[refused[0]]}",
+            field="chat_template",
+        )
+    if not found:
+        raise SteerlabError(
+            "cannot patch this chat template for personas: it is not ChatML (<|im_start|>), "
+            "Llama-3 (<|start_header_id|>), Gemma (<start_of_turn>) or harmony (<|start|>)",
+            field="chat_template",
+        )
+    return found[0]
 
 
 def patch_chat_template(template: str, persona: str) -> str:
@@ -61,7 +88,9 @@ def patch_chat_template(template: str, persona: str) -> str:
 
     The patched template renders the original one unchanged and then rewrites the assistant
     header, so every assistant turn and the generation prompt carry the persona name and the
-    rest of the text is byte-identical.
+    rest of the text is byte-identical. ChatML (Qwen, SmolLM2), Llama-3, Gemma and harmony
+    (GPT-OSS) templates relabel; the [INST] format (Mistral) writes no assistant role and Phi-3
+    writes it as a special token, so those are refused with the reason (``SteerlabError``).
 
     Args:
         template: the tokenizer's Jinja chat template.
