@@ -5,6 +5,8 @@ generates greedily with the embedded model through steerlab and through plain HF
 ``generate`` on the same weights (no bridge) and checks that they agree token for token and
 that the bridge fills its KV cache. It is the check that fails when a release of transformers
 or TransformerLens breaks generation (as transformers 5.24 did; see docs/compatibility.md).
+On a CUDA machine :func:`static_checks` also runs the static engine against the eager one on
+each GPU and records a pass, after which ``engine="auto"`` picks static there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 
 from steerlab.base.compat import ensure_bridge_reads_cache, kv_cache_filled
+from steerlab.base.errors import SteerlabError
 from steerlab.generation.generator import generate
+from steerlab.generation.static_check import StaticCheck, check_static, record
 from steerlab.model.inputs import stop_token_ids
 from steerlab.model.loading import embedded_model_dir, load_model
 from steerlab.model.templates import encode_chat
@@ -79,10 +83,11 @@ class SelfCheck:
     reference_tokens: tuple[int, ...]
     seconds: float
     reply: str
+    loaded: bool = True  # False: load_model's own cache check refused the model
 
     @property
     def matches_reference(self) -> bool:
-        return self.steerlab_tokens == self.reference_tokens
+        return self.loaded and self.steerlab_tokens == self.reference_tokens
 
     @property
     def ok(self) -> bool:
@@ -100,7 +105,13 @@ def self_check(attn_implementation: str = "sdpa", max_new_tokens: int = 16) -> S
     from transformers import AutoModelForCausalLM  # deferred: transformers
 
     start = time.perf_counter()
-    model = load_model("embedded", device="cpu", attn_implementation=attn_implementation)
+    try:
+        model = load_model("embedded", device="cpu", attn_implementation=attn_implementation)
+    except SteerlabError as err:  # the load's own cache check failed: the same finding
+        return SelfCheck(attn_implementation=attn_implementation, cache_filled=False,
+                         steerlab_tokens=(), reference_tokens=(),
+                         seconds=time.perf_counter() - start, reply=f"load failed: {err}",
+                         loaded=False)
     tok = model.tokenizer
     ids = encode_chat(tok, SELF_CHECK_PROMPT)
     ours = generate(model, [ids], max_new_tokens=max_new_tokens).tokens[0]
@@ -116,3 +127,26 @@ def self_check(attn_implementation: str = "sdpa", max_new_tokens: int = 16) -> S
                      cache_filled=kv_cache_filled(model, ids), steerlab_tokens=tuple(ours),
                      reference_tokens=tuple(reference), seconds=time.perf_counter() - start,
                      reply=tok.decode(ours, skip_special_tokens=True))
+
+
+STATIC_DTYPES = ("float32", "bfloat16")
+
+
+def static_checks() -> list[tuple[StaticCheck, str | None]]:
+    """The static engine against the eager one on each CUDA device here (the embedded model,
+    in float32 and bfloat16), each pass recorded so that ``engine="auto"`` picks static there
+    (:func:`steerlab.generation.engine.proven`); ``(check, record path)`` pairs. Nothing on a
+    machine without CUDA: the CPU path needs no record (the test suite runs the same check).
+    """
+    out: list[tuple[StaticCheck, str | None]] = []
+    if not torch.cuda.is_available():
+        return out
+    for index in range(torch.cuda.device_count()):
+        for dtype in STATIC_DTYPES:
+            model = load_model("embedded", device=f"cuda:{index}", dtype=dtype)
+            result = check_static(model)
+            path = record(result)
+            out.append((result, None if path is None else str(path)))
+            del model
+            torch.cuda.empty_cache()
+    return out

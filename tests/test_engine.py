@@ -29,10 +29,10 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from steerlab.model.loading import _use_attention
+    from steerlab.model.attention import use_hf_mixers
 
     bridge = make_tiny_model(tokenizer, n_layers=3, seed=1)
-    _use_attention(bridge.original_model, "sdpa")
+    use_hf_mixers(bridge.original_model, "sdpa")
     return bridge
 
 

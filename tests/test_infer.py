@@ -268,10 +268,10 @@ def test_resume_after_kill_gives_the_uninterrupted_results(tiny_dir, tmp_path, c
 def test_engines_give_the_same_run_and_a_resume_may_switch(tokenizer, tmp_path, caplog):
     from conftest import make_tiny_model
 
-    from steerlab.model.loading import _use_attention
+    from steerlab.model.attention import use_hf_mixers
 
     model = make_tiny_model(tokenizer, seed=2)
-    _use_attention(model.original_model, "sdpa")  # the static engine needs HF attention
+    use_hf_mixers(model.original_model, "sdpa")  # the static engine needs HF attention
     cfg = InferConfig(max_tokens=6, batch_size=2, lens=True, engine="static")
     out = run_inference(model, PROMPTS, PERSONAE, tmp_path / "static", cfg, progress=False)
     ref = run_inference(model, PROMPTS, PERSONAE, tmp_path / "eager",

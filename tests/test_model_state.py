@@ -18,10 +18,10 @@ from steerlab.steering.vector import SteeringVector
 
 
 def test_state_lives_beside_the_model_and_goes_with_it(tokenizer):
-    from steerlab.model.loading import _use_attention
+    from steerlab.model.attention import use_hf_mixers
 
     model = make_tiny_model(tokenizer, n_layers=2, seed=4)
-    _use_attention(model.original_model, "sdpa")
+    use_hf_mixers(model.original_model, "sdpa")
     attributes = set(vars(model))
     vec = SteeringVector(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), (0, 1))
     with steer(model, vec, 1.0, units="raw"):

@@ -22,7 +22,7 @@ from conftest import make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from steerlab.model.loading import _use_attention
+from steerlab.model.attention import use_hf_mixers
 from steerlab.serving.requests import RequestError, parse_chat_request, parse_steering
 from steerlab.serving.shelf import VectorShelf
 from steerlab.steering.vector import Provenance, SteeringVector
@@ -73,7 +73,7 @@ def bodies(draw) -> dict:
 def half_model(tokenizer):
     model = make_tiny_model(tokenizer, n_layers=2, seed=3)
     model.original_model.to(torch.float16)
-    _use_attention(model.original_model, "sdpa")
+    use_hf_mixers(model.original_model, "sdpa")
     return model
 
 

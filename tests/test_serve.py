@@ -427,12 +427,12 @@ def _error_then_done(raw: bytes) -> dict:
 def test_failing_decode_answers_500_and_shutdown_stops_the_scheduler(tokenizer, engine):
     from conftest import make_tiny_model
 
+    from steerlab.model.attention import use_hf_mixers
     from steerlab.model.hooks import decoder_layers
-    from steerlab.model.loading import _use_attention
     from steerlab.serving.server import make_server
 
     model = make_tiny_model(tokenizer, n_layers=2, seed=2)
-    _use_attention(model.original_model, "sdpa")
+    use_hf_mixers(model.original_model, "sdpa")
     srv = make_server(model, port=0, model_name="tiny", max_batch=4, max_context=256,
                       engine=engine)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

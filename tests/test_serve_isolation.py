@@ -26,7 +26,7 @@ import torch
 from conftest import make_tiny_model
 
 from steerlab.generation.generator import NonFiniteError, generate
-from steerlab.model.loading import _use_attention
+from steerlab.model.attention import use_hf_mixers
 from steerlab.serving.shelf import VectorShelf
 from steerlab.steering.intervention import Steering
 from steerlab.steering.vector import Provenance, SteeringVector
@@ -40,7 +40,7 @@ QUESTIONS = ["Hello there", "What is the sea?", "Name a colour.", "Tell me a sto
 def _model(tokenizer, dtype=torch.float16):
     model = make_tiny_model(tokenizer, n_layers=2, seed=3)
     model.original_model.to(dtype)
-    _use_attention(model.original_model, "sdpa")
+    use_hf_mixers(model.original_model, "sdpa")
     return model
 
 

@@ -10,6 +10,7 @@ class SteerlabError(ValueError):
     """
 
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+        self.message = message
         self.source = source
         self.field = field
         where = ", ".join(

@@ -26,7 +26,9 @@ FLAGS: dict[str, tuple[Any, Any]] = {
     "n_devices": (int, typer.Option(
         help="Split evenly over the first N GPUs (1: no split).", rich_help_panel=_PANEL)),
     "attn_implementation": (str, typer.Option(
-        help="Attention kernel: sdpa, or eager for TransformerLens attention hooks.",
+        help="Attention kernel: auto (what HF picks for the architecture: sdpa where "
+        "supported, else eager), sdpa, flash_attention_2, or eager for TransformerLens "
+        "attention hooks.",
         rich_help_panel=_PANEL)),
 }
 _DEFAULTS = ModelOptions()

@@ -19,22 +19,29 @@ def doctor(
 
     Prints steerlab, torch, transformers and transformer-lens versions and the devices, then
     checks, with sdpa and with eager attention, that the embedded model's greedy reply equals
-    plain HF generate on the same weights and that the KV cache fills after the prefill. Paste
-    the output into bug reports.
+    plain HF generate on the same weights and that the KV cache fills after the prefill. On a
+    CUDA machine it then runs the static engine against the eager one on each GPU (tokens,
+    metrics, a strength and a persona change between calls, a finished row refilled) and
+    records a pass in the cache folder: from then on engine auto picks static on that GPU for
+    these versions. Paste the output into bug reports.
     """
     from transformers.utils import logging as hf_logging
 
-    from steerlab.doctor import environment, self_check
+    from steerlab.doctor import environment, self_check, static_checks
 
     hf_logging.disable_progress_bar()
     env = environment()
     results = [self_check(attn) for attn in ("sdpa", "eager")] if check else []
+    statics = static_checks() if check else []
     if as_json:
         if results:
             env["self_check"] = {r.attn_implementation: {
                 "ok": r.ok, "cache_filled": r.cache_filled,
                 "matches_reference": r.matches_reference, "seconds": round(r.seconds, 2)}
                 for r in results}
+            env["static_engine"] = [{"device": r.device, "dtype": r.dtype, "ok": r.ok,
+                                     "summary": r.summary(), "recorded": path}
+                                    for r, path in statics]
         typer.echo(json.dumps(env, indent=2))
     else:
         rows = {"python": f"{env['python']} ({env['platform']})", **env["packages"],
@@ -51,5 +58,10 @@ def doctor(
                        f" greedy reply {'equals' if result.matches_reference else 'DIFFERS FROM'}"
                        f" plain HF generate")
             typer.echo(f"{'':<18}reply: {result.reply!r}")
-    if not all(r.ok for r in results):
+        for result, path in statics:
+            then = f"engine auto uses it there (recorded in {path})" if path else \
+                "engine auto stays eager there"
+            typer.echo(f"{'static ' + result.dtype:<18}{'ok' if result.ok else 'FAILED'} in "
+                       f"{result.seconds:.1f} s: {result.summary()}; {then}")
+    if not all(r.ok for r in results) or not all(r.ok for r, _ in statics):
         sys.exit(1)

@@ -195,7 +195,8 @@ class _Shape:
     @classmethod
     def of(cls, model: Any) -> _Shape:
         cfg = _hf_config(model)
-        heads = cfg.num_attention_heads
+        # an attention-free model (Mamba) has no heads: its cache term comes out near zero
+        heads = getattr(cfg, "num_attention_heads", None) or 1
         d_model = cfg.hidden_size
         head_dim = getattr(cfg, "head_dim", None) or d_model // heads
         dtype = next(model.original_model.parameters()).dtype

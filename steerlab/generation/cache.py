@@ -1,6 +1,8 @@
 """The static engine's memory: :class:`SlotCache` (a preallocated KV cache, one slot per batch
-row with its own write position) and the per-model :class:`Workspace` of persistent tensors
-and step programs, kept in a small LRU per bucket."""
+row with its own write position), the :class:`CacheLayout` it serves (full and sliding-window
+attention layers; :func:`static_refusal` says why a model's cache cannot be served) and the
+per-model :class:`Workspace` of persistent tensors and step programs, kept in a small LRU per
+bucket."""
 
 from __future__ import annotations
 
@@ -11,10 +13,100 @@ from typing import Any
 
 import torch
 
+from steerlab.base.errors import SteerlabError
 from steerlab.generation.graphs import CapturedStep
+from steerlab.model.attention import hf_attention, kernel
 from steerlab.model.state import state
 
 log = logging.getLogger(__name__)
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The attention of each decoder layer, as the static engine serves it.
+
+    ``types[i]`` is ``full_attention`` or ``sliding_attention`` (HF's names, the keys of the
+    per-type masks HF models take); sliding layers attend to the last ``window`` positions.
+    The static cache keeps every position for every layer: a sliding layer's mask, not its
+    cache, drops what fell out of its window.
+    """
+
+    types: tuple[str, ...]
+    window: int | None = None
+
+    @property
+    def sliding(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return SLIDING in self.types
+
+    @property
+    def mixed(self) -> bool:
+        """Whether full and sliding layers mix (the mask goes per layer type)."""
+        return len(set(self.types)) > 1
+
+
+def cache_layout(model: Any) -> CacheLayout:
+    """The layout of ``model``'s cache, or a :class:`SteerlabError` saying in one line why the
+    static engine cannot serve it (the reasons :func:`static_refusal` gives).
+
+    Examples:
+        >>> cache_layout(model).types[:2]
+        ('full_attention', 'full_attention')
+    """
+    hf = model.original_model
+    name = type(hf).__name__
+    if not hf_attention(model):
+        raise SteerlabError("the static engine needs HF's attention modules; this model runs "
+                            "the bridge's eager attention (loaded with attn_implementation="
+                            "'eager'): load it with the default 'auto', or use engine='eager'",
+                            field="engine")
+    if kernel(model).startswith("flash"):
+        raise SteerlabError(f"the static engine passes a 4-D mask, which {kernel(model)} does "
+                            "not take: load with attn_implementation='auto' or 'sdpa', or use "
+                            "engine='eager'", field="engine")
+    if getattr(hf, "_is_stateful", False):
+        raise SteerlabError(f"{name} keeps a recurrent state, not a KV cache the static engine "
+                            "can hold: use engine='eager'", field="engine")
+    types, windows = _layer_types(hf.config)
+    other = sorted(set(types) - {FULL, SLIDING})
+    if other or len(types) != model.cfg.n_layers:
+        what = ", ".join(other) or f"{len(types)} cache layers for {model.cfg.n_layers}"
+        raise SteerlabError(f"{name}'s layers include {what}: a cache the static engine does "
+                            "not hold (full and sliding-window attention only): use "
+                            "engine='eager'", field="engine")
+    if len(set(windows)) > 1:
+        raise SteerlabError(f"{name}'s sliding layers have different windows "
+                            f"{sorted(set(windows))}: use engine='eager'", field="engine")
+    return CacheLayout(tuple(types), windows[0] if windows else None)
+
+
+def static_refusal(model: Any) -> str | None:
+    """Why the static engine cannot serve ``model`` (one line), or None when it can."""
+    try:
+        cache_layout(model)
+    except SteerlabError as err:
+        return err.message
+    return None
+
+
+def _layer_types(config: Any) -> tuple[list[str], list[int]]:
+    """Each layer's attention type (HF's own inference from the config where this
+    transformers has it) and the sliding layers' windows."""
+    text = config.get_text_config(decoder=True)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs  # deferred
+
+        types, kwargs = get_layer_types_and_kwargs(text)
+        windows = [k["sliding_window"] for t, k in zip(types, kwargs, strict=False)
+                   if t == SLIDING]
+    except ImportError:  # an older transformers: the config fields
+        window = getattr(text, "sliding_window", None)
+        types = list(getattr(text, "layer_types", None)
+                     or [SLIDING if window else FULL] * text.num_hidden_layers)
+        windows = [window] * types.count(SLIDING)
+    return [str(t) for t in types], [int(w) for w in windows]
 
 
 class SlotCache:
@@ -41,10 +133,18 @@ class SlotCache:
         """Copy a prefill's ``DynamicCache`` (``width`` positions) into slots ``rows``; the
         rest of each row is zeroed.
 
+        A sliding-window layer of the prefill holds only its last positions (HF trims it to
+        the window): they are copied to where they stand, ending at ``width``; the positions
+        before them are zeros that the layer's mask never lets a later query see.
+
         Zeroing matters: positions past ``width`` are masked, but attention still multiplies
         their values by a weight of zero, and ``0 * NaN`` is NaN. A row that went non-finite
         (a hostile steering) would otherwise poison whichever request takes its slot next."""
         layers = prefill.layers
+        if any(getattr(layer, "keys", None) is None for layer in layers):
+            kind = type(next(la for la in layers if getattr(la, "keys", None) is None)).__name__
+            raise SteerlabError(f"the prefill's cache has a {kind} layer the static engine "
+                                "cannot hold: use engine='eager'", field="engine")
         if not self.keys:
             for layer in layers:
                 k, v = layer.keys, layer.values
@@ -56,10 +156,11 @@ class SlotCache:
                                          device=self.keys[0].device)
         for i, layer in enumerate(layers):
             at = rows.to(self.keys[i].device)
-            self.keys[i][at, :, :width] = layer.keys.to(self.keys[i].dtype)
-            self.values[i][at, :, :width] = layer.values.to(self.values[i].dtype)
-            self.keys[i][at, :, width:] = 0
-            self.values[i][at, :, width:] = 0
+            start = width - layer.keys.shape[2]  # > 0: a sliding layer's last positions
+            for mine, theirs in ((self.keys[i], layer.keys), (self.values[i], layer.values)):
+                mine[at, :, start:width] = theirs.to(mine.dtype)
+                mine[at, :, :start] = 0
+                mine[at, :, width:] = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

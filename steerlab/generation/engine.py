@@ -14,10 +14,18 @@ the CPU the same step runs without a graph, so the tests exercise the same code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from steerlab.base.choice import Choice
+from steerlab.generation.cache import static_refusal
+from steerlab.model.loading import cache_dir
+from steerlab.model.provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +42,13 @@ class Engine(Choice):
     def resolve(self, model: Any, *, batching: bool = False, stepwise: bool = False) -> Engine:
         """The concrete engine for ``model``: the one rule of ``auto``.
 
-        ``auto`` is static when the model runs HF attention kernels (the static engine's
-        need) and either it sits on one CUDA device (where a graph pays) or the caller is
-        ``batching`` (a server: continuous batching is what it is for, even on the CPU);
-        eager otherwise, and always when ``stepwise`` Python code watches every step.
+        ``auto`` is static when the static engine can hold the model's cache
+        (:func:`steerlab.generation.cache.static_refusal`: HF attention modules, full and
+        sliding-window layers) and either the model sits on one GPU where the static engine
+        has passed its device check (:func:`proven`; ``steerlab doctor`` runs it) or the
+        caller is ``batching`` (a server: continuous batching is what it is for, even on the
+        CPU); eager otherwise, and always when ``stepwise`` Python code watches every step.
+        Each reason to take eager over static is said once, in one info line.
 
         Args:
             model: a bridge from :func:`steerlab.load_model`.
@@ -52,22 +63,57 @@ class Engine(Choice):
         """
         if self is not Engine.AUTO:
             return self
-        if stepwise or not hf_attention(model):
+        if stepwise:
             return Engine.EAGER
-        on_cuda = one_device(model) and \
-            next(model.original_model.parameters()).device.type == "cuda"
-        return Engine.STATIC if batching or on_cuda else Engine.EAGER
+        refusal = static_refusal(model)
+        if refusal:
+            _say_once(f"engine auto: eager, not static: {refusal}")
+            return Engine.EAGER
+        device = next(model.original_model.parameters()).device
+        accelerated = one_device(model) and device.type != "cpu"
+        if (batching or accelerated) and device.type != "cpu" and not proven(model):
+            _say_once(f"engine auto: eager on {device}: the static engine has not passed its "
+                      "check on this device for these versions; run `steerlab doctor` there "
+                      "to check it and enable it (or pass engine='static')")
+            return Engine.EAGER
+        return Engine.STATIC if batching or accelerated else Engine.EAGER
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        log.info("%s", line)
+
+
+def proof_key(device: torch.device | str, dtype: torch.dtype | str) -> dict[str, Any]:
+    """What a static-engine check holds for: the device kind, the dtype, the versions."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return {"device": name, "dtype": str(dtype).removeprefix("torch."), **versions()}
+
+
+def proof_path(device: torch.device | str, dtype: torch.dtype | str) -> Path:
+    """Where a passed static-engine check is recorded
+    (:func:`steerlab.generation.static_check.record`), in the cache folder."""
+    key = json.dumps(proof_key(device, dtype), sort_keys=True)
+    return cache_dir() / "static-engine" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def proven(model: Any) -> bool:
+    """Whether the static engine may be ``auto``'s choice on ``model``'s device: always on the
+    CPU (the test suite runs the same check), elsewhere once
+    :func:`steerlab.generation.static_check.check_static` passed there for this dtype and
+    these versions (``steerlab doctor`` runs it and records the pass)."""
+    p = next(model.original_model.parameters())
+    return p.device.type == "cpu" or proof_path(p.device, p.dtype).is_file()
 
 
 def one_device(model: Any) -> bool:
     """Whether all the weights are on one device (a graph cannot span a split model)."""
     return len({p.device for p in model.original_model.parameters()}) == 1
-
-
-def hf_attention(model: Any) -> bool:
-    """Whether the model runs HF's attention modules (any kernel but the bridge's eager
-    re-implementation), which the static engine needs: they accept its cache and 4-D mask."""
-    return getattr(model.original_model.config, "_attn_implementation", "eager") != "eager"
 
 
 def bucket_batch(n: int) -> int:

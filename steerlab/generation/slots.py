@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from steerlab.base.errors import SteerlabError
-from steerlab.generation.cache import workspace
+from steerlab.generation.cache import FULL, SLIDING, cache_layout, workspace
 from steerlab.generation.decode import (
     DecodeState,
     RowSteering,
@@ -26,9 +26,11 @@ from steerlab.generation.decode import (
     forward,
     prefill,
 )
-from steerlab.generation.engine import hf_attention, one_device
+from steerlab.generation.engine import one_device
 from steerlab.generation.lens import LastPositionRecorder
+from steerlab.model.attention import kernel
 from steerlab.model.hooks import unsafe_hooks
+from steerlab.model.inputs import position_ids
 from steerlab.steering.intervention import Steering
 from steerlab.steering.step_state import generating, listeners
 
@@ -49,11 +51,7 @@ class SlotBatch:
     @torch.inference_mode()
     def __init__(self, model: Any, slots: int, capacity: int, settings: StepProgram, *,
                  graphs: bool = True):
-        if not hf_attention(model):
-            raise SteerlabError("the static engine needs HF attention kernels; this model "
-                                "runs the bridge's eager attention (load it with "
-                                "attn_implementation='sdpa', or use engine='eager')",
-                                field="engine")
+        self.layout = cache_layout(model)  # or one line saying why not
         self.model, self.settings = model, settings
         self.device = next(model.original_model.parameters()).device
         self.ws = workspace(model, slots, capacity)
@@ -64,6 +62,11 @@ class SlotBatch:
         self.valid = alloc("valid", (slots, capacity), torch.bool)
         self.valid.zero_()
         self.rope = alloc("rope", (slots,), torch.long)
+        # the position of each cache entry (sliding layers mask by distance in positions)
+        self.key_pos = alloc("key_pos", (slots, capacity), torch.long)
+        # eager attention adds its mask to the scores: 0 where seen, the dtype's min elsewhere
+        self.mask_dtype = next(model.original_model.parameters()).dtype
+        self.additive = kernel(model) == "eager"
         self.cache = self.ws.cache
         self.cache.write = alloc("write", (slots,), torch.long)
         self.cache.write.zero_()
@@ -133,6 +136,7 @@ class SlotBatch:
         self.cache.load(rows, dyn, width)
         self.valid[rows] = False
         self.valid[rows, :width] = mask.bool()
+        self.key_pos[rows, :width] = position_ids(mask)
         self.cache.write[rows] = width
         self.rope[rows] = mask.sum(-1)
         advance(st, logits, resid, rows=rows, model=self.model)
@@ -148,12 +152,29 @@ class SlotBatch:
         st, cache = self.st, self.cache
         fed = st.active.clone()
         self.valid.scatter_(1, cache.write[:, None], True)
-        logits, _, resid = forward(self.model, st.next_ids[:, None],
-                                   self.valid[:, None, None, :], self.rope[:, None], cache,
-                                   self.recorder)
+        self.key_pos.scatter_(1, cache.write[:, None], self.rope[:, None])
+        logits, _, resid = forward(self.model, st.next_ids[:, None], self._masks(),
+                                   self.rope[:, None], cache, self.recorder)
         advance(st, logits, resid, model=self.model)
         cache.write += fed
         self.rope += fed
+
+    def _masks(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The decode step's 4-D masks: every valid position for full-attention layers, the
+        last ``window`` positions of those for sliding ones (HF's rule: a key at distance
+        less than the window), per layer type when they mix."""
+        masks = {FULL: self.valid}
+        if self.layout.sliding:
+            near = self.key_pos > (self.rope - self.layout.window)[:, None]
+            masks[SLIDING] = self.valid & near
+        out = {}
+        for name, mask in masks.items():
+            mask = mask[:, None, None, :]
+            if self.additive:
+                mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device) \
+                    .masked_fill(~mask, torch.finfo(self.mask_dtype).min)
+            out[name] = mask
+        return out if self.layout.mixed else out[self.layout.types[0]]
 
     def step(self) -> None:
         """One decode step for every slot (finished and empty slots compute but change

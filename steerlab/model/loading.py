@@ -15,6 +15,8 @@ import torch
 
 from steerlab.base.compat import ensure_bridge_reads_cache
 from steerlab.base.errors import SteerlabError
+from steerlab.model.architectures import boot_bridge, check_cached_generation
+from steerlab.model.attention import AUTO, hf_request, kernel_error, use_hf_mixers
 from steerlab.model.options import ModelOptions, check_placement, hf_placement
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def load_model(
     n_devices: int | None = None,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = AUTO,
 ) -> Any:
     """Load a chat model as a TransformerLens ``TransformerBridge`` with its tokenizer.
 
@@ -123,7 +125,10 @@ def load_model(
         n_devices: split the model evenly over the first N GPUs.
         device_map: an HF device map (``"auto"``, ``"balanced"``, a dict, ...) instead.
         max_memory: per-device memory budget for a split.
-        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (HF attention kernels).
+        attn_implementation: ``"auto"`` (default: the kernel HF picks for the architecture,
+            sdpa where supported, else eager; HF's attention modules run), ``"sdpa"``, a flash
+            kernel, or ``"eager"`` (the bridge's attention, whose pattern hooks fire). See
+            :mod:`steerlab.model.attention`.
 
     Returns:
         The bridge; ``model.tokenizer`` is its tokenizer, ``model.original_model`` the HF model.
@@ -137,7 +142,6 @@ def load_model(
         >>> model.cfg.n_layers
         30
     """
-    from transformer_lens.model_bridge import TransformerBridge  # deferred: transformer_lens
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers
 
     opts = ModelOptions(
@@ -151,7 +155,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=opts.attn_implementation,
+            source, dtype=torch_dtype, **hf_request(opts.attn_implementation),
             **hf_placement(opts, max_memory),
         )
     except OSError as err:
@@ -162,50 +166,33 @@ def load_model(
     except (ValueError, ImportError) as err:
         if "attn" not in str(err).lower() and "attention" not in str(err).lower():
             raise
-        raise SteerlabError(f"{model_id} cannot use {opts.attn_implementation!r} attention "
-                            f"({err})", field="attn_implementation") from None
+        raise kernel_error(model_id, opts.attn_implementation, err,
+                           _hf_class(source)) from None
     check_placement(hf_model, opts)
+    chosen = str(hf_model.config._attn_implementation)  # before the bridge sets it to eager
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     hf_model.eval()
     first = next(hf_model.parameters()).device
-    bridge = TransformerBridge.boot_transformers(
-        model_id, hf_model=hf_model, tokenizer=tokenizer, device=first, dtype=torch_dtype
-    )
+    bridge = boot_bridge(model_id, hf_model, tokenizer, first, torch_dtype)
     bridge.eval()
-    _use_attention(hf_model, opts.attn_implementation)
-    log.info("loaded %s (%d layers, d_model %d) on %s in %s, %s attention", model_id,
-             bridge.cfg.n_layers, bridge.cfg.d_model, _where(hf_model), opts.dtype,
-             opts.attn_implementation)
+    use_hf_mixers(hf_model, chosen, attention=opts.attn_implementation != "eager")
+    check_cached_generation(bridge, model_id)
+    log.info("loaded %s (%d layers, d_model %d) on %s in %s, %s attention%s", model_id,
+             bridge.cfg.n_layers, bridge.cfg.d_model, _where(hf_model), opts.dtype, chosen,
+             " (auto: what HF picks for " + type(hf_model).__name__ + ")"
+             if opts.attn_implementation == AUTO else "")
     return bridge
 
 
-def _use_attention(hf_model: Any, attn_implementation: str) -> None:
-    """Run HF's own attention modules with ``attn_implementation``, unless it is eager.
-
-    The bridge swaps every attention module for a re-implementation in eager math (so that
-    its pattern and score hooks fire) and sets the config to eager; with any other kernel
-    steerlab puts the HF modules back. steerlab's hooks are on the residual stream (decoder
-    layers, ``hook_resid_mid`` after attention), which still fire; the bridge's attention
-    hooks (``hook_pattern``, ``hook_z``, …) fire only with eager. Logits, activations and
-    metrics agree with eager within float tolerance (tests check this) while the scores
-    ``[batch, heads, pos, pos]`` are never materialised and the KV cache is HF's own.
-    """
-    if attn_implementation == "eager":
-        return
-    # deferred: transformer_lens
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+def _hf_class(source: str) -> Any:
+    """The HF causal-LM class of a model folder or id (None when it cannot be told)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers
 
     try:
-        hf_model.set_attn_implementation(attn_implementation)
-    except (ValueError, ImportError) as err:
-        raise SteerlabError(f"this model cannot use {attn_implementation!r} attention ({err})",
-                            field="attn_implementation") from None
-    for module in list(hf_model.modules()):
-        for name, child in list(module.named_children()):
-            original = getattr(child, "original_component", None)
-            if isinstance(child, AttentionBridge) and original is not None:
-                setattr(module, name, original)
+        return AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source))]
+    except Exception:  # noqa: BLE001 - only names the kernels in an error message
+        return None
 
 
 def _where(hf_model: Any) -> str:

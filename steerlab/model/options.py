@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from steerlab.base.errors import SteerlabError
+from steerlab.model.attention import AUTO, KERNELS
 
 log = logging.getLogger(__name__)
 
 DEVICES = "auto, cpu, cuda, cuda:N, mps or meta"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+ATTN_IMPLEMENTATIONS = KERNELS
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -118,8 +119,9 @@ class ModelOptions:
         device_map: split over GPUs with an HF device map: ``auto``, ``balanced``,
             ``balanced_low_0``, ``sequential``, or a dict / JSON object of module -> device.
         n_devices: split evenly over the first N GPUs (``balanced``); 1 means no split.
-        attn_implementation: HF attention kernel; ``sdpa`` by default, ``eager`` to read
-            attention patterns.
+        attn_implementation: attention kernel: ``auto`` (default: what HF picks for the
+            architecture, sdpa where supported), ``sdpa``, a flash kernel, or ``eager`` for the
+            bridge's attention hooks (``hook_pattern``).
     """
 
     model: str = "embedded"
@@ -127,7 +129,7 @@ class ModelOptions:
     dtype: str = "float32"
     device_map: str | dict[str, Any] | None = None
     n_devices: int = 1
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = AUTO
 
     @property
     def split(self) -> bool:
