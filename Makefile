@@ -18,7 +18,7 @@ LATEST_TESTS ?= tests/test_reference.py tests/test_models.py tests/test_compat.p
 PYTEST_ARGS ?=
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: docs test test-extended test-gguf test-browser test-slurm demo lint arch bench install lock test-latest doctor clean
+.PHONY: docs models-table test test-extended test-gguf test-browser test-slurm demo lint arch bench install lock test-latest doctor clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ arch: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python docs/check_api.py
+
+# docs/models.md: the architecture matrix (tests/test_families.py: tiny random models of each
+# family, default settings, against plain HF) as a families x paths table (a few minutes).
+models-table: $(STAMP)
+	$(OFFLINE) $(BIN)/python docs/gen_models.py
 
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
