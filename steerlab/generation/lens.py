@@ -24,12 +24,37 @@ DEFAULT_MAX_ELEMENTS = 2**25  # logits per chunk: 128 MB in float32
 def lens_logits(
     model: Any, resid: Float[torch.Tensor, "... d_model"]
 ) -> Float[torch.Tensor, "... d_vocab"]:
-    """``unembed(ln_final(resid))`` with the model's own modules.
+    """``unembed(ln_final(resid))`` with the model's own modules, then the scaling the
+    architecture applies to its logits (:func:`output_scaling`), so that the lens at the last
+    layer is the model's own output.
 
     Examples:
         >>> lens_logits(model, resid_post[-1]) == model(ids)  # at the last layer
     """
-    return model.unembed(model.ln_final(resid))
+    return output_scaling(model, model.unembed(model.ln_final(resid)))
+
+
+def output_scaling(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What an architecture's causal-LM head does to ``lm_head``'s output, read from its
+    config: Gemma-2's soft-capping (``final_logit_softcapping``), Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``; the logits as they are elsewhere.
+
+    Examples:
+        >>> output_scaling(model, torch.ones(2)).tolist()  # Llama: nothing
+        [1.0, 1.0]
+    """
+    cfg = model.original_model.config
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divide = getattr(cfg, "logits_scaling", None)
+    if isinstance(divide, (int, float)) and divide != 1:
+        logits = logits / divide
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap > 0:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def lens_metrics(

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from steerlab.base.errors import SteerlabError
+from steerlab.model.state import state
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def use_hf_mixers(hf_model: Any, kernel: str, *, attention: bool = True) -> None
         except (ValueError, ImportError) as err:
             raise kernel_error(type(hf_model).__name__, kernel, err, type(hf_model)) from None
         swap = (AttentionBridge, SSMStateHookMixin)
+        state(hf_model).hf_attention = True
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
             original = getattr(child, "original_component", None)
@@ -89,16 +91,14 @@ def use_hf_mixers(hf_model: Any, kernel: str, *, attention: bool = True) -> None
 def hf_attention(model: Any) -> bool:
     """Whether ``model`` runs HF's attention modules (any kernel), not the bridge's eager
     re-implementation: what the static engine needs (they accept its cache and 4-D mask).
+    True once :func:`use_hf_mixers` put them back, or while the config names a kernel other
+    than eager (the bridge sets eager when it installs its own).
 
     Examples:
         >>> hf_attention(model)  # loaded with the default kernel
         True
     """
-    from transformer_lens.model_bridge.generalized_components.attention import (  # deferred
-        AttentionBridge,
-    )
-
-    return not any(isinstance(m, AttentionBridge) for m in model.original_model.modules())
+    return bool(state(model.original_model).hf_attention) or kernel(model) != "eager"
 
 
 def kernel(model: Any) -> str:

@@ -34,6 +34,7 @@ class ModelState:
     steerings: list[Any] = field(default_factory=list)
     norms: dict[int, float] = field(default_factory=dict)  # residual norms per layer, measured once
     generating: bool = False
+    hf_attention: bool = False  # HF's attention modules put back in place of the bridge's
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ModelState] = weakref.WeakKeyDictionary()
