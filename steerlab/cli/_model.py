@@ -34,7 +34,8 @@ FLAGS: dict[str, tuple[Any, Any]] = {
 _DEFAULTS = ModelOptions()
 ENGINE_HELP = ("Generation engine: eager (growing KV cache, one Python step per token), "
                "static (preallocated cache; the decode step replayed as a CUDA graph on GPUs) "
-               "or auto (static on CUDA, else eager). Same tokens and metrics either way.")
+               "or auto (static on a GPU where `steerlab doctor` checked it, else eager). Same "
+               "tokens and metrics either way.")
 
 
 def check_engine(engine: str) -> str:

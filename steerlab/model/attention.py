@@ -70,7 +70,7 @@ def use_hf_mixers(hf_model: Any, kernel: str, *, attention: bool = True) -> None
     # deferred: transformer_lens
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     from transformer_lens.model_bridge.generalized_components.ssm_protocol import (
-        SSMStateHookMixin,
+        SSMStateHookMixin,  # deferred: transformer_lens
     )
 
     swap: tuple[type, ...] = (SSMStateHookMixin,)
