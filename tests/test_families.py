@@ -231,8 +231,10 @@ def test_steering_equals_a_plain_hook_on_hf(model, ref, prompts, expected, stops
     assert want != expected  # the vector does change the replies
 
 
-def test_lens_at_the_last_layer_is_the_model(model, ref, prompts):
-    rows = generate_with_metrics(model, prompts, max_new_tokens=NEW_TOKENS, k=K, lens=True)
+@ENGINES
+def test_lens_at_the_last_layer_is_the_model(model, ref, prompts, engine):
+    rows = generate_with_metrics(model, prompts, max_new_tokens=NEW_TOKENS, k=K, lens=True,
+                                 engine=engine)
     w = ref.get_output_embeddings().weight
     for prompt, row in zip(prompts, rows, strict=True):
         assert row.lens_entropy.shape == (len(row.tokens), N_LAYERS)
