@@ -160,3 +160,17 @@ def test_auto_takes_static_on_an_accelerator_only_once_proven(tokenizer, tmp_pat
     assert Engine.AUTO.resolve(meta, batching=True) is Engine.EAGER
     cpu = load_model(d, device="cpu")
     assert proven(cpu) and Engine.AUTO.resolve(cpu, batching=True) is Engine.STATIC
+
+
+def test_serve_refuses_static_for_a_cache_it_cannot_hold_and_auto_serves_eager(
+        qwen3_next_dir):
+    from steerlab.serving.server import make_server
+
+    model = load_model(qwen3_next_dir, device="cpu")
+    with pytest.raises(SteerlabError, match="linear_attention"):
+        make_server(model, port=0, engine="static")
+    srv = make_server(model, port=0)  # the default, auto
+    try:
+        assert srv.engine == "eager"
+    finally:
+        srv.server_close()

@@ -34,8 +34,9 @@ def check_serving(model: ModelOptions, engine: str, max_batch: int, max_context:
 _HELP = {
     "engine": "static: continuous batching (concurrent requests decode together in one "
     "static-engine batch; a finished row's slot goes to the next request), on the CPU too; "
-    "eager: one request at a time; auto: static unless the model runs the bridge's eager "
-    "attention.",
+    "eager: one request at a time; auto: static unless the static engine cannot hold the "
+    "model's cache (the bridge's eager attention, linear-attention layers) or, on a GPU, has "
+    "not passed `steerlab doctor`'s check there (one log line says which).",
     "max_batch": "Requests decoding together (static); more wait for a free slot.",
     "max_context": "Most positions per request, prompt plus max_tokens; a longer request is "
     "refused with 400 (static: larger costs memory and time per step, every step attends "
@@ -71,7 +72,7 @@ def serve(
     port: int = typer.Option(8000, help="Port (0: pick a free one and print it)."),
     name: Annotated[str | None, typer.Option(help="Model name reported by /v1/models "
                                              "[default: the model id].")] = None,
-    engine: str = typer.Option("static", help=_HELP["engine"]),
+    engine: str = typer.Option("auto", help=_HELP["engine"]),
     max_batch: int = typer.Option(16, help=_HELP["max_batch"]),
     max_context: int = typer.Option(2048, help=_HELP["max_context"]),
     sync_every: int = typer.Option(4, help=_HELP["sync_every"]),

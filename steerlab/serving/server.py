@@ -15,7 +15,9 @@ whole within ``read_timeout`` (408), an idle connection is closed after ``idle_t
 past ``max_connections`` a new connection gets 503 with ``Retry-After``
 (:mod:`steerlab.serving.http_edge`).
 
-``static`` (the default): continuous batching on the static engine
+``static`` (what the default ``auto`` picks where the static engine can hold the model's cache,
+and on a GPU once it has passed its device check there): continuous batching on the static
+engine
 (:mod:`steerlab.serving.batcher`):
 concurrent requests decode together, each row with its own persona, sampling, budget and
 steering, and a finished row's slot goes to the next request between steps. Streamed chunks go
@@ -47,6 +49,7 @@ from typing import Any
 
 from steerlab.base.errors import SteerlabError
 from steerlab.generation.budget import context_length
+from steerlab.generation.cache import cache_layout
 from steerlab.generation.detokenize import Detokenizer
 from steerlab.generation.engine import Engine
 from steerlab.generation.generator import NonFiniteError, generate
@@ -80,6 +83,7 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
         chosen = Engine.parse(engine, field="engine").resolve(model, batching=True)
         self.batcher: Any = None
         if chosen is Engine.STATIC:
+            cache_layout(model)  # a cache the static engine cannot hold: one line, now
             self.batcher = Batcher(model, slots=max_batch, max_context=max_context,
                                    sync_every=sync_every)
         self.model, self.model_name, self.engine = model, model_name, chosen.value
@@ -348,7 +352,7 @@ class _Stream:
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                model_name: str | None = None, engine: str = "static", max_batch: int = 16,
+                model_name: str | None = None, engine: str = "auto", max_batch: int = 16,
                 max_context: int = 2048, sync_every: int = 4, api_key: str | None = None,
                 no_auth: bool = False, limits: Limits | None = None,
                 vectors_dir: str | os.PathLike | None = None) -> ThreadingHTTPServer:
@@ -356,9 +360,11 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *,
     (``server.server_address[1]``); ``server_close()`` or ``shutdown()`` stop its scheduler.
 
     ``engine``: ``"static"`` (continuous batching of up to ``max_batch`` rows, checked every
-    ``sync_every`` steps; needs HF attention), ``"eager"`` (one request at a time) or
-    ``"auto"`` (static when the model allows it). Either way a request's prompt plus
-    ``max_tokens`` must fit ``max_context`` positions, within ``limits`` (:class:`Limits`).
+    ``sync_every`` steps; a model whose cache it cannot hold is refused here, in one line),
+    ``"eager"`` (one request at a time) or ``"auto"`` (the default: static where
+    :meth:`steerlab.Engine.resolve` allows it for a batching server). Either way a request's
+    prompt plus ``max_tokens`` must fit ``max_context`` positions, within ``limits``
+    (:class:`Limits`).
     ``api_key``: required as ``Authorization: Bearer <key>``; serving beyond loopback without
     one needs ``no_auth=True`` (:func:`check_exposure`).
     ``vectors_dir``: the folder of the vectors requests may steer with, by name
