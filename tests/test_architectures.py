@@ -168,8 +168,8 @@ def test_serve_refuses_static_for_a_cache_it_cannot_hold_and_auto_serves_eager(
 
     model = load_model(qwen3_next_dir, device="cpu")
     with pytest.raises(SteerlabError, match="linear_attention"):
-        make_server(model, port=0, engine="static")
-    srv = make_server(model, port=0)  # the default, auto
+        make_server(model, port=0, engine="static", max_context=256)
+    srv = make_server(model, port=0, max_context=256)  # the default engine, auto
     try:
         assert srv.engine == "eager"
     finally:
