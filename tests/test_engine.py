@@ -1,6 +1,7 @@
 """The static engine against the eager one: same greedy tokens and metrics (1e-4), the same
 rules (left padding, early stops, steering positions, per-row strengths, thinking), no
-rebuilt step when only strengths change, and no host reads inside a decode step."""
+rebuilt step when only strengths change, no host reads inside a decode step, and a step over
+the occupied slots' bucket only (one row for a lone request in slot 0)."""
 
 from __future__ import annotations
 
@@ -198,3 +199,43 @@ def test_static_needs_hf_attention(tokenizer):
         generate(bridge_eager, PROMPTS, max_new_tokens=2, engine="static")
     assert generate(bridge_eager, PROMPTS, max_new_tokens=2).tokens  # auto: eager
     assert Engine.AUTO.resolve(bridge_eager, batching=True) is Engine.EAGER
+
+
+def test_a_step_runs_over_the_occupied_slots_bucket(model):
+    """A lone row in slot 0 steps over one row; a row in slot 1 makes it two; releasing it
+    shrinks the step back; tokens equal each prompt decoded alone (eager)."""
+    settings = StepProgram(0, False, False, (), (2,), 0)
+    alone = [generate(model, [p], max_new_tokens=12, engine="eager").tokens[0]
+             for p in PROMPTS[:3]]
+    seen: list[int] = []
+    handle = model.original_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True)
+    batch = SlotBatch(model, 4, 128, settings)
+    try:
+        with batch.running():
+            batch.admit([0], PROMPTS[:1], limits=[12], temps=[0.0], seeds=[0])
+            seen.clear()
+            for _ in range(3):
+                batch.step()
+            assert seen == [1, 1, 1]
+            batch.admit([1], PROMPTS[1:2], limits=[12], temps=[0.0], seeds=[0])
+            seen.clear()
+            for _ in range(3):
+                batch.step()
+            assert seen == [2, 2, 2]
+            batch.admit([2], PROMPTS[2:3], limits=[12], temps=[0.0], seeds=[0])
+            seen.clear()
+            batch.step()
+            assert seen == [4]  # the bucket of 3 rows
+            got_1 = batch.st.tokens[1, : int(batch.st.n_out[1])].tolist()
+            batch.release([1, 2])
+            seen.clear()
+            for _ in range(12):
+                batch.step()
+            assert set(seen) == {1}
+            got_0 = batch.st.tokens[0, : int(batch.st.n_out[0])].tolist()
+    finally:
+        handle.remove()
+    assert got_0 == alone[0]
+    assert got_1 == alone[1][: len(got_1)] and len(got_1) == 5

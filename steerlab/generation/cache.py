@@ -114,7 +114,8 @@ class SlotCache:
 
     Each row (slot) writes its next key at its own position ``write[row]``, so rows of
     different lengths, and rows that join a running batch later, share one cache. Prompts are
-    prefilled through HF's own path and copied in with :meth:`load`; decode steps call
+    prefilled through HF's own path and copied in with :meth:`load`; a decode step over the
+    first ``rows`` slots calls :meth:`begin` once, then every layer's attention calls
     :meth:`update` (what HF attention calls) with one new position per row.
     """
 
@@ -123,7 +124,11 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.write: torch.Tensor | None = None  # [slots] long, on the first layer's device
-        self._index: list[torch.Tensor] = []
+        self.rows = slots  # the rows of the step under way (set by begin)
+        # per layer, for the step under way: keys and values of its rows, scatter indices
+        self._step: list[tuple[torch.Tensor, ...]] = []
+        self._plans: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # by rows, one device
+        self._planned_write: torch.Tensor | None = None  # the write buffer the plans view
 
     @property
     def ready(self) -> bool:
@@ -162,16 +167,47 @@ class SlotCache:
                 mine[at, :, :start] = 0
                 mine[at, :, width:] = 0
 
+    def begin(self, rows: int) -> None:
+        """Prepare a decode step over slots ``[0, rows)``: each layer's keys and values of
+        those rows (views: the same addresses, for a captured graph) and its scatter index
+        (views of ``write``), built here once, not in every layer's :meth:`update`. On one
+        device the plan of each ``rows`` is kept (``write`` changes in place); a model split
+        over devices copies ``write`` to each device once a step."""
+        self.rows = rows
+        if self._plans and self._planned_write is not self.write:
+            self._plans.clear()  # a new write buffer: the kept views read the old one
+        plan = self._plans.get(rows)
+        if plan is None:
+            plan, local = self._plan(rows)
+            if local:
+                self._plans[rows], self._planned_write = plan, self.write
+        self._step = plan
+
+    def _plan(self, rows: int) -> tuple[list[tuple[torch.Tensor, ...]], bool]:
+        assert self.write is not None and self.keys, "load a prefill first"
+        writes: dict[torch.device, torch.Tensor] = {}
+        plan = []
+        for keys, values in zip(self.keys, self.values, strict=True):
+            dev = keys.device
+            if dev not in writes:
+                writes[dev] = self.write[:rows].to(dev).view(rows, 1, 1, 1)
+            w = writes[dev]
+            plan.append((keys[:rows], values[:rows],
+                         w.expand(rows, keys.shape[1], 1, keys.shape[3]),
+                         w.expand(rows, values.shape[1], 1, values.shape[3])))
+        return plan, set(writes) == {self.write.device}
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one position per row at ``write`` (in place) and return the whole cache."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        write = self.write.to(keys.device)
-        b, h, _, d = key_states.shape
-        keys.scatter_(2, write.view(b, 1, 1, 1).expand(b, h, 1, d), key_states.to(keys.dtype))
-        dv = value_states.shape[-1]
-        values.scatter_(2, write.view(b, 1, 1, 1).expand(b, h, 1, dv),
-                        value_states.to(values.dtype))
+        """Write one position per row of the step (:meth:`begin`) at ``write``, in place, and
+        return those rows' whole cache."""
+        keys, values, k_at, v_at = self._step[layer_idx]
+        if key_states.dtype != keys.dtype:  # HF's attention computes in the cache's dtype
+            key_states = key_states.to(keys.dtype)
+        if value_states.dtype != values.dtype:
+            value_states = value_states.to(values.dtype)
+        keys.scatter_(2, k_at, key_states)
+        values.scatter_(2, v_at, value_states)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

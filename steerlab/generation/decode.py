@@ -197,6 +197,7 @@ class RowSteering:
         self.deltas: dict[EntryKey, torch.Tensor] = {}
         self.prefill_rows: torch.Tensor | None = None  # rows of a prefill under way
         self.prefill = False
+        self.rows: int | None = None  # a decode step over rows [0, rows) (None: all)
 
     @property
     def keys(self) -> tuple[EntryKey, ...]:
@@ -246,8 +247,10 @@ class RowSteering:
                         if self.prefill_rows is not None:
                             delta = delta[self.prefill_rows]
                     else:
-                        rows = positions.rows(StepState(False, self.st.active,
-                                                        self.st.in_output))
+                        n, st = self.rows, self.st
+                        delta = delta[:n]
+                        rows = positions.rows(StepState(False, st.active[:n],
+                                                        st.in_output[:n]))
                     h = add_steering(h, delta, rows, key[2])
                 return h
 

@@ -1,11 +1,12 @@
 """The static engine's running batch: rows (slots) on a preallocated KV cache.
 
 :class:`SlotBatch` admits prompts into free slots (one prefill through HF's own path, copied
-into the :class:`steerlab.generation.cache.SlotCache`), runs decode steps for every slot at once
-(a CUDA
-graph per bucket on GPUs) and lets the caller read the state at checks. ``generate`` admits
-a whole batch and runs it to the end; ``steerlab serve`` keeps one running and refills a
-finished row's slot with the next request (continuous batching).
+into the :class:`steerlab.generation.cache.SlotCache`), runs decode steps over the occupied
+slots' bucket (the first ``bucket_batch(1 + highest occupied slot)`` rows; a CUDA graph per
+bucket and step structure on GPUs) and lets the caller read the state at checks.
+``generate`` admits a whole batch and runs it to the end; ``steerlab serve`` keeps one
+running and refills a finished row's slot with the next request (the lowest free slot first,
+so the occupied slots stay packed at the front and the step's bucket small).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from steerlab.generation.decode import (
     forward,
     prefill,
 )
-from steerlab.generation.engine import one_device
+from steerlab.generation.engine import bucket_batch, one_device
 from steerlab.generation.lens import LastPositionRecorder
 from steerlab.model.attention import kernel
 from steerlab.model.hooks import unsafe_hooks
@@ -75,6 +76,7 @@ class SlotBatch:
         self.graphs = graphs
         self._hooks: contextlib.ExitStack | None = None
         self._replayable = False
+        self._occupied: set[int] = set()  # slots admitted and not released (host side)
 
     def _alloc(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self.ws.tensor(name, shape, dtype, self.device)
@@ -140,33 +142,46 @@ class SlotBatch:
         self.cache.write[rows] = width
         self.rope[rows] = mask.sum(-1)
         advance(st, logits, resid, rows=rows, model=self.model)
+        self._occupied.update(slots)
 
     def release(self, slots: Sequence[int]) -> None:
         """Stop ``slots`` and drop their steering (their slots may be admitted again)."""
         rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         self.st.finish(rows)
+        self._occupied.difference_update(slots)
         if self.steering.set_rows(rows, [() for _ in slots]):
             self._rehook()
 
-    def _decode(self) -> None:
-        st, cache = self.st, self.cache
-        fed = st.active.clone()
-        self.valid.scatter_(1, cache.write[:, None], True)
-        self.key_pos.scatter_(1, cache.write[:, None], self.rope[:, None])
-        logits, _, resid = forward(self.model, st.next_ids[:, None], self._masks(),
-                                   self.rope[:, None], cache, self.recorder)
-        advance(st, logits, resid, model=self.model)
-        cache.write += fed
-        self.rope += fed
+    @property
+    def step_rows(self) -> int:
+        """The rows a step runs over: the power of two covering the highest occupied slot
+        (at most ``slots``), so a lone request in slot 0 steps over one row."""
+        top = max(self._occupied, default=0)
+        return min(self.slots, bucket_batch(top + 1))
 
-    def _masks(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The decode step's 4-D masks: every valid position for full-attention layers, the
-        last ``window`` positions of those for sliding ones (HF's rule: a key at distance
-        less than the window), per layer type when they mix."""
-        masks = {FULL: self.valid}
+    def _decode(self, n: int) -> None:
+        st, cache = self.st, self.cache
+        write, rope = cache.write[:n], self.rope[:n]  # views: rows [0, n) of the buffers
+        fed = st.active[:n].clone()
+        self.valid[:n].scatter_(1, write[:, None], True)
+        self.key_pos[:n].scatter_(1, write[:, None], rope[:, None])
+        cache.begin(n)
+        self.steering.rows = n
+        logits, _, resid = forward(self.model, st.next_ids[:n, None], self._masks(n),
+                                   rope[:, None], cache, self.recorder)
+        advance(st, logits, resid, rows=st.index[:n], model=self.model)
+        write += fed
+        rope += fed
+
+    def _masks(self, n: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The decode step's 4-D masks over rows ``[0, n)``: every valid position for
+        full-attention layers, the last ``window`` positions of those for sliding ones (HF's
+        rule: a key at distance less than the window), per layer type when they mix."""
+        valid = self.valid[:n]
+        masks = {FULL: valid}
         if self.layout.sliding:
-            near = self.key_pos > (self.rope - self.layout.window)[:, None]
-            masks[SLIDING] = self.valid & near
+            near = self.key_pos[:n] > (self.rope[:n] - self.layout.window)[:, None]
+            masks[SLIDING] = valid & near
         out = {}
         for name, mask in masks.items():
             mask = mask[:, None, None, :]
@@ -177,10 +192,12 @@ class SlotBatch:
         return out if self.layout.mixed else out[self.layout.types[0]]
 
     def step(self) -> None:
-        """One decode step for every slot (finished and empty slots compute but change
-        nothing); replayed from a captured graph on CUDA."""
-        key = (self.settings, self.steering.keys, self._replayable)
-        self.ws.step(key, self.device, self._replayable).run(self._decode)
+        """One decode step over the first :attr:`step_rows` slots (finished and empty slots
+        among them compute but change nothing; the slots past them are not touched);
+        replayed from a graph captured per row count and step structure on CUDA."""
+        n = self.step_rows
+        key = (self.settings, self.steering.keys, self._replayable, n)
+        self.ws.step(key, self.device, self._replayable).run(lambda: self._decode(n))
 
     def any_active(self) -> bool:
         """Whether any slot is still generating (one host read)."""

@@ -238,6 +238,8 @@ class Batcher:
 
     def _cycle(self) -> None:
         """Admit waiting jobs into free slots, run up to ``sync_every`` steps, check."""
+        # the lowest free slots first: the occupied ones stay packed at the front, so a step
+        # runs over a small bucket of rows (SlotBatch.step_rows), shrinking as the top ones end
         free = [s for s in range(self.slots) if s not in self._rows]
         chosen: list[tuple[int, Job]] = []
         while free and self._waiting:
