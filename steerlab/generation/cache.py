@@ -66,9 +66,6 @@ def cache_layout(model: Any) -> CacheLayout:
         raise SteerlabError(f"the static engine passes a 4-D mask, which {kernel(model)} does "
                             "not take: load with attn_implementation='auto' or 'sdpa', or use "
                             "engine='eager'", field="engine")
-    if getattr(hf, "_is_stateful", False):
-        raise SteerlabError(f"{name} keeps a recurrent state, not a KV cache the static engine "
-                            "can hold: use engine='eager'", field="engine")
     types, windows = _layer_types(hf.config)
     other = sorted(set(types) - {FULL, SLIDING})
     if other or len(types) != model.cfg.n_layers:
@@ -76,6 +73,9 @@ def cache_layout(model: Any) -> CacheLayout:
         raise SteerlabError(f"{name}'s layers include {what}: a cache the static engine does "
                             "not hold (full and sliding-window attention only): use "
                             "engine='eager'", field="engine")
+    if getattr(hf, "_is_stateful", False):
+        raise SteerlabError(f"{name} keeps a recurrent state, not a KV cache the static engine "
+                            "can hold: use engine='eager'", field="engine")
     if len(set(windows)) > 1:
         raise SteerlabError(f"{name}'s sliding layers have different windows "
                             f"{sorted(set(windows))}: use engine='eager'", field="engine")
@@ -96,7 +96,8 @@ def _layer_types(config: Any) -> tuple[list[str], list[int]]:
     transformers has it) and the sliding layers' windows."""
     text = config.get_text_config(decoder=True)
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs  # deferred
+        # deferred: transformers
+        from transformers.cache_utils import get_layer_types_and_kwargs
 
         types, kwargs = get_layer_types_and_kwargs(text)
         windows = [k["sliding_window"] for t, k in zip(types, kwargs, strict=False)

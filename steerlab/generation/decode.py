@@ -261,11 +261,14 @@ class RowSteering:
                                         by_layer.items()}, graph_safe=True, first=True)
 
 
-def forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+def forward(model: Any, ids: torch.Tensor, mask: torch.Tensor | dict[str, torch.Tensor],
+            positions: torch.Tensor,
             cache: Any, recorder: LastPositionRecorder | None
             ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
     """One forward of the bridge's HF model: last-position logits (float32, on the first
-    device), the cache it returns, and the lens residuals when recording."""
+    device), the cache it returns, and the lens residuals when recording. ``mask`` is a 2-D
+    padding mask, a 4-D mask, or 4-D masks per layer type (``full_attention``,
+    ``sliding_attention``) as HF's hybrid models take them."""
     hf = model.original_model
     result = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1, **{cache_keyword(hf): cache})
