@@ -76,7 +76,7 @@ def burst(url: str, questions: list[str], tokens: int) -> int:
 @contextlib.contextmanager
 def full_step() -> Iterator[None]:
     """Every step over all the slots (the engine before the step followed occupancy)."""
-    from steerlab.generation.slots import SlotBatch
+    from steerlab.generation import SlotBatch
 
     saved = getattr(SlotBatch, "step_rows", None)
     if saved is None:  # an engine that always steps over every slot
@@ -125,9 +125,8 @@ def main() -> None:
     import transformers
 
     from steerlab.generation import generate
-    from steerlab.model import load_model
-    from steerlab.model.templates import encode_messages
-    from steerlab.serving.server import make_server
+    from steerlab.model import encode_chat, load_model, system_prompt_style
+    from steerlab.serving import make_server
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,8 +141,8 @@ def main() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.concurrent)]
-    ids = [encode_messages(model.tokenizer, [{"role": "user", "content": q}])
-           for q in questions]
+    plain = system_prompt_style("none")  # as serve encodes an assistant request
+    ids = [encode_chat(model.tokenizer, q, system_prompt=plain) for q in questions]
     try:
         lone_made = post(url, questions[0], tokens)  # warm-up: workspace, step programs
         direct_made = len(generate(model, ids[:1], max_new_tokens=tokens).tokens[0])
