@@ -55,8 +55,24 @@ CHECKED = {
 }
 
 OUTRO = """
+## Outside the matrix
+
+Every architecture gets the same default load (`attn_implementation="auto"`: the kernel HF
+picks, HF's own attention modules), and either runs or fails at load in one line
+(`tests/test_architectures.py` checks each case below on a tiny model):
+
+- linear-attention hybrids (Qwen3-Next): load, and the eager engine equals HF's forward;
+  `engine="static"` and `serve --engine static` are refused in one line naming
+  `linear_attention`, and `auto` takes eager with one info line.
+- a cache steerlab cannot carry (RecurrentGemma): refused at load, `... cannot generate
+  through its cache in steerlab (...)`.
+- no TransformerLens bridge (Gemma-3n text): refused at load, `TransformerLens has no bridge
+  for the architecture ...`.
+- an explicit kernel the architecture lacks (`--attn-implementation sdpa` on Gemma-2): refused
+  at load, naming the kernels it can use.
+
 Regenerate after a change to the library or to `tests/families.py`: `make models-table`
-(a few minutes on 2 cores; `tests/test_families.py` runs in `make test` too, and a test checks
+(about a minute on 2 cores; `tests/test_families.py` runs in `make test` too, and a test checks
 that this page lists exactly the families of `tests/families.py`).
 """
 
