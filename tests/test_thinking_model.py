@@ -42,8 +42,9 @@ from thinking_model import (
 )
 
 import steerlab as sl
+from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatSession
-from steerlab.cli.chat import Command, run_command
+from steerlab.cli.chat import Command, parse_command, run_command
 from steerlab.generation.metrics import split_sections
 from steerlab.inference.results import read_per_token
 from steerlab.model.templates import think_end_index, think_end_marker
@@ -270,19 +271,25 @@ def test_chat_thinking_switch(model):
     def closed(session) -> bool:  # the next prompt ends with the empty think block
         return tok.decode(session.prompt_ids("Hi")).endswith(f"{THINK}\n\n{THINK_END}\n\n")
 
-    for first, second in (("thinking", "nothinking"), ("nothinking", "thinking")):
-        out = run_command(s, Command(first))
-        assert out == f"thinking {'on' if first == 'thinking' else 'off'}"  # no "no effect"
-        assert closed(s) == (first == "nothinking")
+    # each way of saying it: /thinking [on|off] and /nothinking
+    for first, second in (("/thinking", "/nothinking"), ("/nothinking", "/thinking on"),
+                          ("/thinking on", "/thinking off"), ("/thinking OFF", "/thinking")):
+        on = first in ("/thinking", "/thinking on")
+        out = run_command(s, parse_command(first))
+        assert out == f"thinking {'on' if on else 'off'}"  # no "no effect"
+        assert closed(s) == (not on)
         one = s.reply(PROMPTS[0])
-        run_command(s, Command(second))
-        assert closed(s) == (second == "nothinking")
+        run_command(s, parse_command(second))
+        assert closed(s) == on
         two = s.reply(PROMPTS[1])  # the same conversation, the other mode
-        assert (thinks(one), thinks(two)) == (first == "thinking", second == "thinking")
+        assert (thinks(one), thinks(two)) == (on, not on)
         for reply in (one, two):
             assert (THINK_END in reply.text) == thinks(reply)  # the text keeps the thinking
         assert len(s.history) == 4
         run_command(s, Command("clear"))
+    for bad in ("/thinking maybe", "/nothinking now"):
+        with pytest.raises(SteerlabError, match="usage: /thinking"):
+            run_command(s, parse_command(bad))
 
 
 def test_lens_at_the_last_layer_is_the_model(model, ref):

@@ -33,7 +33,8 @@ HELP = """commands:
   /clear               forget the conversation
   /persona NAME        talk to NAME (relabels the assistant turn); /persona assistant resets
   /system TEXT         use TEXT as the system prompt; /system alone restores the persona's
-  /thinking            thinking mode on (templates that support it, e.g. Qwen3)
+  /thinking [on|off]   thinking mode on (the default) or off (templates that support it,
+                       e.g. Qwen3)
   /nothinking          thinking mode off
   /tokens N            at most N new tokens per reply
   /steer PATH ALPHA [LAYERS]  steer with a vector file at strength ALPHA (layers: 10,12)
@@ -136,7 +137,10 @@ def run_command(session: Any, command: Command) -> str:
         session.system = arg or None
         return f"system prompt: {arg}" if arg else "system prompt: the persona's default"
     if name in ("thinking", "nothinking"):
-        session.thinking = name == "thinking"
+        switch = {"": True, "on": True, "off": False}
+        if name == "nothinking" and arg or arg.strip().lower() not in switch:
+            raise SteerlabError(f"usage: /thinking [on|off] or /nothinking (got {arg!r})")
+        session.thinking = name == "thinking" and switch[arg.strip().lower()]
         line = f"thinking {'on' if session.thinking else 'off'}"
         from steerlab.model.templates import has_thinking_mode
 
