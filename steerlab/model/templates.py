@@ -156,6 +156,10 @@ def render_chat(
         system_prompt: a style from :mod:`steerlab.model.personas` (default ``you-are-a``).
         add_generation_prompt: end with the (relabelled) assistant header.
         enable_thinking: passed to templates that take it (Qwen3); ``None`` leaves the default.
+
+    Raises:
+        SteerlabError: the template refused the conversation (its own ``raise_exception``,
+            e.g. Gemma-2 takes no system turn), or there is no template.
     """
     template = tokenizer.chat_template
     if not template:
@@ -163,13 +167,21 @@ def render_chat(
     if not persona.is_assistant:
         template = patch_chat_template(template, persona.persona)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return tokenizer.apply_chat_template(
-        build_messages(messages, persona, system_prompt),
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        **kwargs,
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            build_messages(messages, persona, system_prompt),
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+    except Exception as err:
+        # a template's own raise_exception (Gemma-2 refuses a system turn): bad input, one line
+        if not type(err).__module__.startswith("jinja2"):
+            raise
+        hint = "; try the system prompt style 'none'" if "system" in str(err).lower() else ""
+        raise SteerlabError(f"the chat template refused this conversation: {err}{hint}",
+                            field="chat_template") from None
 
 
 def has_thinking_mode(tokenizer: Any) -> bool:
