@@ -1,4 +1,5 @@
-"""``steerlab vectors fit|eval|export-gguf``: fit steering vectors, evaluate them, export."""
+"""``steerlab vectors fit|eval|export-gguf|bake``: fit steering vectors, evaluate them, export
+them, bake them into checkpoints."""
 
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def export_gguf(
 ) -> None:
     """Export a vector as a llama.cpp control vector (use with --control-vector): steerlab
     layer L is direction.L (llama.cpp steers the output of its layer L); layer 0 has no slot
-    there and is left out."""
+    there and is left out. A control vector is added (steering's add); to ablate a direction,
+    bake it into a checkpoint with `steerlab vectors bake --op ablate`."""
     from steerlab.base.checks import output_file
     from steerlab.steering.vector import SteeringVector, read_gguf, vector_paths
 
@@ -215,3 +217,35 @@ def export_gguf(
     output_file(output, "output", inputs={"vector": vector_paths(vector)})
     path = vec.to_gguf(output, model_hint or None)
     typer.echo(f"wrote {path} ({len(read_gguf(path))} layers)")
+
+
+@sub.command("bake")
+def bake_command(
+    vector: Annotated[Path, typer.Argument(help="Vector (.safetensors or stem).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="A new or empty folder for "
+                                         "the checkpoint (written whole, or not at all).")],
+    op: str = typer.Option("ablate", help="ablate: orthogonalise every write into the "
+                           "residual stream against the direction (Arditi et al. 2024); add: "
+                           "add alpha x the vector to the layer's output through its MLP "
+                           "output bias (llama, gpt2, gpt_neox)."),
+    layer: Annotated[int | None, typer.Option(help="The vector's layer to bake [default: its "
+                                              "only layer; needed when it has several].")
+                     ] = None,
+    alpha: Annotated[float | None, typer.Option(help="--op add: the strength.")] = None,
+    units: str = typer.Option("norm", help="--op add: norm (fraction of the layer's residual "
+                              "norm) or raw (x the stored vector)."),
+    model: str = typer.Option("embedded", help="The checkpoint to bake: 'embedded', a hub "
+                              "id or a local directory."),
+    dtype: str = typer.Option("float32", help="Weights dtype of the checkpoint: float32, "
+                              "bfloat16 or float16 (edits are computed in float64)."),
+) -> None:
+    """Bake a vector into a Hugging Face checkpoint that plain transformers loads.
+
+    Writes weights, config and tokenizer: the vector's direction ablated from every residual
+    write, or the vector added at a layer; steerlab_bake.json and config.steerlab_bake record
+    what was baked."""
+    from steerlab.steering.baking import BAKE_FILE, bake
+
+    path = bake(model, vector, output, op=op, layer=layer, alpha=alpha, units=units,
+                dtype=dtype)
+    typer.echo(f"wrote {path} ({op}; record in {path / BAKE_FILE})")
