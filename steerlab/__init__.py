@@ -43,7 +43,15 @@ from steerlab.model import (
     render_chat,
     system_prompt_style,
 )
-from steerlab.steering import Positions, Steering, SteeringVector, Units, monitor, steer
+from steerlab.steering import (
+    Operator,
+    Positions,
+    Steering,
+    SteeringVector,
+    Units,
+    monitor,
+    steer,
+)
 from steerlab.traits import (
     Endpoint,
     EndpointClient,
@@ -65,7 +73,7 @@ from steerlab.traits import (
 __all__ = [
     "ASSISTANT", "ActivationFile", "ChatSession", "DemoConfig", "Endpoint", "EndpointClient",
     "Engine", "EvalConfig", "Generation", "InferConfig", "LogisticProbe", "MeanDifference",
-    "ModelOptions", "PCADifference", "Pair", "Persona", "Positions", "SteerlabError",
+    "ModelOptions", "Operator", "PCADifference", "Pair", "Persona", "Positions", "SteerlabError",
     "Steering", "SteeringEval", "SteeringVector", "Trait", "Units", "__version__",
     "capture_pairs", "collect", "elicit_trait", "encode_chat", "encode_text",
     "evaluate_steering", "extract", "filter_pairs", "fit_vector", "generate",

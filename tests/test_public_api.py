@@ -22,7 +22,7 @@ API = {
     "steerlab": [
         "ASSISTANT", "ActivationFile", "ChatSession", "DemoConfig", "Endpoint", "EndpointClient",
         "Engine", "EvalConfig", "Generation", "InferConfig", "LogisticProbe", "MeanDifference",
-        "ModelOptions", "PCADifference", "Pair", "Persona", "Positions", "Steering",
+        "ModelOptions", "Operator", "PCADifference", "Pair", "Persona", "Positions", "Steering",
         "SteeringEval", "SteeringVector", "SteerlabError", "Trait", "Units", "__version__",
         "capture_pairs", "collect", "elicit_trait", "encode_chat", "encode_text",
         "evaluate_steering", "extract", "filter_pairs", "fit_vector", "generate",
@@ -54,7 +54,7 @@ API = {
                            "lens_heatmap", "steering_figure", "summary_figures",
                            "summary_stats", "write_page"],
     "steerlab.serving": ["VectorShelf", "make_server"],
-    "steerlab.steering": ["Positions", "Steering", "SteeringVector", "Units", "bake",
+    "steerlab.steering": ["Operator", "Positions", "Steering", "SteeringVector", "Units", "bake",
                           "monitor", "residual_norms", "steer"],
     "steerlab.traits": ["Endpoint", "EndpointClient", "EndpointResponder", "LocalResponder",
                         "Pair", "Trait", "collect", "elicit_trait", "filter_pairs", "judge",

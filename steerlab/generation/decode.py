@@ -27,11 +27,19 @@ from steerlab.generation.metrics import chosen_metrics
 from steerlab.generation.sampling import sample
 from steerlab.model.hooks import layer_hooks
 from steerlab.model.inputs import left_pad, position_ids, stop_token_ids
-from steerlab.steering.intervention import Positions, Steering, add_steering
+from steerlab.steering.intervention import (
+    Operator,
+    Positions,
+    Steering,
+    add_steering,
+    clamp_projection,
+)
 from steerlab.steering.step_state import StepState
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 EntryKey = tuple[int, str, bool]  # (layer, positions, preserve_norm)
+ProjKey = tuple[int, str, str, int]  # (layer, positions, "projection", slot)
+PROJECTION = ("unit", "lo", "hi", "weight")  # a projection entry's tensors
 
 
 @dataclass(frozen=True)
@@ -185,23 +193,30 @@ def advance(st: DecodeState, logits: torch.Tensor, resid: torch.Tensor | None,
 
 
 class RowSteering:
-    """The steerings of a batch as per-row deltas: ``{(layer, positions, preserve_norm):
-    [rows, d_model]}``, hooked onto the decoder layers while generating.
+    """The interventions of a batch as per-row tensors, hooked onto the decoder layers while
+    generating: additions as deltas ``{(layer, positions, preserve_norm): [rows, d_model]}``,
+    projection operators (ablate, cap, set) as ``{(layer, positions, slot): (unit [rows,
+    d_model], lo, hi, weight [rows])}``, a row without one having weight 0.
 
-    The deltas are tensors the step reads (a workspace's buffers in the static engine), so
-    setting new strengths or vectors changes values only; the set of keys is the structure.
+    The tensors are what the step reads (a workspace's buffers in the static engine), so
+    setting new strengths, bounds or vectors changes values only; the set of keys is the
+    structure. Within a layer the projection operators act first, by slot (the order given),
+    then the additions.
     """
 
     def __init__(self, model: Any, st: DecodeState, alloc: Callable[..., torch.Tensor]):
         self.model, self.st, self.alloc = model, st, alloc
         self.deltas: dict[EntryKey, torch.Tensor] = {}
+        self.projections: dict[ProjKey, dict[str, torch.Tensor]] = {}
         self.prefill_rows: torch.Tensor | None = None  # rows of a prefill under way
         self.prefill = False
         self.rows: int | None = None  # a decode step over rows [0, rows) (None: all)
 
     @property
-    def keys(self) -> tuple[EntryKey, ...]:
-        return tuple(sorted(self.deltas))
+    def keys(self) -> tuple[Any, ...]:
+        # additions (layer, positions, preserve_norm) and projections (layer, positions,
+        # "projection", slot): tuples of different lengths, never equal
+        return (*sorted(self.deltas), *sorted(self.projections))
 
     def set_rows(self, rows: torch.Tensor, steerings: Sequence[Sequence[Steering]]) -> bool:
         """Give ``rows[i]`` the steerings ``steerings[i]`` (replacing what they had); True
@@ -209,6 +224,8 @@ class RowSteering:
         before = self.keys
         for delta in self.deltas.values():
             delta[rows] = 0
+        for entry in self.projections.values():
+            entry["weight"][rows] = 0
         for i, row_steerings in enumerate(steerings):
             self.set_all_rows(rows[i : i + 1], row_steerings)
         self.drop_unused()
@@ -217,6 +234,9 @@ class RowSteering:
     def set_all_rows(self, rows: torch.Tensor, steerings: Sequence[Steering]) -> None:
         """Add ``steerings`` to every row in ``rows`` (a per-row alpha indexes ``rows``)."""
         for steering in steerings:
+            if steering.op is not Operator.ADD:
+                self._set_projection(rows, steering)
+                continue
             for layer, delta in steering.row_deltas(len(rows)).items():
                 key = (layer, str(steering.positions), steering.preserve_norm)
                 if key not in self.deltas:
@@ -226,35 +246,70 @@ class RowSteering:
                     self.deltas[key] = d
                 self.deltas[key][rows] += delta.to(self.deltas[key].device)
 
+    def _set_projection(self, rows: torch.Tensor, steering: Steering) -> None:
+        """Give ``rows`` a projection operator, in the first slot of each layer that none of
+        them uses yet (so a row's operators keep the order they were given in)."""
+        for layer, values in steering.row_bounds(len(rows)).items():
+            slot, where = 0, str(steering.positions)
+            while (found := self.projections.get((layer, where, "projection", slot))) \
+                    is not None and bool(found["weight"][rows].ne(0).any()):
+                slot += 1
+            key = (layer, where, "projection", slot)
+            if key not in self.projections:
+                d = values[0].shape[-1]
+                self.projections[key] = entry = {
+                    name: self.alloc(f"{name}:{key}", (self.st.rows, d) if name == "unit"
+                                     else (self.st.rows,), torch.float32)
+                    for name in PROJECTION}
+                for name in PROJECTION:
+                    entry[name].zero_()
+            entry = self.projections[key]
+            for name, value in zip(PROJECTION, values, strict=True):
+                entry[name][rows] = value.to(entry[name].device)
+
     def drop_unused(self) -> None:
         for key in [k for k, d in self.deltas.items() if not bool(d.ne(0).any())]:
             del self.deltas[key]
+        for key in [k for k, e in self.projections.items()
+                    if not bool(e["weight"].ne(0).any())]:
+            del self.projections[key]
 
     def hooks(self) -> contextlib.AbstractContextManager[None]:
         """The decoder-layer hooks adding the deltas (graph-safe: tensor ops only)."""
-        by_layer: dict[int, list[EntryKey]] = {}
+        by_layer: dict[int, list[Any]] = {}
         for key in self.keys:
             by_layer.setdefault(key[0], []).append(key)
 
-        def hook_for(keys: list[EntryKey]) -> Callable[[torch.Tensor], torch.Tensor]:
-            def add(h: torch.Tensor) -> torch.Tensor:
-                for key in keys:
-                    delta, positions = self.deltas[key], Positions(key[1])
+        def part(t: torch.Tensor) -> torch.Tensor:
+            """The rows of the forward under way (a prefill's, or the step's first rows)."""
+            if self.prefill:
+                return t if self.prefill_rows is None else t[self.prefill_rows]
+            return t[: self.rows]
+
+        def hook_for(keys: list[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+            projections = sorted(k for k in keys if k in self.projections)
+            additions = [k for k in keys if k not in self.projections]
+
+            def intervene(h: torch.Tensor) -> torch.Tensor:
+                for key in [*projections, *additions]:
+                    positions = Positions(key[1])
                     if self.prefill:
                         if positions is not Positions.ALL:
                             continue
                         rows = None
-                        if self.prefill_rows is not None:
-                            delta = delta[self.prefill_rows]
                     else:
                         n, st = self.rows, self.st
-                        delta = delta[:n]
                         rows = positions.rows(StepState(False, st.active[:n],
                                                         st.in_output[:n]))
-                    h = add_steering(h, delta, rows, key[2])
+                    if key in self.projections:
+                        e = self.projections[key]
+                        h = clamp_projection(h, part(e["unit"]), part(e["lo"]), part(e["hi"]),
+                                             part(e["weight"]), rows)
+                    else:
+                        h = add_steering(h, part(self.deltas[key]), rows, key[2])
                 return h
 
-            return add
+            return intervene
 
         # first: monitors and the lens read the steered residual, as when steering by hooks
         return layer_hooks(self.model, {layer: hook_for(keys) for layer, keys in

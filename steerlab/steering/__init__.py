@@ -1,11 +1,11 @@
 """What a steering intervention is: the vector, the frozen Steering value, monitors."""
 
 from steerlab.steering.baking import bake
-from steerlab.steering.intervention import Positions, Steering, Units, monitor, steer
+from steerlab.steering.intervention import Operator, Positions, Steering, Units, monitor, steer
 from steerlab.steering.norms import residual_norms
 from steerlab.steering.vector import SteeringVector
 
 __all__ = [
-    "Positions", "Steering", "SteeringVector", "Units", "bake", "monitor", "residual_norms",
-    "steer",
+    "Operator", "Positions", "Steering", "SteeringVector", "Units", "bake", "monitor",
+    "residual_norms", "steer",
 ]

@@ -53,6 +53,42 @@ def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
     return torch.where(d.ne(0).any(dim=-1, keepdim=True), kept, h)
 
 
+def clamp_projection(h: Float[torch.Tensor, "batch pos d_model"],
+                     unit: Float[torch.Tensor, "batch d_model"],
+                     lo: Float[torch.Tensor, " batch"], hi: Float[torch.Tensor, " batch"],
+                     weight: Float[torch.Tensor, " batch"],
+                     rows: Bool[torch.Tensor, " batch"] | None
+                     ) -> Float[torch.Tensor, "batch pos d_model"]:
+    """Move each residual's projection on the unit direction ``unit`` into ``[lo, hi]``
+    (``-inf``/``inf``: an open bound), by the share ``weight`` of the way (1: all of it; 0:
+    the row is left as it is), at the rows ``rows`` marks (all when None), every position: the
+    one arithmetic of ``ablate`` (``lo = hi = 0``), ``cap`` and ``set`` (``lo = hi = target``).
+    The projection is taken in float32."""
+    u = unit.to(device=h.device, dtype=torch.float32)[:, None, :]
+    p = (h.float() * u).sum(-1, keepdim=True)
+    moved = torch.clamp(p, lo.to(p.device)[:, None, None], hi.to(p.device)[:, None, None]) - p
+    moved = moved * weight.to(device=p.device, dtype=p.dtype)[:, None, None]
+    if rows is not None:
+        moved = moved * rows.to(device=p.device, dtype=p.dtype)[:, None, None]
+    return h + (moved * u).to(h.dtype)
+
+
+class Operator(Choice):
+    """What an intervention does at its layers.
+
+    ``add``: add ``alpha * v`` (steering, the default); ``ablate``: remove the component along
+    the unit direction ``v̂`` (``h - (h·v̂) v̂``, Arditi et al. 2024); ``cap``: clamp the
+    projection ``h·v̂`` into ``[lo, hi]``, either bound open (activation capping, Lu et al.
+    2026); ``set``: move the projection to a target (how SAE features and probes are steered).
+    Within a layer the projection operators act first, in the order given, then the additions.
+    """
+
+    ADD = "add"
+    ABLATE = "ablate"
+    CAP = "cap"
+    SET = "set"
+
+
 class Units(Choice):
     """What a steering strength ``alpha`` is measured in.
 
@@ -140,10 +176,19 @@ class Steering:
     units: Units = Units.RAW
     scale: tuple[float, ...] = ()  # per layer: what alpha multiplies the direction by
     preserve_norm: bool = False
+    op: Operator = Operator.ADD
+    # per layer, for ablate, cap and set: the bounds of the projection on the unit direction,
+    # in raw units (-inf / inf: open); alpha is then the share of the move (1: all of it)
+    lo: tuple[float, ...] = ()
+    hi: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse a steering whose added vector is not finite or beyond :data:`MAX_DELTA_NORM`
-        at some layer (checked on every new value: :meth:`create`, :meth:`with_alpha`)."""
+        at some layer, or whose bounds are not ordered finite-or-open values within it
+        (checked on every new value: :meth:`create`, :meth:`with_alpha`)."""
+        if self.op is not Operator.ADD:
+            self._check_bounds()
+            return
         values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
         strongest = max((abs(a) for a in values), default=0.0)
         if strongest == 0.0:
@@ -159,21 +204,56 @@ class Steering:
                     "residual stream would overflow: check the vector's residual norms and "
                     "the strength)", field="alpha")
 
+    def _check_bounds(self) -> None:
+        values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        if any(not 0.0 <= a <= 1.0 for a in values):
+            raise SteerlabError(f"{self.op.value} takes alpha between 0 and 1 (the share of "
+                                f"the move; 1: all of it); got {self.alpha!r}", field="alpha")
+        if not len(self.lo) == len(self.hi) == len(self.layers):
+            raise SteerlabError(f"{self.op.value} needs one bound per layer", field="bounds")
+        for layer, lo, hi in zip(self.layers, self.lo, self.hi, strict=True):
+            for bound in (lo, hi):
+                if math.isnan(bound) or (math.isfinite(bound) and abs(bound) > MAX_DELTA_NORM):
+                    raise SteerlabError(f"the bound {bound:g} at layer {layer} is not a "
+                                        f"number within +-{MAX_DELTA_NORM:g}", field="bounds")
+            if not lo <= hi or lo == math.inf or hi == -math.inf:
+                raise SteerlabError(f"the bounds at layer {layer} are [{lo:g}, {hi:g}]; "
+                                    "expected lo <= hi", field="bounds")
+            if not float(self.vector.direction(layer).double().norm()) > 0:
+                raise SteerlabError(f"the vector is zero at layer {layer}; {self.op.value} "
+                                    "needs a direction", field="vector")
+
     @classmethod
-    def create(cls, model: Any, vector: SteeringVector, alpha: Any, *,
+    def create(cls, model: Any, vector: SteeringVector, alpha: Any = 1.0, *,
                layers: Sequence[int] | None = None,
                positions: str | Positions = Positions.ALL,
                units: str | Units = DEFAULT_UNITS,
-               preserve_norm: bool = False) -> Steering:
-        """A checked steering value: finite strengths, layers that the model and the vector
+               preserve_norm: bool = False,
+               op: str | Operator = Operator.ADD,
+               bounds: tuple[float | int | None, float | int | None] | None = None,
+               target: float | None = None) -> Steering:
+        """A checked intervention: finite strengths, layers that the model and the vector
         both have (negative ones count from the end), the vector's width equal to the model's.
 
         Args:
+            alpha: ``add``: the strength (or one per batch row); ``ablate``, ``cap``, ``set``:
+                the share of the move, 0 to 1 (1, the default: all of it; per row too).
             units: ``"norm"`` (the default, :data:`DEFAULT_UNITS`: a fraction of the layer's
                 residual norm: the norms stored with the vector, else measured once on neutral
                 prompts) or ``"raw"`` (alpha times the stored vector); see :class:`Units`.
+                Bounds and targets are in the same units: a fraction of the layer's residual
+                norm, or the raw projection on the unit direction.
             preserve_norm: rescale each steered residual to its norm before steering, so only
-                its direction turns (a remedy against steering that breaks the model).
+                its direction turns (a remedy against steering that breaks the model; ``add``).
+            op: ``add``, ``ablate``, ``cap`` or ``set`` (see :class:`Operator`).
+            bounds: ``cap``: ``(lo, hi)``, either None for an open side.
+            target: ``set``: the projection to move to.
+
+        Examples:
+            >>> ablate = sl.Steering.create(model, vec, op="ablate", layers=[10])
+            >>> cap = sl.Steering.create(model, vec, op="cap", bounds=(None, 0.1), layers=[10])
+            >>> cap.hi[0] > 0  # 0.1 of layer 10's residual norm, raw
+            True
         """
         if not isinstance(vector, SteeringVector):
             raise SteerlabError(f"got {type(vector).__name__}; expected a SteeringVector",
@@ -190,9 +270,23 @@ class Steering:
             raise SteerlabError(f"the vector has no layer {missing[0]}; it has "
                                 f"{list(vector.layers)}", field="layers")
         units = Units.parse(units, field="units")
-        return cls(vector, _strengths(alpha), tuple(chosen),
-                   Positions.parse(positions, field="positions"), units,
-                   _scales(model, vector, chosen, units), bool(preserve_norm))
+        op = Operator.parse(op, field="op")
+        positions = Positions.parse(positions, field="positions")
+        if op is Operator.ADD:
+            if bounds is not None or target is not None:
+                raise SteerlabError("add takes a strength, not bounds or a target; use op "
+                                    "'cap' or 'set'", field="op")
+            return cls(vector, _strengths(alpha), tuple(chosen), positions, units,
+                       _scales(model, vector, chosen, units), bool(preserve_norm))
+        if preserve_norm:
+            raise SteerlabError(f"preserve_norm goes with add, not {op.value}",
+                                field="preserve_norm")
+        lo, hi = _bounds(op, bounds, target)
+        size = _norms(model, vector, chosen) if units is Units.NORM else \
+            {x: 1.0 for x in chosen}
+        return cls(vector, _strengths(alpha), tuple(chosen), positions, units, (), False, op,
+                   tuple(lo * size[x] if math.isfinite(lo) else lo for x in chosen),
+                   tuple(hi * size[x] if math.isfinite(hi) else hi for x in chosen))
 
     def with_alpha(self, alpha: Any) -> Steering:
         """The same steering at another strength (checked)."""
@@ -204,16 +298,31 @@ class Steering:
         values = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
         return any(a != 0.0 for a in values)
 
-    def row_deltas(self, n_rows: int) -> dict[int, Float[torch.Tensor, "batch d_model"]]:
-        """What each layer adds to each of ``n_rows`` rows: ``alpha_row * scale_L * v_L``
+    def row_bounds(self, n_rows: int) -> dict[int, tuple[torch.Tensor, ...]]:
+        """``ablate``, ``cap``, ``set``: per layer, for each of ``n_rows`` rows, the unit
+        direction ``[rows, d_model]``, the bounds and the share of the move ``[rows]`` each
         (float32, on the vector's device)."""
+        weight = self._row_alphas(n_rows)
+        out = {}
+        for layer, lo, hi in zip(self.layers, self.lo, self.hi, strict=True):
+            v = self.vector.direction(layer).float()
+            unit = (v / v.norm())[None, :].expand(n_rows, -1)
+            out[layer] = (unit, torch.full((n_rows,), lo, device=v.device),
+                          torch.full((n_rows,), hi, device=v.device), weight.to(v.device))
+        return out
+
+    def _row_alphas(self, n_rows: int) -> torch.Tensor:
         if isinstance(self.alpha, tuple):
             if len(self.alpha) != n_rows:
                 raise SteerlabError(f"alpha has {len(self.alpha)} rows, the batch {n_rows}",
                                     field="alpha")
-            alphas = torch.tensor(self.alpha, dtype=torch.float32)
-        else:
-            alphas = torch.full((n_rows,), self.alpha, dtype=torch.float32)
+            return torch.tensor(self.alpha, dtype=torch.float32)
+        return torch.full((n_rows,), self.alpha, dtype=torch.float32)
+
+    def row_deltas(self, n_rows: int) -> dict[int, Float[torch.Tensor, "batch d_model"]]:
+        """What each layer adds to each of ``n_rows`` rows: ``alpha_row * scale_L * v_L``
+        (float32, on the vector's device)."""
+        alphas = self._row_alphas(n_rows)
         scales = self.scale or (1.0,) * len(self.layers)
         out = {}
         for layer, k in zip(self.layers, scales, strict=True):
@@ -243,6 +352,11 @@ class Steering:
                 def add(h: torch.Tensor) -> torch.Tensor | None:
                     if is_generating(model):
                         return None
+                    if self.op is not Operator.ADD:
+                        n = h.shape[0] if isinstance(self.alpha, tuple) else 1
+                        unit, lo, hi, w = (t.expand(h.shape[0], *t.shape[1:])
+                                           for t in self.row_bounds(n)[layer])
+                        return clamp_projection(h, unit, lo, hi, w, None)
                     if layer not in deltas:
                         deltas.update(self.row_deltas(h.shape[0]) if isinstance(
                             self.alpha, tuple) else self.row_deltas(1))
@@ -258,18 +372,47 @@ class Steering:
             with layer_hooks(model, hooks, graph_safe=True):
                 yield self
         finally:
-            registered.remove(self)
+            # by identity: two steerings of equal value are both in force (== compares their
+            # vectors' tensors, which has no single truth value)
+            del registered[max(i for i, s in enumerate(registered) if s is self)]
+
+
+def _bounds(op: Operator, bounds: Any, target: Any) -> tuple[float, float]:
+    """``(lo, hi)`` of a projection operator, open sides infinite, in the given units."""
+    if op is Operator.ABLATE:
+        if bounds is not None or target is not None:
+            raise SteerlabError("ablate takes no bounds or target (it moves the projection "
+                                "to 0)", field="op")
+        return 0.0, 0.0
+    if op is Operator.SET:
+        if bounds is not None or target is None:
+            raise SteerlabError("set takes a target (the projection to move to), not bounds",
+                                field="target")
+        value = _strength(target)
+        return value, value
+    if target is not None or not isinstance(bounds, (tuple, list)) or len(bounds) != 2 \
+            or all(b is None for b in bounds):
+        raise SteerlabError(f"cap takes bounds (lo, hi), either None for an open side; got "
+                            f"{bounds!r}", field="bounds")
+    lo, hi = (None if b is None else _strength(b) for b in bounds)
+    return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
+
+
+def _norms(model: Any, vector: SteeringVector, layers: Sequence[int]) -> dict[int, float]:
+    """Each layer's typical residual norm: stored with the vector, else measured once."""
+    known = {x: vector.resid_norm(x) for x in layers}
+    missing = [x for x, n in known.items() if n is None]
+    if missing:
+        log.info("the vector has no residual norms for layers %s; measuring them", missing)
+        known.update(residual_norms(model, missing))
+    return known  # type: ignore[return-value]
 
 
 def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
             units: Units) -> tuple[float, ...]:
     if units is Units.RAW:
         return tuple(1.0 for _ in layers)
-    known = {x: vector.resid_norm(x) for x in layers}
-    missing = [x for x, n in known.items() if n is None]
-    if missing:
-        log.info("the vector has no residual norms for layers %s; measuring them", missing)
-        known.update(residual_norms(model, missing))
+    known = _norms(model, vector, layers)
     out = []
     for x in layers:
         size = float(vector.direction(x).float().norm())
