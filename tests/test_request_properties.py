@@ -39,12 +39,17 @@ JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed",
           "stream", "persona", "steering", "n", "top_p", "stop", "response_format",
           "stream_options", "logprobs", "presence_penalty")
-STEERING = st.fixed_dictionaries(
+NUMBER = st.floats() | st.integers(-10, 10)  # NaN and infinities included
+ONE_STEERING = st.fixed_dictionaries(
     {"vector": st.sampled_from(["mild", "spike", "nan-norm", "missing", "../mild", "/etc/passwd",
                                 "mild.json"]) | ANY_TEXT,
      "alpha": st.floats(allow_nan=False, allow_infinity=False) | st.integers(-10, 10) | JSON},
     optional={"layers": st.lists(st.integers(-4, 4), max_size=3) | JSON,
-              "units": st.sampled_from(["raw", "norm"]) | JSON})
+              "units": st.sampled_from(["raw", "norm"]) | JSON,
+              "op": st.sampled_from(["add", "ablate", "cap", "set"]) | JSON,
+              "bounds": st.lists(st.none() | NUMBER, max_size=3) | JSON,
+              "target": NUMBER | JSON})
+STEERING = ONE_STEERING | st.lists(ONE_STEERING, max_size=10)
 MESSAGES = st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant"]) | ANY_TEXT,
      "content": ANY_TEXT | JSON}), max_size=3)

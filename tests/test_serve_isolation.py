@@ -159,6 +159,14 @@ def _normal(i: int) -> dict:
         body["persona"] = "a pirate captain"
     if i % 5 == 3:
         body["steering"] = {"vector": "mild", "alpha": 1.5 + i % 3, "layers": [1], "units": "raw"}
+    elif i % 7 == 5:  # operators beyond addition, several at once, per row in the batch
+        body["steering"] = [{"vector": "mild", "op": "ablate", "layers": [1]},
+                            {"vector": "mild", "op": "cap", "bounds": [None, 0.02 * (i % 3)],
+                             "layers": [0]},
+                            {"vector": "mild", "alpha": 0.1, "layers": [1]}]
+    elif i % 7 == 6:
+        body["steering"] = {"vector": "mild", "op": "set", "target": 0.1 + 0.05 * (i % 4),
+                            "layers": [1], "units": "norm"}
     return body
 
 
@@ -182,8 +190,18 @@ def _hostile(i: int) -> dict | bytes:
         {**base, "messages": [{"role": "user", "content": "word " * 2000}]},
         b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": NaN}',
         {**base, "steering": {"vector": "mild", "alpha": 1.0, "layers": [600], "units": "raw"}},
+        # hostile bounds and targets: refused before admission, other rows untouched
+        {**base, "steering": {"vector": "mild", "op": "cap", "bounds": [1e30, None]}},
+        {**base, "steering": [{"vector": "mild", "op": "cap", "bounds": [0.5, 0.1]}]},
+        {**base, "steering": {"vector": "mild", "op": "set"}},
+        {**base, "steering": [{"vector": "mild", "op": "ablate"}] * 9},
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "steering": '
+        b'{"vector": "mild", "op": "cap", "bounds": [NaN, 1]}}',
     ]
     return kinds[i % len(kinds)]
+
+
+HOSTILE_KINDS = 20  # len(kinds) above: the spike is kind 0
 
 
 def test_hostile_requests_leave_normal_answers_unchanged(tokenizer, vectors_dir):
@@ -209,7 +227,8 @@ def test_hostile_requests_leave_normal_answers_unchanged(tokenizer, vectors_dir)
     for i, (status, out) in enumerate(hostile):
         assert 400 <= status < 500, (i, status, out)
         assert set(out["error"]) == {"message", "type", "param", "code"}, out
-    assert [s for s, _ in hostile[0::15]] == [422] * len(hostile[0::15])  # the spike, mid-reply
+    spikes = hostile[0::HOSTILE_KINDS]  # the spike, mid-reply
+    assert [s for s, _ in spikes] == [422] * len(spikes)
     for i, ((status, out), (_, ref)) in enumerate(zip(normal, want, strict=True)):
         assert status == 200, (i, out)
         assert out["choices"] == ref["choices"] and out["usage"] == ref["usage"], i

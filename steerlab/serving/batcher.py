@@ -52,7 +52,7 @@ class Job:
     max_tokens: int
     temperature: float = 0.0
     seed: int = 0
-    steering: Steering | None = None
+    steerings: tuple[Steering, ...] = ()  # applied together (see Operator for the order)
     name: str = ""  # for the log
     told: int = 0  # tokens delivered so far (scheduler's side)
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
@@ -278,8 +278,7 @@ class Batcher:
             self.batch.admit(
                 slots, [j.prompt for j in jobs], limits=[j.max_tokens for j in jobs],
                 temps=[j.temperature for j in jobs], seeds=[j.seed for j in jobs],
-                steerings=[[j.steering] if j.steering is not None and j.steering.active
-                           else [] for j in jobs])
+                steerings=[[s for s in j.steerings if s.active] for j in jobs])
         except Exception as err:  # noqa: BLE001 - fail these requests, keep the others
             log.exception("admitting %d requests failed", len(jobs))
             for job in jobs:

@@ -215,45 +215,89 @@ def parse_chat_request(body: dict, *, model_name: str, max_tokens_cap: int) -> d
     return {"messages": messages, "max_tokens": max_tokens,
             "temperature": 1.0 if temp is None else _number(temp, "temperature", 0.0, 2.0),
             "seed": seed, "stream": bool(stream), "persona": _persona(body.get("persona")),
-            "steering": _steering_shape(body.get("steering"))}
+            "steering": _steering_shapes(body.get("steering"))}
 
 
-def _steering_shape(spec: Any) -> dict | None:
-    """``spec`` checked field by field (no file read yet)."""
+MAX_INTERVENTIONS = 8  # interventions one request may ask for together
+STEERING_KEYS = {"vector", "alpha", "layers", "units", "op", "bounds", "target"}
+
+
+def _steering_shapes(spec: Any) -> dict | list[dict] | None:
+    """A request's ``steering``, one intervention or a list of them, checked field by field
+    (no file read yet)."""
+    if not isinstance(spec, list):
+        return _steering_shape(spec)
+    if not 1 <= len(spec) <= MAX_INTERVENTIONS:
+        raise RequestError(f"'steering' takes 1 to {MAX_INTERVENTIONS} interventions, got "
+                           f"{len(spec)}", param="steering")
+    shapes = [_steering_shape(x, f"steering[{i}]") for i, x in enumerate(spec)]
+    if any(s is None for s in shapes):
+        raise RequestError("'steering' items must be objects, not null", param="steering")
+    return shapes  # type: ignore[return-value]
+
+
+def _steering_shape(spec: Any, at: str = "steering") -> dict | None:
+    """One intervention of ``spec`` checked field by field (no file read yet); ``at`` names
+    it in errors (``steering`` or ``steering[i]``)."""
     if spec is None:
         return None
-    if not isinstance(spec, dict) or set(spec) - {"vector", "alpha", "layers", "units"}:
-        raise RequestError("'steering' must be an object with 'vector' (a name), 'alpha' "
-                           "(number), optional 'layers' (list of ints or null) and optional "
-                           f"'units' ('raw' or 'norm'), got {_shown(spec)}", param="steering")
+    if not isinstance(spec, dict) or set(spec) - STEERING_KEYS:
+        raise RequestError(f"'{at}' must be an object with 'vector' (a name), 'alpha' "
+                           "(number; optional for ablate, cap and set), optional 'layers' "
+                           "(list of ints or null), 'units' ('raw' or 'norm'), 'op' ('add', "
+                           "'ablate', 'cap', 'set'), 'bounds' ([lo, hi], null for an open "
+                           f"side; cap) and 'target' (number; set), got {_shown(spec)}",
+                           param=at)
     units = spec.get("units", DEFAULT_UNITS.value)
     if units not in ("raw", "norm"):
-        raise RequestError(f"'steering.units' must be 'raw' or 'norm', got {_shown(units)}",
-                           param="steering.units")
+        raise RequestError(f"'{at}.units' must be 'raw' or 'norm', got {_shown(units)}",
+                           param=f"{at}.units")
+    op = spec.get("op", "add")
+    if op not in ("add", "ablate", "cap", "set"):
+        raise RequestError(f"'{at}.op' must be 'add', 'ablate', 'cap' or 'set', got "
+                           f"{_shown(op)}", param=f"{at}.op")
     name = spec.get("vector")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise RequestError(f"'steering.vector' must be the name of a vector the server offers "
+        raise RequestError(f"'{at}.vector' must be the name of a vector the server offers "
                            f"(letters, digits, '.', '_', '-'), got {_shown(name)}",
-                           param="steering.vector")
-    alpha = _number(spec.get("alpha"), "steering.alpha", -1e6, 1e6)
+                           param=f"{at}.vector")
+    alpha = _number(spec.get("alpha"), f"{at}.alpha", -1e6, 1e6) if op == "add" or \
+        "alpha" in spec else 1.0
     layers = spec.get("layers")
     if layers is not None and (not isinstance(layers, list) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in layers)
             or len(set(layers)) != len(layers)):
-        raise RequestError("'steering.layers' must be a non-empty list of distinct layer "
+        raise RequestError(f"'{at}.layers' must be a non-empty list of distinct layer "
                            f"indices, or null (the vector's layers), got {_shown(layers)}",
-                           param="steering.layers")
-    return {"vector": name, "alpha": alpha, "layers": layers, "units": units}
+                           param=f"{at}.layers")
+    bounds = spec.get("bounds")
+    if bounds is not None:
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise RequestError(f"'{at}.bounds' must be [lo, hi], null for an open side, got "
+                               f"{_shown(bounds)}", param=f"{at}.bounds")
+        bounds = [None if b is None else _number(b, f"{at}.bounds", -1e6, 1e6)
+                  for b in bounds]
+    target = spec.get("target")
+    if target is not None:
+        target = _number(target, f"{at}.target", -1e6, 1e6)
+    return {"vector": name, "alpha": alpha, "layers": layers, "units": units, "op": op,
+            "bounds": bounds, "target": target}
 
 
-def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None) -> Steering | None:
-    """The :class:`steerlab.steering.intervention.Steering` a request's ``steering`` field asks for.
+def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None
+                   ) -> tuple[Steering, ...]:
+    """The interventions (:class:`steerlab.steering.intervention.Steering`) a request's
+    ``steering`` field asks for, applied together (projection operators first within a layer,
+    then additions: :class:`steerlab.steering.intervention.Operator`).
 
     Args:
         model: the served bridge (layers and width are checked against it).
-        spec: ``{"vector": name, "alpha": float, "layers": [int] | null, "units": "norm" |
-            "raw"}`` (units default norm, :data:`steerlab.steering.intervention.DEFAULT_UNITS`:
-            a fraction of the layer's residual norm), or None (none).
+        spec: one intervention ``{"vector": name, "alpha": float, "layers": [int] | null,
+            "units": "norm" | "raw", "op": "add" | "ablate" | "cap" | "set", "bounds": [lo,
+            hi], "target": float}`` (units default norm,
+            :data:`steerlab.steering.intervention.DEFAULT_UNITS`: a fraction of the layer's
+            residual norm; op default add), a list of up to :data:`MAX_INTERVENTIONS` of them,
+            or None (none).
         shelf: the vectors the server offers by name (``--vectors-dir``); None refuses
             every steering request.
 
@@ -262,10 +306,18 @@ def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None) -> Steering
 
     Examples:
         >>> parse_steering(model, {"vector": "pirate", "alpha": 4.0, "layers": [10]}, shelf)
+        >>> parse_steering(model, [{"vector": "pirate", "op": "ablate"},
+        ...                        {"vector": "calm", "alpha": 0.1}], shelf)
     """
-    spec = _steering_shape(spec)
-    if spec is None:
-        return None
+    shapes = _steering_shapes(spec)
+    if shapes is None:
+        return ()
+    if isinstance(shapes, dict):
+        return (_one_steering(model, shapes, shelf, "steering"),)
+    return tuple(_one_steering(model, s, shelf, f"steering[{i}]") for i, s in enumerate(shapes))
+
+
+def _one_steering(model: Any, spec: dict, shelf: VectorShelf | None, at: str) -> Steering:
     if shelf is None:
         raise RequestError("this server steers with no vector (it was started without "
                            "--vectors-dir); leave 'steering' out", param="steering",
@@ -273,10 +325,12 @@ def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None) -> Steering
     try:
         vector = shelf.get(spec["vector"])
     except SteerlabError as err:
-        raise RequestError(str(err), status=404, param="steering.vector",
+        raise RequestError(str(err), status=404, param=f"{at}.vector",
                            code="vector_not_found") from None
     try:
         return Steering.create(model, vector, spec["alpha"], layers=spec["layers"],
-                               units=spec["units"])
+                               units=spec["units"], op=spec["op"],
+                               bounds=None if spec["bounds"] is None else tuple(spec["bounds"]),
+                               target=spec["target"])
     except SteerlabError as err:
-        raise RequestError(f"'steering': {err}", param="steering") from None
+        raise RequestError(f"'{at}': {err}", param=at) from None

@@ -137,11 +137,13 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
         """The vector names of ``--vectors-dir`` (none without it)."""
         return self.shelf.names() if self.shelf is not None else []
 
-    def steering(self, spec: Any) -> Steering | None:
-        """The request's steering, a vector of ``--vectors-dir`` named by the request; norm
-        units may measure residual norms, a forward of the model: run that where the model is
-        free (scheduler thread, or under the lock)."""
-        if not (isinstance(spec, dict) and spec.get("units") == "norm") or self.shelf is None:
+    def steering(self, spec: Any) -> tuple[Steering, ...]:
+        """The request's interventions, each with a vector of ``--vectors-dir`` named by the
+        request; norm units may measure residual norms, a forward of the model: run that where
+        the model is free (scheduler thread, or under the lock)."""
+        items = spec if isinstance(spec, list) else [spec]
+        norm = any(isinstance(x, dict) and x.get("units") == "norm" for x in items)
+        if not norm or self.shelf is None:
             return parse_steering(self.model, spec, self.shelf)  # no model run needed
         if self.batcher is not None:
             return self.batcher.call(lambda: parse_steering(self.model, spec, self.shelf))
@@ -185,9 +187,9 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
             ids = self._encode(req)
             cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             head = {"id": cid, "created": created, "model": self.model_name}
-            steering = self.steering(req["steering"])  # reads the named vector
+            steerings = self.steering(req["steering"])  # reads the named vectors
             run = self._eager if self.batcher is None else self._batched
-            done = run(h, req, ids, head, steering, watch)
+            done = run(h, req, ids, head, steerings, watch)
         if done is None:
             return  # the client went away, or its stream ended with an error event
         stream, tokens, stopped = done
@@ -215,12 +217,14 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
         return None
 
     def _eager(self, h: Handler, req: dict, ids: list[int], head: dict,
-               steering: Steering | None, watch: Watch) -> tuple | None:
+               steerings: tuple[Steering, ...], watch: Watch) -> tuple | None:
         while not self.lock.acquire(timeout=http_edge.POLL_S):  # waiting: deadline and client count
             if watch.stop():
                 return self._cut(watch, None)
         try:
-            with steering.apply(self.model) if steering else contextlib.nullcontext():
+            with contextlib.ExitStack() as applied:
+                for steering in steerings:
+                    applied.enter_context(steering.apply(self.model))
                 # a stream answers 200 at once: open it only after every check has passed
                 stream = _Stream(h, self, head) if req["stream"] else None
 
@@ -249,9 +253,9 @@ class _Server(http_edge.ConnectionCap, ThreadingHTTPServer):
         return stream, gen.tokens[0], gen.stopped[0]
 
     def _batched(self, h: Handler, req: dict, ids: list[int], head: dict,
-                 steering: Steering | None, watch: Watch) -> tuple | None:
+                 steerings: tuple[Steering, ...], watch: Watch) -> tuple | None:
         seed = req["seed"] if req["seed"] is not None else random.getrandbits(31)
-        job = Job(ids, req["max_tokens"], req["temperature"], seed, steering, head["id"])
+        job = Job(ids, req["max_tokens"], req["temperature"], seed, steerings, head["id"])
         stream, tokens = None, []
         try:
             self.batcher.submit(job)
