@@ -69,8 +69,10 @@ def test_one_strength_unit_everywhere(tiny_model, tmp_path):
     assert EvalConfig().units is DEFAULT_UNITS
     assert option("chat")["units"] == unit == option("vectors", "eval")["units"]
     SteeringVector(torch.ones(2, tiny_model.cfg.d_model), (0, 1)).save(tmp_path / "v")
-    asked = parse_steering(tiny_model, {"vector": "v", "alpha": 0.1}, VectorShelf(tmp_path))
+    (asked,) = parse_steering(tiny_model, {"vector": "v", "alpha": 0.1},
+                              VectorShelf(tmp_path))
     assert asked.units is DEFAULT_UNITS
+    assert defaults(ChatSession.add_intervention)["units"] == unit
 
 
 def test_the_demo_trait_is_the_default_trait():

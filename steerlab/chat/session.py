@@ -61,6 +61,8 @@ class ChatSession:
         max_tokens: new tokens per reply.
         temperature: 0 for greedy decoding.
         steering: the steering in force (see :meth:`set_steering`); ``None``: none.
+        interventions: ablate, cap and set interventions in force besides it, in the order
+            added (see :meth:`add_intervention`).
         positions: where :meth:`set_steering` steers (see
             :class:`steerlab.steering.intervention.Positions`).
         engine: how generation runs (``auto``, ``eager``, ``static``); the reply streams
@@ -86,6 +88,7 @@ class ChatSession:
     positions: Positions = Positions.ALL
     history: list[dict[str, str]] = field(default_factory=list)
     engine: str = "auto"
+    interventions: list[Steering] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.engine = Engine.parse(self.engine, field="engine").value
@@ -132,9 +135,24 @@ class ChatSession:
         self.steering = self.steering.with_alpha(alpha)
         return self.steering
 
+    def add_intervention(self, vector: SteeringVector, op: str,
+                         layers: Sequence[int] | None = None, *,
+                         bounds: tuple[float | None, float | None] | None = None,
+                         target: float | None = None,
+                         units: str = DEFAULT_UNITS.value) -> Steering:
+        """Add an ``ablate``, ``cap`` or ``set`` intervention for later replies (checked
+        against the model), besides the steering in force; bounds and target in ``units``."""
+        if op == "add":
+            raise SteerlabError("add is the steering: use set_steering", field="op")
+        made = Steering.create(self.model, vector, 1.0, layers=layers, positions=self.positions,
+                               units=units, op=op, bounds=bounds, target=target)
+        self.interventions.append(made)
+        return made
+
     def clear_steering(self) -> None:
-        """Stop steering."""
+        """Stop steering: the steering and every intervention."""
         self.steering = None
+        self.interventions.clear()
 
     def steered_layers(self) -> list[int]:
         """The layers steered now ([] without steering)."""
@@ -185,6 +203,8 @@ class ChatSession:
         with ExitStack() as stack:
             if self.steering is not None:
                 stack.enter_context(self.steering.apply(self.model))
+            for intervention in self.interventions:
+                stack.enter_context(intervention.apply(self.model))
             if projection_layer is not None and self.steering is not None:
                 mon = stack.enter_context(monitor(self.model, self.steering.vector,
                                                   layers=[projection_layer]))

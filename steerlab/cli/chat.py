@@ -39,13 +39,19 @@ HELP = """commands:
   /tokens N            at most N new tokens per reply
   /steer PATH ALPHA [LAYERS]  steer with a vector file at strength ALPHA (layers: 10,12)
   /steer ALPHA         change the strength of the loaded vector
-  /unsteer             stop steering
+  /ablate PATH [LAYERS]  remove the vector's direction from the residual stream
+  /cap PATH LO[:HI] [LAYERS]  clamp the projection on the vector (norm units; ':HI' alone
+                       caps from above, 'LO:' from below)
+  /interventions       what is steering the replies now
+  /unsteer             stop steering (the steering and every intervention)
   /help                this text
 Esc (or Ctrl-C) stops a reply; what you type while it streams is kept for the next prompt;
 Ctrl-D or /quit leaves."""
 
 COMMANDS = ("clear", "persona", "system", "thinking", "nothinking", "tokens", "steer",
-            "unsteer", "help", "quit", "exit")
+            "ablate", "cap", "interventions", "unsteer", "help", "quit", "exit")
+ABLATE_USAGE = "usage: /ablate PATH [LAYERS] (e.g. /ablate vectors/pirate 10,12)"
+CAP_USAGE = "usage: /cap PATH LO[:HI] [LAYERS] (e.g. /cap vectors/pirate :0.1 12, norm units)"
 STEER_USAGE = "usage: /steer PATH ALPHA [LAYERS] (e.g. /steer vectors/pirate 4 10,12)"
 
 
@@ -118,6 +124,59 @@ def _steer(session: Any, arg: str) -> str:
         return load_steering(session, parts[0], _alpha(parts[1]), *parts[2:])
 
 
+def _bound(text: str) -> float | None:
+    try:
+        return None if text.strip() == "" else float(text)
+    except ValueError:
+        raise SteerlabError(f"{CAP_USAGE}; LO and HI must be numbers (got {text!r})") from None
+
+
+def _intervene(session: Any, op: str, arg: str) -> str:
+    """``/ablate PATH [LAYERS]`` or ``/cap PATH LO[:HI] [LAYERS]``."""
+    from steerlab.steering.vector import SteeringVector
+
+    usage = ABLATE_USAGE if op == "ablate" else CAP_USAGE
+    try:
+        parts = shlex.split(arg)
+    except ValueError:
+        raise SteerlabError(usage) from None
+    if len(parts) not in ((1, 2) if op == "ablate" else (2, 3)):
+        raise SteerlabError(usage)
+    bounds = None
+    if op == "cap":
+        lo, _, hi = parts.pop(1).partition(":")
+        bounds = (_bound(lo), _bound(hi))
+    with _usage(usage):
+        chosen = number_list(parts[1], int, "layers") if len(parts) > 1 else None
+        made = session.add_intervention(SteeringVector.load(parts[0]), op, chosen or None,
+                                        bounds=bounds)
+    return f"{op} {parts[0]} on layers {list(made.layers)}" + (
+        f", bounds {_shown_bounds(bounds)} ({made.units.value} units)" if bounds else "")
+
+
+def _shown_bounds(bounds: tuple[float | None, float | None]) -> str:
+    return "[" + ", ".join("open" if b is None else f"{b:g}" for b in bounds) + "]"
+
+
+def describe(session: Any) -> str:
+    """What steers the replies now, one line per intervention (or ``no steering``).
+
+    Examples:
+        >>> describe(session)
+        'no steering'
+    """
+    lines = []
+    if session.steering is not None:
+        s = session.steering
+        lines.append(f"add at {s.alpha} ({s.units.value} units) on layers {list(s.layers)}")
+    for s in session.interventions:
+        where = f"on layers {list(s.layers)}"
+        lines.append(f"{s.op.value} {where}" if s.op.value == "ablate" else
+                     f"{s.op.value} {where}, raw bounds "
+                     f"{[round(x, 4) for x in s.lo]}..{[round(x, 4) for x in s.hi]}")
+    return "\n".join(lines) or "no steering"
+
+
 def run_command(session: Any, command: Command) -> str:
     """Apply ``command`` to ``session``; the one-line confirmation (bad arguments raise a hint).
 
@@ -158,6 +217,10 @@ def run_command(session: Any, command: Command) -> str:
         return f"max tokens per reply: {session.max_tokens}"
     if name == "steer":
         return _steer(session, arg)
+    if name in ("ablate", "cap"):
+        return _intervene(session, name, arg)
+    if name == "interventions":
+        return describe(session)
     if name == "unsteer":
         session.clear_steering()
         return "steering off"
