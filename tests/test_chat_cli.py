@@ -94,7 +94,8 @@ def test_steered_reply_equals_steered_generate(tiny_model):
     """The session's steered reply and projections are those of the library path on the same
     prompt ids: ``generate`` under ``steer`` and ``monitor`` (greedy: exact token equality)."""
     from steerlab.generation.generator import generate
-    from steerlab.steering.intervention import monitor, steer
+    from steerlab.steering.intervention import steer
+    from steerlab.steering.monitoring import monitor
 
     vec = _vector(64, (1,), 50.0)
     s = ChatSession(tiny_model, max_tokens=10)

@@ -8,7 +8,8 @@ import torch
 from steerlab.base.errors import SteerlabError
 from steerlab.generation.generator import generate
 from steerlab.model.hooks import decoder_layers
-from steerlab.steering.intervention import monitor, steer
+from steerlab.steering.intervention import steer
+from steerlab.steering.monitoring import monitor
 from steerlab.steering.vector import SteeringVector
 
 PROMPTS = [[1, 28, 42, 99, 7], [1, 500, 17], [1, 3, 4, 5, 6, 8, 9]]

@@ -30,7 +30,8 @@ from steerlab.model.personas import (
     you_are_a,
 )
 from steerlab.model.templates import encode_chat, think_end_marker
-from steerlab.steering.intervention import DEFAULT_UNITS, Positions, Steering, monitor
+from steerlab.steering.intervention import DEFAULT_UNITS, Positions, Steering
+from steerlab.steering.monitoring import monitor
 from steerlab.steering.vector import SteeringVector
 
 

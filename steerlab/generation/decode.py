@@ -27,13 +27,8 @@ from steerlab.generation.metrics import chosen_metrics
 from steerlab.generation.sampling import sample
 from steerlab.model.hooks import layer_hooks
 from steerlab.model.inputs import left_pad, position_ids, stop_token_ids
-from steerlab.steering.intervention import (
-    Operator,
-    Positions,
-    Steering,
-    add_steering,
-    clamp_projection,
-)
+from steerlab.steering.intervention import Positions, Steering, add_steering
+from steerlab.steering.operators import Operator, clamp_projection
 from steerlab.steering.step_state import StepState
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]

@@ -1,8 +1,10 @@
 """What a steering intervention is: the vector, the frozen Steering value, monitors."""
 
 from steerlab.steering.baking import bake
-from steerlab.steering.intervention import Operator, Positions, Steering, Units, monitor, steer
+from steerlab.steering.intervention import Positions, Steering, Units, steer
+from steerlab.steering.monitoring import monitor
 from steerlab.steering.norms import residual_norms
+from steerlab.steering.operators import Operator
 from steerlab.steering.vector import SteeringVector
 
 __all__ = [

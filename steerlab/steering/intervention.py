@@ -1,12 +1,11 @@
-"""Steering: add ``alpha * v`` to the residual stream at chosen layers; projection monitoring.
+"""Steering: the one intervention value (add, ablate, cap, set at chosen layers) and ``steer``.
 
 :class:`Steering` is the one steering value (vector, layers, strengths, positions), validated
-once by :meth:`Steering.create`; :func:`steer` and :func:`monitor` are context managers over
-:func:`steerlab.model.hooks.layer_hooks`, so they act on bridge forwards and on
-:func:`steerlab.generation.generator.generate` alike, and the hooks are removed on exit. Rules that
-depend
-on the generation step (steer only generated tokens, NaN for finished rows) are told each
-step's state by ``generate`` (:func:`steerlab.generation.generator.listen`).
+once by :meth:`Steering.create`; :func:`steer` is a context manager over
+:func:`steerlab.model.hooks.layer_hooks`, so it acts on bridge forwards and on
+:func:`steerlab.generation.generator.generate` alike, and the hooks are removed on exit. The
+operators beyond addition are :mod:`steerlab.steering.operators`; monitoring is
+:mod:`steerlab.steering.monitoring`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from steerlab.base.choice import Choice
 from steerlab.base.errors import SteerlabError
 from steerlab.model.hooks import check_layers, layer_hooks
 from steerlab.steering.norms import residual_norms
-from steerlab.steering.step_state import StepState, in_force, is_generating, listen
+from steerlab.steering.operators import Operator, clamp_projection, projection_bounds, strength
+from steerlab.steering.step_state import StepState, in_force, is_generating
 from steerlab.steering.vector import SteeringVector
 
 log = logging.getLogger(__name__)
@@ -51,42 +51,6 @@ def add_steering(h: Float[torch.Tensor, "batch pos d_model"],
     size = h.float().norm(dim=-1, keepdim=True)
     kept = out * (size / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(h.dtype)
     return torch.where(d.ne(0).any(dim=-1, keepdim=True), kept, h)
-
-
-def clamp_projection(h: Float[torch.Tensor, "batch pos d_model"],
-                     unit: Float[torch.Tensor, "batch d_model"],
-                     lo: Float[torch.Tensor, " batch"], hi: Float[torch.Tensor, " batch"],
-                     weight: Float[torch.Tensor, " batch"],
-                     rows: Bool[torch.Tensor, " batch"] | None
-                     ) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Move each residual's projection on the unit direction ``unit`` into ``[lo, hi]``
-    (``-inf``/``inf``: an open bound), by the share ``weight`` of the way (1: all of it; 0:
-    the row is left as it is), at the rows ``rows`` marks (all when None), every position: the
-    one arithmetic of ``ablate`` (``lo = hi = 0``), ``cap`` and ``set`` (``lo = hi = target``).
-    The projection is taken in float32."""
-    u = unit.to(device=h.device, dtype=torch.float32)[:, None, :]
-    p = (h.float() * u).sum(-1, keepdim=True)
-    moved = torch.clamp(p, lo.to(p.device)[:, None, None], hi.to(p.device)[:, None, None]) - p
-    moved = moved * weight.to(device=p.device, dtype=p.dtype)[:, None, None]
-    if rows is not None:
-        moved = moved * rows.to(device=p.device, dtype=p.dtype)[:, None, None]
-    return h + (moved * u).to(h.dtype)
-
-
-class Operator(Choice):
-    """What an intervention does at its layers.
-
-    ``add``: add ``alpha * v`` (steering, the default); ``ablate``: remove the component along
-    the unit direction ``v̂`` (``h - (h·v̂) v̂``, Arditi et al. 2024); ``cap``: clamp the
-    projection ``h·v̂`` into ``[lo, hi]``, either bound open (activation capping, Lu et al.
-    2026); ``set``: move the projection to a target (how SAE features and probes are steered).
-    Within a layer the projection operators act first, in the order given, then the additions.
-    """
-
-    ADD = "add"
-    ABLATE = "ablate"
-    CAP = "cap"
-    SET = "set"
 
 
 class Units(Choice):
@@ -133,12 +97,6 @@ class Positions(Choice):
             state.generated & state.in_output
 
 
-def _strength(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SteerlabError(f"got {value!r}; expected a finite number", field="alpha")
-    return float(value)
-
-
 def _strengths(alpha: Any) -> float | tuple[float, ...]:
     """A strength, or one per batch row (a sequence or ``[batch]`` tensor), as finite floats."""
     if isinstance(alpha, torch.Tensor):
@@ -147,8 +105,8 @@ def _strengths(alpha: Any) -> float | tuple[float, ...]:
                                 f"{tuple(alpha.shape)}", field="alpha")
         alpha = alpha.tolist()
     if isinstance(alpha, (list, tuple)):
-        return tuple(_strength(a) for a in alpha)
-    return _strength(alpha)
+        return tuple(strength(a) for a in alpha)
+    return strength(alpha)
 
 
 @dataclass(frozen=True)
@@ -281,7 +239,7 @@ class Steering:
         if preserve_norm:
             raise SteerlabError(f"preserve_norm goes with add, not {op.value}",
                                 field="preserve_norm")
-        lo, hi = _bounds(op, bounds, target)
+        lo, hi = projection_bounds(op, bounds, target)
         size = _norms(model, vector, chosen) if units is Units.NORM else \
             {x: 1.0 for x in chosen}
         return cls(vector, _strengths(alpha), tuple(chosen), positions, units, (), False, op,
@@ -377,27 +335,6 @@ class Steering:
             del registered[max(i for i, s in enumerate(registered) if s is self)]
 
 
-def _bounds(op: Operator, bounds: Any, target: Any) -> tuple[float, float]:
-    """``(lo, hi)`` of a projection operator, open sides infinite, in the given units."""
-    if op is Operator.ABLATE:
-        if bounds is not None or target is not None:
-            raise SteerlabError("ablate takes no bounds or target (it moves the projection "
-                                "to 0)", field="op")
-        return 0.0, 0.0
-    if op is Operator.SET:
-        if bounds is not None or target is None:
-            raise SteerlabError("set takes a target (the projection to move to), not bounds",
-                                field="target")
-        value = _strength(target)
-        return value, value
-    if target is not None or not isinstance(bounds, (tuple, list)) or len(bounds) != 2 \
-            or all(b is None for b in bounds):
-        raise SteerlabError(f"cap takes bounds (lo, hi), either None for an open side; got "
-                            f"{bounds!r}", field="bounds")
-    lo, hi = (None if b is None else _strength(b) for b in bounds)
-    return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
-
-
 def _norms(model: Any, vector: SteeringVector, layers: Sequence[int]) -> dict[int, float]:
     """Each layer's typical residual norm: stored with the vector, else measured once."""
     known = {x: vector.resid_norm(x) for x in layers}
@@ -461,63 +398,3 @@ def steer(
     with Steering.create(model, vector, alpha, layers=layers, positions=positions, units=units,
                          preserve_norm=preserve_norm).apply(model):
         yield
-
-
-class ProjectionMonitor:
-    """Projections of the last position's residual on the vector, one entry per forward pass.
-
-    In :func:`steerlab.generation.generator.generate` the first entry is the prompt's last token and
-    the
-    following ones are the generated tokens; rows that have finished are NaN.
-    """
-
-    def __init__(self, layers: Sequence[int]):
-        self.layers = list(layers)
-        self._steps: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-        self.state: StepState | None = None
-
-    def on_step(self, state: StepState | None) -> None:
-        self.state = state
-
-    def trace(self, layer: int) -> Float[torch.Tensor, "batch step"]:
-        """``[batch, step]`` projections at a layer."""
-        if layer not in self._steps:
-            raise SteerlabError(f"layer {layer} is not monitored; {self.layers} are",
-                                field="layer")
-        steps = self._steps[layer]
-        return torch.stack(steps, dim=1) if steps else torch.empty(0, 0)
-
-
-@contextmanager
-def monitor(model: Any, vector: SteeringVector, *, layers: Sequence[int] | None = None,
-            normalise: bool = True) -> Iterator[ProjectionMonitor]:
-    """Record each forward pass's last-position projection on ``vector`` (unit by default).
-
-    Works together with :func:`steer` (hooks added later run later: enter ``steer`` first to
-    see the steered residual).
-
-    Examples:
-        >>> ids = [sl.encode_chat(model.tokenizer, "Hello!")]
-        >>> with sl.steer(model, vec, 4.0), sl.monitor(model, vec, layers=[10]) as mon:
-        ...     replies = sl.generate(model, ids, max_new_tokens=4)
-        >>> mon.trace(10).shape  # [batch, steps]: the prompt, then each new token but the last
-        torch.Size([1, 4])
-    """
-    layers = check_layers(model, list(vector.layers if layers is None else layers))
-    mon = ProjectionMonitor(layers)
-    vec = vector.normalise() if normalise else vector
-
-    def hook_for(layer: int) -> Callable[[torch.Tensor], None]:
-        direction = vec.direction(layer)
-
-        def record(h: torch.Tensor) -> None:
-            p = h[:, -1].float() @ direction.to(h.device, torch.float32)
-            state = mon.state
-            if state is not None and not state.prefill:
-                p = torch.where(state.generated.to(p.device), p, torch.nan)
-            mon._steps[layer].append(p.detach().cpu())
-
-        return record
-
-    with listen(model, mon), layer_hooks(model, {layer: hook_for(layer) for layer in layers}):
-        yield mon
