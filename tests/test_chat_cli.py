@@ -12,7 +12,7 @@ import torch
 
 from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatSession
-from steerlab.cli.chat import Command, parse_command, run_command
+from steerlab.cli._commands import Command, parse_command, run_command
 from steerlab.model.personas import ASSISTANT
 from steerlab.steering.vector import SteeringVector
 

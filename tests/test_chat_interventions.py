@@ -11,7 +11,7 @@ from families import build_family
 
 from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatSession
-from steerlab.cli.chat import parse_command, run_command
+from steerlab.cli._commands import parse_command, run_command
 from steerlab.generation.generator import generate
 from steerlab.model.loading import load_model
 from steerlab.steering.intervention import Steering

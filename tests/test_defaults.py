@@ -11,7 +11,7 @@ import typer.main
 from steerlab.chat.session import ChatSession
 from steerlab.chat.widget import SteeringChat
 from steerlab.cli import app
-from steerlab.cli.chat import load_steering
+from steerlab.cli._commands import load_steering
 from steerlab.demo import DemoConfig
 from steerlab.evaluation.evaluate import EvalConfig
 from steerlab.serving.requests import parse_steering

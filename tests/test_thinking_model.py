@@ -44,7 +44,7 @@ from thinking_model import (
 import steerlab as sl
 from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatSession
-from steerlab.cli.chat import Command, parse_command, run_command
+from steerlab.cli._commands import Command, parse_command, run_command
 from steerlab.generation.metrics import split_sections
 from steerlab.inference.results import read_per_token
 from steerlab.model.templates import think_end_index, think_end_marker
