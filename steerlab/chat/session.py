@@ -138,8 +138,8 @@ class ChatSession:
 
     def add_intervention(self, vector: SteeringVector, op: str,
                          layers: Sequence[int] | None = None, *,
-                         bounds: tuple[float | None, float | None] | None = None,
-                         target: float | None = None,
+                         bounds: tuple[float | str | None, float | str | None] | None = None,
+                         target: float | str | None = None,
                          units: str = DEFAULT_UNITS.value) -> Steering:
         """Add an ``ablate``, ``cap`` or ``set`` intervention for later replies (checked
         against the model), besides the steering in force; bounds and target in ``units``."""

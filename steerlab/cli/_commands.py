@@ -24,8 +24,9 @@ HELP = """commands:
   /steer PATH ALPHA [LAYERS]  steer with a vector file at strength ALPHA (layers: 10,12)
   /steer ALPHA         change the strength of the loaded vector
   /ablate PATH [LAYERS]  remove the vector's direction from the residual stream
-  /cap PATH LO[:HI] [LAYERS]  clamp the projection on the vector (norm units; ':HI' alone
-                       caps from above, 'LO:' from below)
+  /cap PATH LO[:HI] [LAYERS]  clamp the projection on the vector (norm units, or
+                       percentiles of its reference projections: 25%; ':HI' alone caps from
+                       above, 'LO:' from below)
   /interventions       what is steering the replies now
   /unsteer             stop steering (the steering and every intervention)
   /help                this text
@@ -108,11 +109,16 @@ def _steer(session: Any, arg: str) -> str:
         return load_steering(session, parts[0], _alpha(parts[1]), *parts[2:])
 
 
-def _bound(text: str) -> float | None:
+def _bound(text: str) -> float | str | None:
+    """A cap bound: empty (open), a number, or a percentile of the vector's reference
+    projections (``25%``)."""
+    if text.strip() == "" or text.strip().endswith("%"):
+        return text.strip() or None
     try:
-        return None if text.strip() == "" else float(text)
+        return float(text)
     except ValueError:
-        raise SteerlabError(f"{CAP_USAGE}; LO and HI must be numbers (got {text!r})") from None
+        raise SteerlabError(f"{CAP_USAGE}; LO and HI must be numbers or percentiles such as "
+                            f"25% (got {text!r})") from None
 
 
 def _intervene(session: Any, op: str, arg: str) -> str:
@@ -138,8 +144,9 @@ def _intervene(session: Any, op: str, arg: str) -> str:
         f", bounds {_shown_bounds(bounds)} ({made.units.value} units)" if bounds else "")
 
 
-def _shown_bounds(bounds: tuple[float | None, float | None]) -> str:
-    return "[" + ", ".join("open" if b is None else f"{b:g}" for b in bounds) + "]"
+def _shown_bounds(bounds: tuple[float | str | None, float | str | None]) -> str:
+    return "[" + ", ".join("open" if b is None else b if isinstance(b, str) else f"{b:g}"
+                           for b in bounds) + "]"
 
 
 def describe(session: Any) -> str:

@@ -27,6 +27,7 @@ from steerlab.base.choice import Choice
 from steerlab.base.errors import SteerlabError
 from steerlab.extraction.store import ActivationFile, Site
 from steerlab.model.loading import model_geometry
+from steerlab.steering.reference import with_reference
 from steerlab.steering.vector import Provenance, SteeringVector
 
 Acts = Float[torch.Tensor, "batch layer d_model"]
@@ -269,7 +270,25 @@ def fit_vector(
                       resid_norms={k: float(norms[k]) for k in chosen if k in norms},
                       n_layers=m.n_layers)
     vec = SteeringVector(result.directions, chosen_layers, prov)
+    if swap is None:
+        vec = _with_rejected_reference(vec, acts, site, idx, batch_size)
     return vec, result
+
+
+def _with_rejected_reference(vec: SteeringVector, acts: ActivationFile, site: Site,
+                             idx: list[int] | None, batch_size: int) -> SteeringVector:
+    """``vec`` with the projections of the rejected answers (those without the trait, at the
+    fitted site) on its unit directions as its reference: what ``cap`` bounds given as
+    percentiles (``"75%"``) mean."""
+    unit = vec.normalise().directions.float()
+    seen: list[torch.Tensor] = []
+    for _, rejected in acts.iter_batches(batch_size, site=site):
+        block = rejected if idx is None else rejected[:, idx]
+        seen.append((block.float() * unit[None]).sum(-1))
+    p = torch.cat(seen).numpy()  # [pairs, layer]
+    what = "response means" if site is Site.MEAN else "first divergent token"
+    return with_reference(vec, {x: p[:, i] for i, x in enumerate(vec.layers)},
+                          f"rejected answers ({what}) of {acts.path.name}")
 
 
 def _refuse_zero(directions: torch.Tensor, layers: tuple[int, ...], source: str) -> None:

@@ -63,12 +63,34 @@ class HookPoint(Choice):
     RESID_MID = "resid_mid"
 
     def attach(self, block: torch.nn.Module, fn: ResidualHook, *,
-               graph_safe: bool = False, first: bool = False) -> Any:
+               graph_safe: bool = False, first: bool = False,
+               observe: str | None = None) -> Any:
         """Register ``fn`` at this point of ``block``; returns the removable torch handle.
 
         ``graph_safe`` marks a hook whose work is all tensor operations with no host reads and
         no Python side effects per call, so a captured CUDA graph may replay it. ``first``
-        runs it before the hooks already there."""
+        runs it before the hooks already there. ``observe`` (``"before"`` or ``"after"``)
+        makes it an observer that reads the residual before or after every other hook, however
+        late those are registered (its return value is ignored)."""
+        if observe is not None:
+            if observe not in OBSERVE:
+                raise SteerlabError(f"got {observe!r}; expected one of {OBSERVE}",
+                                    field="observe")
+            reader = fn
+
+            def fn(h: torch.Tensor) -> None:
+                reader(h)
+
+        handle = self._register(block, fn, graph_safe, first)
+        hooks = handle.hooks_dict_ref()  # a weak reference to the module's ordered dict
+        if hooks is not None:
+            if observe is not None:
+                hooks[handle.id]._steerlab_observe = observe
+            _keep_observers_outside(hooks)
+        return handle
+
+    def _register(self, block: torch.nn.Module, fn: ResidualHook, graph_safe: bool,
+                  first: bool) -> Any:
         if self is HookPoint.RESID_POST:
             def post(module: Any, args: Any, output: Any) -> Any:
                 new = fn(hidden_of(output))
@@ -97,6 +119,19 @@ class HookPoint(Choice):
         return point.register_forward_hook(mid, prepend=first)
 
 
+OBSERVE = ("before", "after")
+
+
+def _keep_observers_outside(hooks: Any) -> None:
+    """Keep a module's ``before`` observers first and its ``after`` observers last (torch runs
+    hooks in the order of its ordered dict)."""
+    flags = {key: getattr(fn, "_steerlab_observe", None) for key, fn in hooks.items()}
+    for key in [k for k, flag in flags.items() if flag == "after"]:
+        hooks.move_to_end(key)
+    for key in reversed([k for k, flag in flags.items() if flag == "before"]):
+        hooks.move_to_end(key, last=False)
+
+
 def unsafe_hooks(model: Any) -> int:
     """How many hooks on the decoder layers a CUDA graph could not replay: any not registered
     through :func:`layer_hooks` with ``graph_safe=True`` (monitors, users' own torch hooks)."""
@@ -112,7 +147,8 @@ def unsafe_hooks(model: Any) -> int:
 @contextmanager
 def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
                 point: HookPoint = HookPoint.RESID_POST, *,
-                graph_safe: bool = False, first: bool = False) -> Iterator[None]:
+                graph_safe: bool = False, first: bool = False,
+                observe: str | None = None) -> Iterator[None]:
     """Residual hooks on decoder layers (``{layer: fn}``) while inside; always removed.
 
     The one way steerlab hooks a model: steering, monitoring, capture and the logit lens all
@@ -128,7 +164,8 @@ def layer_hooks(model: Any, hooks: Mapping[int, ResidualHook],
     handles = []
     try:
         for layer, fn in hooks.items():
-            handles.append(point.attach(blocks[layer], fn, graph_safe=graph_safe, first=first))
+            handles.append(point.attach(blocks[layer], fn, graph_safe=graph_safe, first=first,
+                                        observe=observe))
         yield
     finally:
         for h in handles:

@@ -18,6 +18,7 @@ from steerlab.model.personas import ASSISTANT, Persona, persona_record
 from steerlab.model.templates import MAX_MESSAGE_CHARS
 from steerlab.serving.shelf import NAME, VectorShelf
 from steerlab.steering.intervention import DEFAULT_UNITS, Steering
+from steerlab.steering.reference import parse_percentile
 
 __all__ = ["RequestError", "decode_body", "parse_chat_request", "parse_steering"]
 
@@ -86,6 +87,18 @@ def _number(v: Any, name: str, lo: float, hi: float) -> float:
         return checks.number(v, name, lo=lo, hi=hi)
     except SteerlabError as err:
         raise RequestError(str(err), param=name) from None
+
+
+def _bound(v: Any, name: str) -> float | str:
+    """A bound or target: a finite number within +-1e6, or a percentile of the vector's
+    reference projections such as ``"25%"``; else a 400 naming ``name``."""
+    if not isinstance(v, str):
+        return _number(v, name, -1e6, 1e6)
+    try:
+        parse_percentile(v, name)
+    except SteerlabError as err:
+        raise RequestError(str(err), param=name) from None
+    return v
 
 
 def _integer(v: Any, name: str, lo: int, hi: int, hint: str = "") -> int:
@@ -275,11 +288,10 @@ def _steering_shape(spec: Any, at: str = "steering") -> dict | None:
         if not isinstance(bounds, list) or len(bounds) != 2:
             raise RequestError(f"'{at}.bounds' must be [lo, hi], null for an open side, got "
                                f"{_shown(bounds)}", param=f"{at}.bounds")
-        bounds = [None if b is None else _number(b, f"{at}.bounds", -1e6, 1e6)
-                  for b in bounds]
+        bounds = [None if b is None else _bound(b, f"{at}.bounds") for b in bounds]
     target = spec.get("target")
     if target is not None:
-        target = _number(target, f"{at}.target", -1e6, 1e6)
+        target = _bound(target, f"{at}.target")
     return {"vector": name, "alpha": alpha, "layers": layers, "units": units, "op": op,
             "bounds": bounds, "target": target}
 
@@ -294,7 +306,8 @@ def parse_steering(model: Any, spec: Any, shelf: VectorShelf | None
         model: the served bridge (layers and width are checked against it).
         spec: one intervention ``{"vector": name, "alpha": float, "layers": [int] | null,
             "units": "norm" | "raw", "op": "add" | "ablate" | "cap" | "set", "bounds": [lo,
-            hi], "target": float}`` (units default norm,
+            hi], "target": float}`` (bounds and target numbers, or percentiles of the vector's
+            reference projections such as ``"25%"``; units default norm,
             :data:`steerlab.steering.intervention.DEFAULT_UNITS`: a fraction of the layer's
             residual norm; op default add), a list of up to :data:`MAX_INTERVENTIONS` of them,
             or None (none).

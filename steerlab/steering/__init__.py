@@ -5,9 +5,10 @@ from steerlab.steering.intervention import Positions, Steering, Units, steer
 from steerlab.steering.monitoring import monitor
 from steerlab.steering.norms import residual_norms
 from steerlab.steering.operators import Operator
+from steerlab.steering.reference import reference_value, with_reference
 from steerlab.steering.vector import SteeringVector
 
 __all__ = [
     "Operator", "Positions", "Steering", "SteeringVector", "Units", "bake", "monitor",
-    "residual_norms", "steer",
+    "reference_value", "residual_norms", "steer", "with_reference",
 ]

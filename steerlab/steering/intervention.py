@@ -23,8 +23,9 @@ from jaxtyping import Bool, Float
 from steerlab.base.choice import Choice
 from steerlab.base.errors import SteerlabError
 from steerlab.model.hooks import check_layers, layer_hooks
-from steerlab.steering.norms import residual_norms
+from steerlab.steering.norms import vector_norms
 from steerlab.steering.operators import Operator, clamp_projection, projection_bounds, strength
+from steerlab.steering.reference import resolve_bound
 from steerlab.steering.step_state import StepState, in_force, is_generating
 from steerlab.steering.vector import SteeringVector
 
@@ -188,8 +189,8 @@ class Steering:
                units: str | Units = DEFAULT_UNITS,
                preserve_norm: bool = False,
                op: str | Operator = Operator.ADD,
-               bounds: tuple[float | int | None, float | int | None] | None = None,
-               target: float | None = None) -> Steering:
+               bounds: tuple[float | int | str | None, float | int | str | None] | None = None,
+               target: float | int | str | None = None) -> Steering:
         """A checked intervention: finite strengths, layers that the model and the vector
         both have (negative ones count from the end), the vector's width equal to the model's.
 
@@ -200,12 +201,14 @@ class Steering:
                 residual norm: the norms stored with the vector, else measured once on neutral
                 prompts) or ``"raw"`` (alpha times the stored vector); see :class:`Units`.
                 Bounds and targets are in the same units: a fraction of the layer's residual
-                norm, or the raw projection on the unit direction.
+                norm, or the raw projection on the unit direction; or percentiles of the
+                vector's reference projections, ``"25%"`` (:mod:`steerlab.steering.reference`).
             preserve_norm: rescale each steered residual to its norm before steering, so only
                 its direction turns (a remedy against steering that breaks the model; ``add``).
             op: ``add``, ``ablate``, ``cap`` or ``set`` (see :class:`Operator`).
-            bounds: ``cap``: ``(lo, hi)``, either None for an open side.
-            target: ``set``: the projection to move to.
+            bounds: ``cap``: ``(lo, hi)``, either None for an open side; a number, or a
+                percentile of the vector's reference projections (``"25%"``).
+            target: ``set``: the projection to move to (a number or ``"50%"``).
 
         Examples:
             >>> ablate = sl.Steering.create(model, vec, op="ablate", layers=[10])
@@ -240,11 +243,11 @@ class Steering:
             raise SteerlabError(f"preserve_norm goes with add, not {op.value}",
                                 field="preserve_norm")
         lo, hi = projection_bounds(op, bounds, target)
-        size = _norms(model, vector, chosen) if units is Units.NORM else \
+        size = vector_norms(model, vector, chosen) if units is Units.NORM else \
             {x: 1.0 for x in chosen}
         return cls(vector, _strengths(alpha), tuple(chosen), positions, units, (), False, op,
-                   tuple(lo * size[x] if math.isfinite(lo) else lo for x in chosen),
-                   tuple(hi * size[x] if math.isfinite(hi) else hi for x in chosen))
+                   tuple(resolve_bound(lo, vector, x, size[x]) for x in chosen),
+                   tuple(resolve_bound(hi, vector, x, size[x]) for x in chosen))
 
     def with_alpha(self, alpha: Any) -> Steering:
         """The same steering at another strength (checked)."""
@@ -335,21 +338,11 @@ class Steering:
             del registered[max(i for i, s in enumerate(registered) if s is self)]
 
 
-def _norms(model: Any, vector: SteeringVector, layers: Sequence[int]) -> dict[int, float]:
-    """Each layer's typical residual norm: stored with the vector, else measured once."""
-    known = {x: vector.resid_norm(x) for x in layers}
-    missing = [x for x, n in known.items() if n is None]
-    if missing:
-        log.info("the vector has no residual norms for layers %s; measuring them", missing)
-        known.update(residual_norms(model, missing))
-    return known  # type: ignore[return-value]
-
-
 def _scales(model: Any, vector: SteeringVector, layers: Sequence[int],
             units: Units) -> tuple[float, ...]:
     if units is Units.RAW:
         return tuple(1.0 for _ in layers)
-    known = _norms(model, vector, layers)
+    known = vector_norms(model, vector, layers)
     out = []
     for x in layers:
         size = float(vector.direction(x).float().norm())

@@ -10,6 +10,7 @@ models park a huge "attention sink" activation there.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
@@ -20,8 +21,11 @@ from steerlab.model.hooks import HookPoint, check_layers, layer_hooks
 from steerlab.model.inputs import left_pad, position_ids
 from steerlab.model.state import state
 from steerlab.model.templates import encode_chat
+from steerlab.steering.vector import SteeringVector
 
-__all__ = ["neutral_prompts", "residual_norms"]
+__all__ = ["neutral_prompts", "residual_norms", "vector_norms"]
+
+log = logging.getLogger(__name__)
 
 
 def neutral_prompts(n: int = 16) -> list[str]:
@@ -82,3 +86,14 @@ def _measure(model: Any, chosen: list[int], prompts: Sequence[str],
         hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
            logits_to_keep=1)
     return {layer: float(seen[layer].median()) for layer in chosen}
+
+
+def vector_norms(model: Any, vector: SteeringVector, layers: Sequence[int]) -> dict[int, float]:
+    """Each layer's typical residual norm: stored with the vector, else measured once
+    (:func:`residual_norms`): the unit of norm-unit strengths and bounds."""
+    known = {x: vector.resid_norm(x) for x in layers}
+    missing = [x for x, n in known.items() if n is None]
+    if missing:
+        log.info("the vector has no residual norms for layers %s; measuring them", missing)
+        known.update(residual_norms(model, missing))
+    return known  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from jaxtyping import Bool, Float
 
 from steerlab.base.choice import Choice
 from steerlab.base.errors import SteerlabError
+from steerlab.steering.reference import Percentile, parse_percentile
 
 
 def strength(value: Any) -> float:
@@ -57,10 +58,10 @@ class Operator(Choice):
     SET = "set"
 
 
-
-
-def projection_bounds(op: Operator, bounds: Any, target: Any) -> tuple[float, float]:
-    """``(lo, hi)`` of a projection operator, open sides infinite, in the given units."""
+def projection_bounds(op: Operator, bounds: Any, target: Any
+                      ) -> tuple[float | Percentile, float | Percentile]:
+    """``(lo, hi)`` of a projection operator, open sides infinite, each a number in the given
+    units or a :class:`~steerlab.steering.reference.Percentile` (``"25%"``)."""
     if op is Operator.ABLATE:
         if bounds is not None or target is not None:
             raise SteerlabError("ablate takes no bounds or target (it moves the projection "
@@ -70,11 +71,13 @@ def projection_bounds(op: Operator, bounds: Any, target: Any) -> tuple[float, fl
         if bounds is not None or target is None:
             raise SteerlabError("set takes a target (the projection to move to), not bounds",
                                 field="target")
-        value = strength(target)
+        value = parse_percentile(target, "target") or strength(target)
         return value, value
     if target is not None or not isinstance(bounds, (tuple, list)) or len(bounds) != 2 \
             or all(b is None for b in bounds):
         raise SteerlabError(f"cap takes bounds (lo, hi), either None for an open side; got "
-                            f"{bounds!r}", field="bounds")
-    lo, hi = (None if b is None else strength(b) for b in bounds)
+                            f"{bounds!r:.80}", field="bounds")
+    lo, hi = (None if b is None else parse_percentile(b) or strength(b) for b in bounds)
+    if isinstance(lo, Percentile) and isinstance(hi, Percentile) and lo.q > hi.q:
+        raise SteerlabError(f"the bounds are [{lo}, {hi}]; expected lo <= hi", field="bounds")
     return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)

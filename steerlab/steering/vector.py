@@ -42,14 +42,12 @@ class Provenance:
     resid_norms: dict[str, float] = field(default_factory=dict)
     # the model's decoder-layer count (0: unknown, vectors written before it was recorded)
     n_layers: int = 0
+    # percentiles of reference projections (steerlab.steering.reference); {}: none
+    reference: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in provenance_fields(vars(self)).items():
             object.__setattr__(self, name, value)
-
-
-def _count(value: Any, name: str, source: str | None) -> int:
-    return integer(value, name, lo=0, source=source)
 
 
 # how each provenance field is checked: (value, field, source) -> the value accepted
@@ -57,20 +55,21 @@ _CHECKS: dict[str, Callable[[Any, str, str | None], Any]] = {
     "model_id": lambda v, n, s: text(v, n, source=s),
     "hook": lambda v, n, s: HookPoint.parse(v, field=n, source=s).value,
     "method": lambda v, n, s: text(v, n, source=s),
-    "n_pairs": _count,
+    "n_pairs": lambda v, n, s: integer(v, n, lo=0, source=s),
     "normalisation": lambda v, n, s: text(v, n, source=s),
     "source": lambda v, n, s: text(v, n, source=s),
     "capture": lambda v, n, s: json_object(v, n, source=s),
     "resid_norms": lambda v, n, s: layer_values(v, n, source=s),
-    "n_layers": _count,
+    "n_layers": lambda v, n, s: integer(v, n, lo=0, source=s),
+    "reference": lambda v, n, s: json_object(v, n, source=s),
 }
 
 
 def provenance_fields(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     """The :class:`Provenance` fields among ``values`` (a sidecar), checked and normalised:
     strings are text, ``n_pairs`` and ``n_layers`` integers >= 0, ``hook`` a
-    :class:`~steerlab.model.hooks.HookPoint`, ``capture`` a strict-JSON object, ``resid_norms``
-    ``{layer: finite norm > 0}`` (whether its keys are the vector's layers is checked by
+    :class:`~steerlab.model.hooks.HookPoint`, ``capture`` and ``reference`` strict-JSON objects,
+    ``resid_norms`` ``{layer: finite norm > 0}`` (keyed by the vector's layers: checked by
     :class:`SteeringVector`). Other keys are left out (fields of later versions).
 
     Examples:
@@ -163,7 +162,8 @@ class SteeringVector:
         p = self.provenance
         method = f"({p.method}) without ({other.provenance.method})"
         return replace(self, directions=out.to(self.directions.dtype),
-                       provenance=replace(p, method=method, normalisation="none"))
+                       provenance=replace(p, method=method, normalisation="none",
+                                          reference={}))
 
     def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
         """Only the given layers (with only their residual norms)."""
@@ -216,7 +216,8 @@ class SteeringVector:
         p = self.provenance
         method = f"({p.method}) {op} ({other.provenance.method})"
         return replace(self, directions=self.directions + sign * other.directions.to(
-            self.directions), provenance=replace(p, method=method, normalisation="none"))
+            self.directions), provenance=replace(p, method=method, normalisation="none",
+                                                 reference={}))
 
     def __add__(self, other: SteeringVector) -> SteeringVector:
         return self._combine(other, 1.0, "+")
@@ -227,7 +228,9 @@ class SteeringVector:
     def __mul__(self, k: float | int) -> SteeringVector:
         if not isinstance(k, (int, float)):
             return NotImplemented
-        return replace(self, directions=self.directions * float(k))
+        # a negative k turns the direction: its reference projections no longer hold
+        kept = self.provenance if k > 0 else replace(self.provenance, reference={})
+        return replace(self, directions=self.directions * float(k), provenance=kept)
 
     __rmul__ = __mul__
 
@@ -329,19 +332,17 @@ class SteeringVector:
         if model_hint is None:
             model_hint = model_type(self.provenance.model_id) or self.provenance.model_id
         with atomic_path(path) as tmp:
-            self._write_gguf(gguf.GGUFWriter(str(tmp), "controlvector"), model_hint, layers)
+            writer = gguf.GGUFWriter(str(tmp), "controlvector")
+            writer.add_string("controlvector.model_hint", model_hint)
+            writer.add_uint32("controlvector.layer_count", len(layers))
+            for layer in layers:
+                writer.add_tensor(f"direction.{layer}",
+                                  self.direction(layer).detach().float().cpu().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
         return path
-
-    def _write_gguf(self, writer: Any, model_hint: str, layers: list[int]) -> None:
-        writer.add_string("controlvector.model_hint", model_hint)
-        writer.add_uint32("controlvector.layer_count", len(layers))
-        for layer in layers:
-            writer.add_tensor(f"direction.{layer}",
-                              self.direction(layer).detach().float().cpu().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
 
 
 def _tensors(st: Path, layers: tuple[int, ...]) -> torch.Tensor:
@@ -395,4 +396,5 @@ def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
     r = torch.randn(vector.directions.shape, generator=gen, dtype=torch.float32)
     r = r / r.norm(dim=-1, keepdim=True) * vector.norms().float()[:, None].cpu()
     return replace(vector, directions=r.to(vector.directions),
-                   provenance=replace(vector.provenance, method=f"random(seed={seed})"))
+                   provenance=replace(vector.provenance, method=f"random(seed={seed})",
+                                      reference={}))
