@@ -30,7 +30,13 @@ from steerlab.extraction import (
     fit_vector,
 )
 from steerlab.generation import Engine, Generation, generate, generate_with_metrics
-from steerlab.inference import InferConfig, load_results, merge_run, run_inference
+from steerlab.inference import (
+    InferConfig,
+    load_results,
+    merge_run,
+    read_activations,
+    run_inference,
+)
 from steerlab.model import (
     ASSISTANT,
     ModelOptions,
@@ -79,7 +85,7 @@ __all__ = [
     "evaluate_steering", "extract", "filter_pairs", "fit_vector", "generate",
     "generate_with_metrics", "judge", "load_model", "load_pairs", "load_personae",
     "load_results", "load_trait", "merge_pairs", "merge_run", "monitor", "patch_chat_template",
-    "render_chat", "rubric_judge", "run_demo", "run_inference", "save_pairs",
+    "read_activations", "render_chat", "rubric_judge", "run_demo", "run_inference", "save_pairs",
     "scorer_from_spec", "scorer_judge", "steer", "system_prompt_style", "validation_report",
 ]
 

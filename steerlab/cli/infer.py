@@ -9,6 +9,7 @@ import typer
 
 from steerlab.cli._app import app
 from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
+from steerlab.cli._parse import number_list
 from steerlab.model.loading import load_from_options, model_geometry
 from steerlab.model.options import ModelOptions
 
@@ -37,6 +38,9 @@ def infer(
         help="Run shard i/n (0-based) of the batches into the shared --output-dir (default: "
         "SLURM array variables), then `steerlab merge RUN`.")] = None,
     lens: bool = typer.Option(False, help="Also record logit-lens metrics at every layer."),
+    capture_layers: str = typer.Option(
+        "", help="Layers (e.g. 8,12,16; negative from the end) whose mean residual over each "
+        "reply, its thinking and its output is written to activations.h5."),
     engine: str = typer.Option("auto", help=ENGINE_HELP + " Recorded in config.json; a "
                                "resume may use another."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -54,7 +58,9 @@ def infer(
                          batch_size=batch_size, n_reps=n_reps, top_k_mass_k=top_k_mass_k,
                          thinking_mode=thinking_mode, system_prompt_style=system_prompt_style,
                          seed=seed, lens=lens, engine=check_engine(engine),
-                         ).validate(vocab_size=geometry["vocab_size"] if geometry else None)
+                         capture_layers=tuple(number_list(capture_layers, int, "capture_layers")),
+                         ).validate(vocab_size=geometry["vocab_size"] if geometry else None,
+                                    n_layers=geometry["n_layers"] if geometry else None)
     part, output_dir = _run_folder(shard, output_dir)
     check_run_target(output_dir, part, inputs={"prompts_json": prompts_json,
                                                 "personae_json": personae_json,

@@ -2,10 +2,15 @@
 
 from steerlab.inference.infer import InferConfig, load_prompts, run_inference
 from steerlab.inference.report import run_tokenizer, write_run_report
-from steerlab.inference.results import load_results, read_per_token
+from steerlab.inference.results import (
+    RunActivations,
+    load_results,
+    read_activations,
+    read_per_token,
+)
 from steerlab.inference.runs import merge_run
 
 __all__ = [
-    "InferConfig", "load_prompts", "load_results", "merge_run", "read_per_token",
-    "run_inference", "run_tokenizer", "write_run_report",
+    "InferConfig", "RunActivations", "load_prompts", "load_results", "merge_run",
+    "read_activations", "read_per_token", "run_inference", "run_tokenizer", "write_run_report",
 ]

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from steerlab.generation.budget import check_context, free_memory, generation_ne
 from steerlab.generation.engine import Engine
 from steerlab.generation.generator import RowMetrics, generate_with_metrics
 from steerlab.generation.metrics import section_averages, split_sections
+from steerlab.inference.activations import capture_replies, check_capture_steering
 from steerlab.inference.results import LOG, RESULTS, RunStore
-from steerlab.inference.runs import open_run, per_token_attrs, write_marker
+from steerlab.inference.runs import activation_attrs, open_run, per_token_attrs, write_marker
 from steerlab.model.personas import Persona, system_prompt_style
 from steerlab.model.provenance import provenance
 from steerlab.model.templates import MAX_MESSAGE_CHARS, encode_chat, think_end_marker
@@ -57,10 +58,14 @@ class InferConfig:
     seed: int = 0
     lens: bool = False
     engine: str = "auto"  # how generation runs (not part of the run's identity)
+    capture_layers: tuple[int, ...] = ()  # layers whose mean reply residual is recorded
 
-    def validate(self, vocab_size: int | None = None) -> InferConfig:
+    def validate(self, vocab_size: int | None = None, n_layers: int | None = None
+                 ) -> InferConfig:
         """Reject impossible values with the name of the option (``top_k_mass_k`` against
-        ``vocab_size`` when given)."""
+        ``vocab_size``, ``capture_layers`` against ``n_layers`` when given); returns the
+        config with negative capture layers counted from the end when ``n_layers`` is known.
+        """
         Engine.parse(self.engine, field="engine")
         for name in ("max_tokens", "batch_size", "n_reps"):
             integer(getattr(self, name), name, lo=1)
@@ -69,7 +74,29 @@ class InferConfig:
         seed(self.seed)
         number(self.temperature, "temperature", lo=0)
         system_prompt_style(self.system_prompt_style)
-        return self
+        return replace(self, capture_layers=capture_layer_list(self.capture_layers, n_layers))
+
+
+def capture_layer_list(value: Any, n_layers: int | None = None) -> tuple[int, ...]:
+    """``capture_layers`` as distinct layer indices, negative ones counted from the end when
+    ``n_layers`` is known (``-1``: the last layer); one error line naming the field.
+
+    Examples:
+        >>> capture_layer_list([8, -1], n_layers=30)
+        (8, 29)
+    """
+    field = "capture_layers"
+    if not isinstance(value, (list, tuple)):
+        raise SteerlabError(f"got {value!r:.60}; expected a list of layer indices", field=field)
+    hint = f"(the model has {n_layers} layers; negative counts from the end)" if n_layers \
+        else ""
+    lo, hi = (-n_layers, n_layers - 1) if n_layers else (None, None)
+    out = tuple(integer(x, field, lo=lo, hi=hi, hint=hint) for x in value)
+    if n_layers:
+        out = tuple(x % n_layers for x in out)
+    if len(set(out)) < len(out):
+        raise SteerlabError(f"got {list(value)!r:.60}; expected distinct layers", field=field)
+    return out
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,10 @@ def run_identity(config: InferConfig, prompts: Sequence[str], personae: Sequence
     blob = json.dumps([list(prompts), [p.to_dict() for p in personae]], sort_keys=True)
     prov = provenance or {}
     settings = {k: v for k, v in asdict(config).items() if k != "engine"}
+    # a run without capture keeps the identity it had before capture existed (resumable)
+    layers = list(settings.pop("capture_layers"))
+    if layers:
+        settings["capture_layers"] = layers
     return {**settings, "n_prompts": len(prompts), "n_personae": len(personae),
             "inputs_sha256": hashlib.sha256(blob.encode()).hexdigest(), "n_layers": n_layers,
             "dtype": prov.get("dtype"), "attn_implementation": prov.get("attn_implementation")}
@@ -191,7 +222,7 @@ def run_inference(
         >>> sl.run_inference(model, ["Hi!"], [sl.ASSISTANT], "logs/hi", config)
         PosixPath('logs/hi')
     """
-    config.validate(vocab_size=model.cfg.d_vocab)
+    config = config.validate(vocab_size=model.cfg.d_vocab, n_layers=model.cfg.n_layers)
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise SteerlabError(f"got {shard!r}; expected (i, n) with 0 <= i < n", field="shard")
@@ -203,6 +234,8 @@ def run_inference(
     batches = [tasks[k : k + config.batch_size] for k in range(0, len(tasks), config.batch_size)]
     engine = Engine.parse(config.engine, field="engine").resolve(model)
     check_inputs(model, prompts, personae, config, static=engine is Engine.STATIC)
+    if config.capture_layers:
+        check_capture_steering(model)
     prov = {**provenance(model), "engines": [engine.value]}
     identity = run_identity(config, prompts, personae, prov, model.cfg.n_layers)
     extra = {**(extra_config or {}), "engine": config.engine}  # asked for; provenance: used
@@ -229,7 +262,8 @@ def run_inference(
                 else:
                     records = store.records()
                     write_json_atomic(store.root / RESULTS, records)
-                    store.finalize(per_token_attrs(store.config()))
+                    store.finalize(per_token_attrs(store.config()),
+                                   activation_attrs(store.config()))
                     log.info("finished: %d results in %s", len(records), store.root)
             return store.root
         finally:
@@ -277,7 +311,12 @@ def _run(model: Any, store: RunStore, config: InferConfig, batches: list[list[Ta
                 lens=config.lens, think_marker=marker if config.thinking_mode else (),
                 on_token=on_token, engine=config.engine)
             recs = [make_record(t, r, tok, marker) for t, r in zip(batch, rows, strict=True)]
-            store.commit(b, recs, [_arrays(r) for r in rows])
+            acts = None
+            if config.capture_layers:  # the same context (steering in force) as generation
+                log.info("batch %d: capturing layers %s", b + 1, list(config.capture_layers))
+                acts = capture_replies(model, ids, [r.tokens for r in rows],
+                                       config.capture_layers, marker)
+            store.commit(b, recs, [_arrays(r) for r in rows], acts)
             if single:
                 records = sorted(records + recs, key=lambda r: r["id"])
                 write_json_atomic(store.root / RESULTS, records)

@@ -6,7 +6,8 @@ folder's lock (shards share it and lock their own shard), creates ``config.json`
 when shards start at the same moment, and refuses a folder of another run naming the field and
 both values. A shard that finishes writes ``shards/shard-IIII-of-NNNN.json``;
 :func:`merge_run` checks the set of markers and joins the committed batches into
-``results.json`` and ``per_token.h5``, equal to those of a single process.
+``results.json`` and ``per_token.h5`` (and ``activations.h5`` of a capture), equal to those of a
+single process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from steerlab.base.checks import Inputs, output_dir
 from steerlab.base.errors import SteerlabError
@@ -57,6 +60,15 @@ def per_token_attrs(config: Mapping[str, Any]) -> dict[str, Any]:
     """The attributes of ``per_token.h5``, from ``config.json`` (one rule for run and merge)."""
     return {"model": config["model"], "n_layers": config["n_layers"],
             "top_k_mass_k": config["top_k_mass_k"], "lens": config["lens"],
+            "provenance": json.dumps(config.get("provenance", {}), sort_keys=True)}
+
+
+def activation_attrs(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The attributes of ``activations.h5``, from ``config.json`` (None: no capture)."""
+    layers = config.get("capture_layers")
+    if not layers:
+        return None
+    return {"model": config["model"], "layers": np.asarray(layers, dtype=np.int64),
             "provenance": json.dumps(config.get("provenance", {}), sort_keys=True)}
 
 
@@ -262,7 +274,7 @@ def merge_run(path: str | os.PathLike) -> Path:
             raise SteerlabError("\n".join(f"{root}: {p}" for p in problems))
         records = sorted(store.records(), key=lambda r: r["id"])
         write_json_atomic(root / RESULTS, records)
-        store.finalize(per_token_attrs(config))
+        store.finalize(per_token_attrs(config), activation_attrs(config))
     log.info("merged %d results in %s", len(records), root)
     return root
 
