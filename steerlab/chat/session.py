@@ -21,6 +21,7 @@ from steerlab.base.errors import SteerlabError
 from steerlab.generation.detokenize import Detokenizer
 from steerlab.generation.engine import Engine
 from steerlab.generation.generator import generate
+from steerlab.model.hooks import check_layers
 from steerlab.model.personas import (
     ASSISTANT,
     Persona,
@@ -38,16 +39,26 @@ from steerlab.steering.vector import SteeringVector
 @dataclass(frozen=True)
 class ChatReply:
     """One streamed reply: its text, token count, whether the user stopped it, and the
-    per-token projections on the monitored vector (when a projection layer was given)."""
+    per-token projections on the watched vector (unit) after and before the interventions
+    (when one is watched: :meth:`ChatSession.watch`, or a projection layer was given)."""
 
     text: str
     tokens: tuple[int, ...]
     interrupted: bool
     projection: list[float] | None = None
+    projection_before: list[float] | None = None
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def mean_projection(self) -> float | None:
+        """The reply's mean projection after the interventions (``None`` when not watched
+        or empty): the number a drift plot follows from turn to turn."""
+        if not self.projection:
+            return None
+        return sum(self.projection) / len(self.projection)
 
 
 @dataclass
@@ -90,6 +101,7 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     engine: str = "auto"
     interventions: list[Steering] = field(default_factory=list)
+    watched: tuple[SteeringVector, int] | None = None
 
     def __post_init__(self) -> None:
         self.engine = Engine.parse(self.engine, field="engine").value
@@ -150,6 +162,22 @@ class ChatSession:
         self.interventions.append(made)
         return made
 
+    def watch(self, vector: SteeringVector | None, layer: int | None = None) -> int | None:
+        """Report every reply's projection on ``vector`` (e.g. a persona axis; unit) at
+        ``layer`` (default: the vector's middle layer), whatever steers; ``None`` stops.
+        Returns the layer watched."""
+        if vector is None:
+            self.watched = None
+            return None
+        if vector.d_model != self.model.cfg.d_model:
+            raise SteerlabError(f"the vector has d_model {vector.d_model}; the model "
+                                f"{self.model.cfg.d_model}", field="axis")
+        chosen = vector.layers[len(vector.layers) // 2] if layer is None else layer
+        check_layers(self.model, [chosen], field="axis_layer")
+        vector.direction(chosen)  # one of its layers
+        self.watched = (vector, chosen)
+        return chosen
+
     def clear_steering(self) -> None:
         """Stop steering: the steering and every intervention."""
         self.steering = None
@@ -185,7 +213,8 @@ class ChatSession:
             on_text: called with each new piece of decoded text.
             should_stop: polled after every token; True ends the reply early (kept in history).
             projection_layer: record each token's projection on the (unit) steering vector
-                at this layer (needs a vector).
+                at this layer (needs a vector); the watched vector (:meth:`watch`) is
+                recorded whatever this says.
         """
         tokenizer = self.model.tokenizer
         ids = self.prompt_ids(text)
@@ -206,9 +235,12 @@ class ChatSession:
                 stack.enter_context(self.steering.apply(self.model))
             for intervention in self.interventions:
                 stack.enter_context(intervention.apply(self.model))
-            if projection_layer is not None and self.steering is not None:
-                mon = stack.enter_context(monitor(self.model, self.steering.vector,
-                                                  layers=[projection_layer]))
+            watched = self.watched
+            if watched is None and projection_layer is not None and self.steering is not None:
+                watched = (self.steering.vector, projection_layer)
+            if watched is not None:
+                mon = stack.enter_context(monitor(self.model, watched[0],
+                                                  layers=[watched[1]]))
             gen = generate(self.model, [ids], max_new_tokens=self.max_tokens,
                            temperature=self.temperature, seed=self.seed, on_token=on_token,
                            think_marker=think_end_marker(tokenizer) if self.thinking else (),
@@ -219,8 +251,10 @@ class ChatSession:
         answer = tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
         self.history += [{"role": "user", "content": text},
                          {"role": "assistant", "content": answer}]
-        proj = None
-        if mon is not None:
-            # entry i is the residual at the position that produced generated token i
-            proj = mon.trace(projection_layer)[0, : len(gen.tokens[0])].tolist()
-        return ChatReply(answer, tuple(gen.tokens[0]), stopped[0], proj)
+        if mon is None:
+            return ChatReply(answer, tuple(gen.tokens[0]), stopped[0])
+        # entry i is the residual at the position that produced generated token i
+        n, layer = len(gen.tokens[0]), mon.layers[0]
+        return ChatReply(answer, tuple(gen.tokens[0]), stopped[0],
+                         mon.trace(layer)[0, :n].tolist(),
+                         mon.trace(layer, before=True)[0, :n].tolist())

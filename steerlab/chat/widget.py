@@ -20,9 +20,12 @@ import ipywidgets as w
 from steerlab.base.errors import SteerlabError
 from steerlab.chat.session import ChatReply, ChatSession
 from steerlab.steering.intervention import DEFAULT_UNITS, Units
+from steerlab.steering.operators import bounds_from_text
 from steerlab.steering.vector import SteeringVector
 
 VectorSource = str | os.PathLike | Mapping[str, SteeringVector] | Sequence[SteeringVector]
+# the operators the widget offers next to the vector picker (set: from code, ChatSession)
+OPERATORS = ("add", "ablate", "cap")
 
 
 def find_vectors(source: VectorSource | None) -> dict[str, SteeringVector | Path]:
@@ -54,9 +57,12 @@ def find_vectors(source: VectorSource | None) -> dict[str, SteeringVector | Path
 class SteeringChat(w.VBox):
     """Chat with a (steered) model in a notebook; replies stream into :attr:`output`.
 
-    Controls: persona, system prompt, vector picker, layer, steering strength (read when a
-    reply starts, so moving the slider affects the next reply), max tokens, thinking, and a
-    toggle that colours each reply token by its projection on the vector.
+    Controls: persona, system prompt, vector picker, operator (``add`` at the slider's
+    strength, ``ablate`` the direction, ``cap`` its projection into the bounds box's ``LO:HI``,
+    numbers or percentiles such as ``25%:``), layer, steering strength (read when a reply
+    starts, so moving the slider affects the next reply), max tokens, thinking, and a toggle
+    that colours each reply token by its projection on the vector (after the interventions;
+    hover for before).
 
     Args:
         model: a bridge from :func:`steerlab.load_model`.
@@ -86,6 +92,12 @@ class SteeringChat(w.VBox):
         self.system_box = w.Textarea(placeholder="default: You are PERSONA.",
                                      description="system", rows=2)
         self.vector_picker = w.Dropdown(options=["(none)", *self.vectors], description="vector")
+        self.op_picker = w.Dropdown(options=list(OPERATORS), value="add", description="operator",
+                                    tooltip="add: steer at the strength; ablate: remove the "
+                                    "direction; cap: clamp its projection into the bounds")
+        self.bounds_box = w.Text(value="", description="bounds", placeholder="LO:HI e.g. 25%: "
+                                 "or :0.1", tooltip="cap: LO:HI, numbers (in the units) or "
+                                 "percentiles of the vector's reference projections")
         self.layer_picker = w.Dropdown(options=[("all", None)], description="layer")
         self.strength = w.FloatSlider(value=0.0, min=strength_range[0], max=strength_range[1],
                                       step=0.05, description=f"strength ({self.units})",
@@ -108,13 +120,15 @@ class SteeringChat(w.VBox):
         self.last_reply: ChatReply | None = None
         self.vector_picker.observe(self._on_vector, names="value")
         self.message.observe(lambda _: self._send_message(), names="value")
-        for control in (self.vector_picker, self.layer_picker, self.strength):
+        for control in (self.vector_picker, self.op_picker, self.bounds_box, self.layer_picker,
+                        self.strength):
             control.observe(lambda _: self._show_status(), names="value")
         self.send_button.on_click(lambda _: self._send_message())
         self.clear_button.on_click(lambda _: self.clear())
         super().__init__([
             w.HBox([self.persona_box, self.system_box]),
-            w.HBox([self.vector_picker, self.layer_picker, self.strength]),
+            w.HBox([self.vector_picker, self.op_picker, self.layer_picker]),
+            w.HBox([self.strength, self.bounds_box]),
             w.HBox([self.max_tokens, self.thinking, self.show_projection]),
             self.output, self.projection_view,
             w.HBox([self.message, self.send_button, self.clear_button]), self.status,
@@ -129,15 +143,22 @@ class SteeringChat(w.VBox):
         s.set_max_tokens(int(self.max_tokens.value))
         s.thinking = bool(self.thinking.value)
         vector = self.selected_vector()
-        if vector is None:
-            s.clear_steering()
-        else:
+        s.clear_steering()
+        if vector is not None:
             layer = self.layer_picker.value
-            s.set_steering(vector, self.strength.value, None if layer is None else [layer],
-                           self.units)
+            layers = None if layer is None else [layer]
+            op = self.op_picker.value
+            if op == "add":
+                s.set_steering(vector, self.strength.value, layers, self.units)
+            else:
+                bounds = bounds_from_text(self.bounds_box.value) if op == "cap" else None
+                s.add_intervention(vector, op, layers, bounds=bounds, units=self.units)
         watch = None
         if self.show_projection.value and vector is not None:
-            watch = s.steered_layers()[0]
+            watch = s.watch(vector, (s.steered_layers() or
+                                     [x.layers[0] for x in s.interventions])[0])
+        else:
+            s.watch(None)
         self.last_chunks = []
         self.output.append_stdout(f"you: {text}\n{s.persona.persona}: ")
 
@@ -171,13 +192,19 @@ class SteeringChat(w.VBox):
         return self._loaded[name]
 
     def steering_label(self) -> str:
-        """The steering the controls set for the next reply: ``"pirate × 0.2 norm (layer 12)"`` or
-        ``"off"`` (no vector, or strength 0)."""
-        name, alpha, layer = self.vector_picker.value, self.strength.value, \
-            self.layer_picker.value
-        if name in (None, "(none)") or alpha == 0:
+        """The intervention the controls set for the next reply: ``"pirate × 0.2 norm (layer
+        12)"``, ``"ablate pirate"``, ``"cap pirate to 25%:"`` or ``"off"`` (no vector, or
+        strength 0 for add)."""
+        name, alpha, layer, op = self.vector_picker.value, self.strength.value, \
+            self.layer_picker.value, self.op_picker.value
+        where = "" if layer is None else f" (layer {layer})"
+        if name in (None, "(none)") or (op == "add" and alpha == 0):
             return "off"
-        return f"{name} × {alpha:g} {self.units}" + ("" if layer is None else f" (layer {layer})")
+        if op == "ablate":
+            return f"ablate {name}{where}"
+        if op == "cap":
+            return f"cap {name} to {self.bounds_box.value.strip() or '?'} ({self.units})" + where
+        return f"{name} × {alpha:g} {self.units}" + where
 
     # --- callbacks --------------------------------------------------------------------------
     def _show_status(self) -> None:
@@ -209,13 +236,18 @@ class SteeringChat(w.VBox):
     def _projection_html(self, reply: ChatReply, layer: int) -> str:
         tok = self.session.model.tokenizer
         values = reply.projection or []
+        before = reply.projection_before or values
         scale = max((abs(v) for v in values), default=1.0) or 1.0
         spans = []
-        for token, value in zip(reply.tokens, values, strict=False):
+        for token, value, was in zip(reply.tokens, values, before, strict=False):
             a = min(abs(value) / scale, 1.0)
             colour = f"rgba(220,60,40,{a:.2f})" if value > 0 else f"rgba(40,90,220,{a:.2f})"
             text = html.escape(tok.decode([token], skip_special_tokens=True))
-            spans.append(f"<span title='{value:.3f}' style='background:{colour}'>{text}</span>")
-        return (f"<div><small>projection on the unit vector at layer {layer} (red +, blue −; "
-                f"max |p| = {scale:.2f})</small><br><span style='white-space:pre-wrap'>"
-                + "".join(spans) + "</span></div>")
+            spans.append(f"<span title='{was:.3f} before, {value:.3f} after' "
+                         f"style='background:{colour}'>{text}</span>")
+        mean = sum(values) / len(values) if values else 0.0
+        mean_before = sum(before) / len(before) if before else 0.0
+        return (f"<div><small>projection on the unit vector at layer {layer}, after the "
+                f"interventions (red +, blue −; max |p| = {scale:.2f}; mean {mean:.3f}, "
+                f"{mean_before:.3f} before them; hover a token for both)</small><br>"
+                "<span style='white-space:pre-wrap'>" + "".join(spans) + "</span></div>")

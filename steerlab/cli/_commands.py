@@ -12,6 +12,7 @@ from typing import Any
 from steerlab.base.errors import SteerlabError
 from steerlab.cli._parse import number_list
 from steerlab.steering.intervention import DEFAULT_UNITS
+from steerlab.steering.operators import bounds_from_text
 
 HELP = """commands:
   /clear               forget the conversation
@@ -109,18 +110,6 @@ def _steer(session: Any, arg: str) -> str:
         return load_steering(session, parts[0], _alpha(parts[1]), *parts[2:])
 
 
-def _bound(text: str) -> float | str | None:
-    """A cap bound: empty (open), a number, or a percentile of the vector's reference
-    projections (``25%``)."""
-    if text.strip() == "" or text.strip().endswith("%"):
-        return text.strip() or None
-    try:
-        return float(text)
-    except ValueError:
-        raise SteerlabError(f"{CAP_USAGE}; LO and HI must be numbers or percentiles such as "
-                            f"25% (got {text!r})") from None
-
-
 def _intervene(session: Any, op: str, arg: str) -> str:
     """``/ablate PATH [LAYERS]`` or ``/cap PATH LO[:HI] [LAYERS]``."""
     from steerlab.steering.vector import SteeringVector
@@ -133,10 +122,9 @@ def _intervene(session: Any, op: str, arg: str) -> str:
     if len(parts) not in ((1, 2) if op == "ablate" else (2, 3)):
         raise SteerlabError(usage)
     bounds = None
-    if op == "cap":
-        lo, _, hi = parts.pop(1).partition(":")
-        bounds = (_bound(lo), _bound(hi))
     with _usage(usage):
+        if op == "cap":
+            bounds = bounds_from_text(parts.pop(1))
         chosen = number_list(parts[1], int, "layers") if len(parts) > 1 else None
         made = session.add_intervention(SteeringVector.load(parts[0]), op, chosen or None,
                                         bounds=bounds)

@@ -81,3 +81,34 @@ def projection_bounds(op: Operator, bounds: Any, target: Any
     if isinstance(lo, Percentile) and isinstance(hi, Percentile) and lo.q > hi.q:
         raise SteerlabError(f"the bounds are [{lo}, {hi}]; expected lo <= hi", field="bounds")
     return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
+
+
+def bounds_from_text(text: str, field: str = "bounds") -> tuple[Any, Any]:
+    """``"LO:HI"`` as cap bounds (the chat's and the widget's grammar): each side a number, a
+    percentile of the vector's reference projections (``25%``) or empty (open); a lone
+    ``"LO"`` is a floor. At least one side must be given.
+
+    Examples:
+        >>> bounds_from_text("25%:"), bounds_from_text(":0.1"), bounds_from_text("-1:1")
+        (('25%', None), (None, 0.1), (-1.0, 1.0))
+    """
+    lo, _, hi = str(text).partition(":")
+
+    def side(part: str) -> Any:
+        part = part.strip()
+        if not part:
+            return None
+        if part.endswith("%"):
+            return parse_percentile(part, field) and part
+        try:
+            return strength(float(part))
+        except (ValueError, SteerlabError):
+            raise SteerlabError(f"got {part!r:.40}; expected LO:HI, each a number, a "
+                                "percentile such as 25% or empty for an open side",
+                                field=field) from None
+
+    out = side(lo), side(hi)
+    if out == (None, None):
+        raise SteerlabError(f"got {text!r:.40}; expected LO:HI with at least one side, e.g. "
+                            "25%: or :0.1", field=field)
+    return out
