@@ -133,18 +133,21 @@ class PersonaSpace:
             "layers": list(self.layers), "layer_summaries": []}
         for i, layer in enumerate(self.layers):
             rows = [{"persona": p, "category": c, "projection": float(self.projections[j, i]),
-                     "interval": [float(x) for x in self.intervals[j, i]],
+                     "interval": [_json_float(x) for x in self.intervals[j, i]],
                      **{m: _json_float(v[j]) for m, v in self.metrics.items()}}
                     for j, (p, c) in enumerate(zip(self.personae, self.categories, strict=True))]
             out["layer_summaries"].append({
                 "layer": layer, "explained_variance": [float(x) for x in self.explained[i]],
                 "pc1_axis_cosine": float(self.pc1_cosine[i]),
-                "correlations": {m: vars(c[i]) for m, c in self.correlations.items()},
+                "correlations": {m: {"r": _json_float(c[i].r), "lo": _json_float(c[i].lo),
+                                     "hi": _json_float(c[i].hi), "n": c[i].n}
+                                 for m, c in self.correlations.items()},
                 "personae": rows})
         return out
 
 
-def _json_float(x: float) -> float | None:
+def _json_float(x: float | np.floating) -> float | None:
+    """A number for strict JSON: ``None`` for NaN (an undefined interval or correlation)."""
     return float(x) if math.isfinite(float(x)) else None
 
 
