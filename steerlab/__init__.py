@@ -32,8 +32,10 @@ from steerlab.extraction import (
 from steerlab.generation import Engine, Generation, generate, generate_with_metrics
 from steerlab.inference import (
     InferConfig,
+    PersonaSpace,
     load_results,
     merge_run,
+    persona_space,
     read_activations,
     run_inference,
 )
@@ -79,14 +81,14 @@ from steerlab.traits import (
 __all__ = [
     "ASSISTANT", "ActivationFile", "ChatSession", "DemoConfig", "Endpoint", "EndpointClient",
     "Engine", "EvalConfig", "Generation", "InferConfig", "LogisticProbe", "MeanDifference",
-    "ModelOptions", "Operator", "PCADifference", "Pair", "Persona", "Positions", "SteerlabError",
-    "Steering", "SteeringEval", "SteeringVector", "Trait", "Units", "__version__",
-    "capture_pairs", "collect", "elicit_trait", "encode_chat", "encode_text",
-    "evaluate_steering", "extract", "filter_pairs", "fit_vector", "generate",
-    "generate_with_metrics", "judge", "load_model", "load_pairs", "load_personae",
-    "load_results", "load_trait", "merge_pairs", "merge_run", "monitor", "patch_chat_template",
-    "read_activations", "render_chat", "rubric_judge", "run_demo", "run_inference", "save_pairs",
-    "scorer_from_spec", "scorer_judge", "steer", "system_prompt_style", "validation_report",
+    "ModelOptions", "Operator", "PCADifference", "Pair", "Persona", "PersonaSpace", "Positions",
+    "SteerlabError", "Steering", "SteeringEval", "SteeringVector", "Trait", "Units", "__version__",
+    "capture_pairs", "collect", "elicit_trait", "encode_chat", "encode_text", "evaluate_steering",
+    "extract", "filter_pairs", "fit_vector", "generate", "generate_with_metrics", "judge",
+    "load_model", "load_pairs", "load_personae", "load_results", "load_trait", "merge_pairs",
+    "merge_run", "monitor", "patch_chat_template", "persona_space", "read_activations",
+    "render_chat", "rubric_judge", "run_demo", "run_inference", "save_pairs", "scorer_from_spec",
+    "scorer_judge", "steer", "system_prompt_style", "validation_report",
 ]
 
 _moved.install()

@@ -1,4 +1,5 @@
-"""A standalone HTML report of an inference run (plotly JS inlined: no kernel, no network)."""
+"""A standalone HTML report of an inference run, and the page of its persona space (plotly JS
+inlined: no kernel, no network)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from steerlab.base.checks import output_file
+from steerlab.base.errors import SteerlabError
 from steerlab.base.files import read_json
-from steerlab.inference.results import CONFIG, PER_TOKEN, load_results, read_per_token, run_files
+from steerlab.inference.geometry import PersonaSpace, persona_space
+from steerlab.inference.results import (
+    ACTIVATIONS,
+    CONFIG,
+    PER_TOKEN,
+    load_results,
+    read_per_token,
+    run_files,
+)
 from steerlab.inference.runs import check_finished
 from steerlab.model.loading import embedded_model_dir
-from steerlab.reporting.figures import lens_heatmap, summary_figures, summary_stats
+from steerlab.reporting.figures import categories, lens_heatmap, summary_figures, summary_stats
 from steerlab.reporting.pages import html_table, write_page
+from steerlab.reporting.persona_figures import correlation_text, persona_space_figures
 
 log = logging.getLogger(__name__)
 
+ASSISTANT_CATEGORY = "assistant"  # persona_space's default: the report's axis is the default's
 TABLE_COLUMNS = ("persona", "category", "prompt", "rep", "avg_entropy", "avg_top_k_mass",
                  "think_end_position", "n_tokens", "response")
 
@@ -65,7 +79,8 @@ def report_path(results_dir: str | os.PathLike, output: str | os.PathLike | None
 def write_run_report(results_dir: str | os.PathLike, output: str | os.PathLike | None = None,
                  tokenizer: Any = None) -> Path:
     """Write ``report.html``: run config, summary statistics, the three box figures, a lens
-    heatmap of the first result (when the run used ``--lens``) and the raw table.
+    heatmap of the first result (when the run used ``--lens``), the persona space (when it
+    captured activations: ``--capture-layers``) and the raw table.
 
     Args:
         results_dir: the run folder of :func:`steerlab.inference.infer.run_inference`.
@@ -97,5 +112,72 @@ def write_run_report(results_dir: str | os.PathLike, output: str | os.PathLike |
             fig = lens_heatmap(arrays["lens_entropy"], [str(x) for x in labels],
                                f"Logit-lens entropy: {records[0]['persona']}, result 0")
             parts.append(pio.to_html(fig, include_plotlyjs=False, full_html=False))
+    if (root / ACTIVATIONS).is_file():
+        parts.append("<h2>Persona space</h2>" + _persona_section(root, records))
     parts.append("<h2>Results</h2>" + html_table(records, TABLE_COLUMNS))
     return write_page(output, "steerlab report", "".join(parts))
+
+
+def _persona_section(root: Path, records: list[dict]) -> str:
+    """The persona-space figures of a run with activations, or one line saying why not."""
+    cats = categories(records)
+    if ASSISTANT_CATEGORY not in cats or len(cats) < 2:
+        return (f"<p>No persona space: it needs the {ASSISTANT_CATEGORY!r} category and at "
+                f"least one other; this run has {html.escape(', '.join(cats) or 'none')}.</p>")
+    try:
+        space = persona_space(root)
+    except (SteerlabError, OSError) as err:
+        log.warning("no persona space for %s: %s", root, err)
+        return f"<p>No persona space: {html.escape(str(err))}</p>"
+    return _space_html(space, False) + ("<p>The same on its own page, with a table of the "
+                                        "personae: <code>steerlab personas map</code>.</p>")
+
+
+def _space_html(space: PersonaSpace, include_plotlyjs: bool) -> str:
+    """A note on the axis and the four figures (plotly.js inlined before the first if asked)."""
+    import plotly.io as pio  # deferred: plotly
+
+    layer = space.layers[len(space.layers) // 2]
+    figures = persona_space_figures(space, layer)
+    note = (f"<p>{len(space.personae)} personae, {space.n_prompts} prompts, the "
+            f"{html.escape(space.section)} activations; the assistant axis is the mean of the "
+            f"{html.escape(space.assistant)!r} personae minus the others'. Figures at layer "
+            f"{layer} (of {list(space.layers)}).</p>")
+    return note + "".join(pio.to_html(f, include_plotlyjs=include_plotlyjs and n == 0,
+                                      full_html=False)
+                          for n, f in enumerate(figures.values()))
+
+
+def write_persona_space_page(space: PersonaSpace, path: str | os.PathLike) -> Path:
+    """Write a standalone HTML page of a persona space: the four figures of
+    :func:`steerlab.reporting.persona_space_figures` (at the middle captured layer) and a
+    table of the personae (category, projection and its interval per layer, metrics).
+
+    Args:
+        space: from :func:`steerlab.inference.geometry.persona_space`.
+        path: the HTML file to write.
+
+    Examples:
+        >>> write_persona_space_page(sl.persona_space("logs/run"), "logs/run/personas.html")
+        PosixPath('logs/run/personas.html')
+    """
+    path = output_file(path, "output")
+    layer = space.layers[len(space.layers) // 2]
+    i = space.layer_index(layer)
+    rows = []
+    for j in np.argsort(-space.projections[:, i], kind="stable"):
+        row = {"persona": space.personae[j], "category": space.categories[j]}
+        for li, lay in enumerate(space.layers):
+            lo, hi = space.intervals[j, li]
+            row[f"projection L{lay}"] = float(space.projections[j, li])
+            row[f"95% interval L{lay}"] = f"[{lo:.3f}, {hi:.3f}]"
+        rows.append(row | {m: float(v[j]) if np.isfinite(v[j]) else None
+                           for m, v in space.metrics.items()})
+    corr = "".join(f"<li>projection vs {html.escape(m)} at layer {lay}: "
+                   f"{html.escape(correlation_text(c[li]))}</li>"
+                   for m, c in space.correlations.items() for li, lay in enumerate(space.layers))
+    title = f"steerlab persona space: {Path(space.run).name}"
+    body = (f"<h1>{html.escape(title)}</h1><p>run {html.escape(space.run)}, model "
+            f"{html.escape(space.model)}</p>" + _space_html(space, True)
+            + f"<h2>Correlations</h2><ul>{corr}</ul><h2>Personae</h2>" + html_table(rows))
+    return write_page(path, title, body)
