@@ -67,6 +67,10 @@ class SteeringChat(w.VBox):
     Args:
         model: a bridge from :func:`steerlab.load_model`.
         vectors: a folder of ``*.safetensors`` vectors, ``{name: SteeringVector}`` or a list.
+        axis: a vector to follow over the conversation (e.g. the assistant axis): each
+            reply's mean projection on it goes into the status line and a small line plot
+            over the turns (:attr:`turn_projections`).
+        axis_layer: where ``axis`` is read (default: its middle layer).
         persona: the initial persona.
         max_tokens: the initial token budget per reply.
         strength_range: the slider's ``(min, max)``, in ``units``.
@@ -83,8 +87,14 @@ class SteeringChat(w.VBox):
     def __init__(self, model: Any, vectors: VectorSource | None = None, *,
                  persona: str = "assistant", max_tokens: int = 120,
                  strength_range: tuple[float, float] = (-3.0, 3.0),
-                 units: str = DEFAULT_UNITS.value):
+                 units: str = DEFAULT_UNITS.value, axis: SteeringVector | None = None,
+                 axis_layer: int | None = None):
         self.session = ChatSession(model, max_tokens=max_tokens)
+        self.axis = axis
+        self.axis_layer = self.session.watch(axis, axis_layer)  # checked now, None without
+        self.session.watch(None)
+        self.turn_projections: list[float] = []
+        self.drift_view = w.HTML()
         self.vectors = find_vectors(vectors)
         self.units = Units.parse(units, field="units").value
         self._loaded: dict[str, SteeringVector] = {}
@@ -130,7 +140,7 @@ class SteeringChat(w.VBox):
             w.HBox([self.vector_picker, self.op_picker, self.layer_picker]),
             w.HBox([self.strength, self.bounds_box]),
             w.HBox([self.max_tokens, self.thinking, self.show_projection]),
-            self.output, self.projection_view,
+            self.output, self.projection_view, self.drift_view,
             w.HBox([self.message, self.send_button, self.clear_button]), self.status,
         ])
 
@@ -154,7 +164,9 @@ class SteeringChat(w.VBox):
                 bounds = bounds_from_text(self.bounds_box.value) if op == "cap" else None
                 s.add_intervention(vector, op, layers, bounds=bounds, units=self.units)
         watch = None
-        if self.show_projection.value and vector is not None:
+        if self.axis is not None:
+            watch = s.watch(self.axis, self.axis_layer)
+        elif self.show_projection.value and vector is not None:
             watch = s.watch(vector, (s.steered_layers() or
                                      [x.layers[0] for x in s.interventions])[0])
         else:
@@ -170,15 +182,22 @@ class SteeringChat(w.VBox):
         self.output.append_stdout("\n")
         self.last_reply = reply
         self._show_status()
-        self.projection_view.value = (
-            self._projection_html(reply, watch) if reply.projection is not None else "")
+        self.projection_view.value = (self._projection_html(reply, watch) if
+                                      reply.projection is not None and
+                                      self.show_projection.value else "")
+        if self.axis is not None and reply.mean_projection is not None:
+            self.turn_projections.append(reply.mean_projection)
+            self.drift_view.value = drift_svg(self.turn_projections, int(watch or 0))
+            self._show_status()
         return reply
 
     def clear(self) -> None:
-        """Forget the conversation and empty the output."""
+        """Forget the conversation and empty the output (and the drift plot)."""
         self.session.clear()
         self.output.outputs = ()
         self.projection_view.value = ""
+        self.turn_projections = []
+        self.drift_view.value = ""
 
     def selected_vector(self) -> SteeringVector | None:
         """The picked vector (files are loaded once, on first use), or ``None``."""
@@ -211,6 +230,8 @@ class SteeringChat(w.VBox):
         """The status line: the last reply's length and the steering in force now (it follows
         the controls at once, so it never shows a stale strength)."""
         done = "" if self.last_reply is None else f"{self.last_reply.n_tokens} tokens · "
+        if self.turn_projections:
+            done += f"axis {self.turn_projections[-1]:+.3f} · "
         self.status.value = f"<small>{done}steering {html.escape(self.steering_label())}</small>"
 
     def _send_message(self) -> None:
@@ -251,3 +272,27 @@ class SteeringChat(w.VBox):
                 f"interventions (red +, blue −; max |p| = {scale:.2f}; mean {mean:.3f}, "
                 f"{mean_before:.3f} before them; hover a token for both)</small><br>"
                 "<span style='white-space:pre-wrap'>" + "".join(spans) + "</span></div>")
+
+
+def drift_svg(values: Sequence[float], layer: int, width: int = 320, height: int = 80) -> str:
+    """A small line plot (inline SVG) of each reply's mean projection on the axis over the
+    turns, with the values in the points' tooltips.
+
+    Examples:
+        >>> drift_svg([1.0, 0.5, -0.2], 12).startswith("<div><small>")
+        True
+    """
+    pad = 8
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    step = (width - 2 * pad) / max(len(values) - 1, 1)
+    points = [(pad + i * step, height - pad - (v - lo) / span * (height - 2 * pad))
+              for i, v in enumerate(values)]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    dots = "".join(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='#d62728'><title>turn {i + 1}: "
+                   f"{v:+.3f}</title></circle>"
+                   for i, ((x, y), v) in enumerate(zip(points, values, strict=True)))
+    return (f"<div><small>mean projection of each reply on the axis at layer {layer}, by turn "
+            f"({lo:+.2f} to {hi:+.2f})</small><br><svg width='{width}' height='{height}' "
+            f"style='border:1px solid #ddd'><polyline points='{line}' fill='none' "
+            f"stroke='#d62728' stroke-width='1.5'/>{dots}</svg></div>")

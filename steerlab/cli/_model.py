@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from steerlab.base.errors import SteerlabError
+from steerlab.model.loading import model_geometry
 from steerlab.model.options import ModelOptions
 
 _PANEL = "Model"
@@ -77,3 +79,20 @@ def model_flags(command: Callable[..., Any] | None = None, *, overrides: bool = 
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     del wrapper.__wrapped__  # typer must read the signature above, not the command's
     return wrapper
+
+
+def check_vector_file(model: ModelOptions, vector: str, chosen: list[int]) -> Any:
+    """Refuse, before the model loads, a vector file of another model (its width or layer
+    count) or without a ``chosen`` layer; the vector."""
+    from steerlab.steering.vector import SteeringVector  # deferred: torch
+
+    loaded = SteeringVector.load(vector)
+    geometry = model_geometry(model.model)
+    if geometry:  # a vector of another model is refused before this one loads
+        loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
+    have = loaded.layers
+    for layer in chosen:
+        if layer not in have:
+            raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",
+                                source=vector, field="layers")
+    return loaded

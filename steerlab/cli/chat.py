@@ -19,9 +19,9 @@ import typer
 from steerlab.base.errors import SteerlabError
 from steerlab.cli._app import app
 from steerlab.cli._commands import load_steering, parse_command, run_command
-from steerlab.cli._model import ENGINE_HELP, check_engine, model_flags
+from steerlab.cli._model import ENGINE_HELP, check_engine, check_vector_file, model_flags
 from steerlab.cli._parse import number_list
-from steerlab.model.loading import load_from_options, model_geometry
+from steerlab.model.loading import load_from_options
 from steerlab.model.options import ModelOptions
 from steerlab.steering.intervention import DEFAULT_UNITS
 
@@ -138,6 +138,14 @@ def chat(
                               "vector)."),
     layers: str = typer.Option("", help="Comma-separated layers to steer (default: vector's)."),
     engine: str = typer.Option("auto", help=ENGINE_HELP),
+    axis: str | None = typer.Option(None, help="A vector to follow (e.g. the assistant axis "
+                                    "of `steerlab personas map`): each reply's mean projection "
+                                    "on it is shown after the reply."),
+    axis_layer: int | None = typer.Option(None, help="Where --axis is read (default: its "
+                                          "middle layer)."),
+    cap: str | None = typer.Option(None, help="Cap the projection on --axis at its layers: a "
+                                   "floor such as 25% (a percentile of the axis's reference "
+                                   "projections) or a number in --units, or LO:HI."),
 ) -> None:
     """Chat with a model in the terminal: streaming replies, /help for commands, Esc stops."""
     from steerlab.base.checks import integer, number
@@ -159,13 +167,21 @@ def chat(
     units = Units.parse(units, field="units").value
     engine = check_engine(engine)
     if vector:
-        _check_vector(model, vector, chosen)
+        check_vector_file(model, vector, chosen)
+    bounds = _check_axis(model, axis, axis_layer, cap)
     bridge = load_from_options(model)
     session = ChatSession(bridge, system=system, thinking=thinking, max_tokens=max_tokens,
                           temperature=temperature, seed=seed, engine=engine)
     session.set_persona(persona)
     if vector:
         load_steering(session, vector, alpha, layers, units)
+    if axis:
+        from steerlab.steering.vector import SteeringVector
+
+        followed = SteeringVector.load(axis)
+        session.watch(followed, axis_layer)
+        if bounds is not None:
+            session.add_intervention(followed, "cap", bounds=bounds, units=units)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
@@ -178,20 +194,33 @@ def chat(
     _converse(session)
 
 
-def _check_vector(model: ModelOptions, vector: str, chosen: list[int]) -> None:
-    """Refuse, before the model loads, a vector file of another model or without a ``chosen``
-    layer."""
-    from steerlab.steering.vector import SteeringVector
+def _check_axis(model: ModelOptions, axis: str | None, layer: int | None,
+                cap: str | None) -> tuple[Any, Any] | None:
+    """Refuse, before the model loads, an axis of another model or without ``layer``, and
+    cap bounds that do not parse (or a cap without an axis); the bounds (a lone value is a
+    floor)."""
+    if axis is None:
+        if cap is not None or layer is not None:
+            raise SteerlabError("needs --axis (the vector to follow)",
+                                field="cap" if cap is not None else "axis_layer")
+        return None
+    check_vector_file(model, axis, [] if layer is None else [layer])
+    if cap is None:
+        return None
+    from steerlab.steering.operators import bounds_from_text
 
-    loaded = SteeringVector.load(vector)
-    geometry = model_geometry(model.model)
-    if geometry:  # a vector of another model is refused before this one loads
-        loaded.check_model(geometry["n_layers"], geometry["d_model"], source=vector)
-    have = loaded.layers
-    for layer in chosen:
-        if layer not in have:
-            raise SteerlabError(f"got layer {layer}; the vector has layers {list(have)}",
-                                source=vector, field="layers")
+    return bounds_from_text(cap if ":" in cap else f"{cap}:", "cap")
+
+
+def _status(session: Any, reply: Any) -> str:
+    """The line after a reply: its mean projection on the followed axis (and before the
+    interventions, when they moved it)."""
+    if session.watched is None or reply.mean_projection is None:
+        return ""
+    before = sum(reply.projection_before) / len(reply.projection_before)
+    moved = "" if abs(before - reply.mean_projection) <= 1e-6 * max(1.0, abs(before)) else \
+        f" (before the interventions {before:+.3f})"
+    return f"[axis, layer {session.watched[1]}: {reply.mean_projection:+.3f}{moved}]\n"
 
 
 def _converse(session: Any) -> None:
@@ -228,7 +257,7 @@ def _converse(session: Any) -> None:
             reply = session.reply(line.removeprefix("/"), on_text=_out, should_stop=keys)
         if reply.interrupted:
             _out(f" [stopped after {reply.n_tokens} tokens]")
-        _out("\n")
+        _out("\n" + _status(session, reply))
         lines, rest = keys.take_typed()
         pending += lines
         ahead += rest
