@@ -210,9 +210,12 @@ def read_activations(path: str | os.PathLike) -> RunActivations:
     folder or its ``activations.h5``.
 
     Examples:
-        >>> acts = sl.read_activations("logs/run")  # run with capture_layers=(8, 12)
-        >>> acts.layers, acts.reply.shape
-        ((8, 12), (1, 2, 576))
+        >>> config = sl.InferConfig(max_tokens=4, capture_layers=(8, -1))
+        >>> run = sl.run_inference(model, ["Hi!"], [sl.ASSISTANT], "logs/acts", config,
+        ...                        progress=False)
+        >>> acts = sl.read_activations(run)
+        >>> acts.layers, acts.reply.shape  # -1: the last of the model's 30 layers
+        ((8, 29), (1, 2, 576))
     """
     path = Path(path)
     if path.is_dir():
