@@ -3,12 +3,13 @@
 from typing import TYPE_CHECKING, Any
 
 from steerlab.base import moved as _moved
+from steerlab.chat.drift import Drift, conversation_drift, load_conversations
 from steerlab.chat.session import ChatSession
 
 if TYPE_CHECKING:  # for readers and the API reference; at run time __getattr__ loads it
     from steerlab.chat.widget import SteeringChat
 
-__all__ = ["ChatSession", "SteeringChat"]
+__all__ = ["ChatSession", "Drift", "SteeringChat", "conversation_drift", "load_conversations"]
 
 
 def __getattr__(name: str) -> Any:
