@@ -1,5 +1,5 @@
-"""Notebooks 02 (trait data and vectors) and 04 (logit lens) run top to bottom on the embedded
-model, at small sizes set through environment variables."""
+"""Notebooks 02 (trait data and vectors), 04 (logit lens) and 05 (persona space) run top to
+bottom on the embedded model, at small sizes set through environment variables."""
 
 from __future__ import annotations
 
@@ -90,3 +90,24 @@ def test_logit_lens_notebook(embedded_dir):
     # the last layer's lens is the model itself: the same float32 logits through another
     # matmul shape (measured 4e-6 nats; test_metrics bounds it); 1e-3 is 1e-4 of ln V
     assert gap and float(gap.group(1)) < 1e-3
+
+
+def test_persona_space_notebook(tmp_path):
+    from steerlab.steering.vector import SteeringVector
+
+    nb = _run("05_persona_space.ipynb", {
+        "STEERLAB_NB_PER_CATEGORY": "1", "STEERLAB_NB_PROMPTS": "4", "STEERLAB_NB_TOKENS": "12",
+        "STEERLAB_NB_LAYERS": "10,20", "STEERLAB_NB_DIR": str(tmp_path)})
+    figs = _figures(nb)
+    assert len(figs) == 4  # pc, axis, entropy, variance
+    categories = ["assistant", "fictional-character", "historical-figure", "profession",
+                  "object"]  # one built-in persona each; the assistant's first
+    for fig in figs[:3]:
+        assert [t["name"] for t in fig["data"]] == categories
+    assert sorted(y for t in figs[1]["data"] for y in t["y"]) == sorted(
+        t["hovertext"][0] for t in figs[0]["data"])  # every persona on the axis figure
+    assert [t["name"] for t in figs[3]["data"]][-1] == "cos(PC1, axis)"
+    axis = SteeringVector.load(tmp_path / "assistant_axis.safetensors")
+    assert axis.layers == (10, 20) and (tmp_path / "run" / "activations.h5").is_file()
+    html = "".join(o.get("data", {}).get("text/html", "") for o in _outputs(nb))
+    assert "reference percentiles" in html and "<th>25%</th>" in html
