@@ -3,14 +3,16 @@
     python benchmarks/bench_infer.py [--batch-size 8] [--tokens 32] [--quick] [--device cuda]
 
 Same prompts, batch size and number of new tokens (no early stop) for every path. Prints
-  metrics / HF ratio (target >= 0.9), the extra cost of --lens, and HF generate with
-  attn_implementation "sdpa" vs "eager" on the bridge's HF model.
+  metrics / HF ratio (target >= 0.9), the extra cost of --lens, HF generate with
+  attn_implementation "sdpa" vs "eager" on the bridge's HF model, and the time of a whole
+  `run_inference` (files included) with --capture-layers vs without (target <= 1.1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from importlib.resources import files
 
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--capture-layers", default="8,12,16")
     ap.add_argument("--quick", action="store_true", help="4 x 12 tokens, one repeat")
     args = ap.parse_args()
     from steerlab.generation import generate_with_metrics
@@ -84,6 +87,27 @@ def main() -> None:
           f"{t_lens / t_ours:.2f}x ({model.cfg.n_layers} layers x {model.cfg.d_vocab} vocab)")
     print(f"HF generate, attn sdpa       : {n / t_sdpa:8.1f} tok/s   sdpa/eager time "
           f"{t_sdpa / t_hf:.3f} (the bridge computes attention itself)")
+    layers = tuple(int(x) for x in args.capture_layers.split(","))
+    t_run, t_cap = (timed(run(model, prompts, personae, batch, tokens, c), repeat)
+                    for c in ((), layers))
+    print(f"run_inference, no capture    : {t_run:8.3f} s   with --capture-layers "
+          f"{args.capture_layers}: {t_cap:.3f} s   ratio {t_cap / t_run:.3f} (target <= 1.1)")
+
+
+def run(model, prompts, personae, batch: int, tokens: int, layers: tuple[int, ...]):
+    """A whole greedy run of ``batch`` tasks (one batch) into a fresh folder, files included."""
+    from steerlab import InferConfig, run_inference
+
+    config = InferConfig(model="bench", max_tokens=tokens, batch_size=batch,
+                         capture_layers=layers, engine="eager")
+    n_prompts = -(-batch // len(personae[:2]))
+
+    def once():
+        with tempfile.TemporaryDirectory() as tmp:
+            run_inference(model, prompts[:n_prompts], personae[:2], f"{tmp}/run", config,
+                          progress=False)
+
+    return once
 
 
 if __name__ == "__main__":
