@@ -24,6 +24,9 @@ What is checked, as a user would see it:
 - The figure checks again on a stress page: the demo's sweep redrawn with the prompted
   reference equal to the unsteered one (their labels on one line) and three layer groups
   (with the two controls, five legend entries).
+- The same checks on the report of a `steerlab infer --capture-layers` run (its Persona space
+  section: one colour per category in all three category figures, the assistant's first) and
+  on a planted persona space of twelve categories at nearly equal projections.
 
 Timeouts are bounds for a loaded 2-core machine, not measurements. The facts measured are
 printed (`make test-browser` runs pytest with -s). Screenshots go to docs/img/.
@@ -333,11 +336,78 @@ def _stress_page(demo: Path, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["report.html", "stress sweep"])
-def figures_page(request, browser, demo, tmp_path_factory):
+@pytest.fixture(scope="module")
+def persona_run(tmp_path_factory) -> Path:
+    """A `steerlab infer --capture-layers` run of one built-in persona per category, and its
+    `steerlab report` (with the Persona space section)."""
+    from importlib.resources import files
+
+    data = files("steerlab.builtin") / "data"
+    personae = json.loads((data / "personae.json").read_text())
+    chosen = [next(p for p in personae if p["category"] == c)
+              for c in dict.fromkeys(p["category"] for p in personae)]
+    root = tmp_path_factory.mktemp("personae")
+    (root / "personae.json").write_text(json.dumps(chosen))
+    (root / "prompts.json").write_text(json.dumps(json.loads(
+        (data / "prompts.json").read_text())[:4]))
+    t0 = time.monotonic()
+    for args in (["infer", "--prompts-json", str(root / "prompts.json"), "--personae-json",
+                  str(root / "personae.json"), "--max-tokens", "12", "--capture-layers",
+                  "10,20", "--output-dir", str(root / "run"), "--no-progress"],
+                 ["report", str(root / "run")]):
+        run = subprocess.run([sys.executable, "-m", "steerlab.cli", *args], env=_child_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    _fact(f"steerlab infer --capture-layers + report: {time.monotonic() - t0:.0f} s")
+    return root / "run"
+
+
+def _persona_stress_page(path: Path) -> Path:
+    """The persona-space figures of a planted space: twelve categories (past plotly's ten
+    default colours), two personae each at nearly equal projections, long names, ten
+    components over five layers."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import plotly.io as pio
+
+    from steerlab.inference.geometry import Correlation
+    from steerlab.reporting import persona_space_figures
+
+    rng = np.random.default_rng(0)
+    cats = tuple(["assistant"] + [f"category-{i}" for i in range(11)])
+    names = tuple(f"{c} persona {j} with a long name" for c in cats for j in range(2))
+    n, layers, k = len(names), (2, 6, 10, 14, 18), 10
+    proj = 1.0 + 1e-3 * rng.normal(size=(n, len(layers)))
+    space = SimpleNamespace(
+        personae=names, categories=tuple(c for c in cats for _ in range(2)),
+        assistant="assistant", layers=layers, projections=proj,
+        intervals=np.stack([proj - 0.2, proj + 0.2], -1),
+        explained=np.sort(rng.dirichlet(np.ones(k), size=len(layers)), 1)[:, ::-1],
+        scores=rng.normal(size=(n, len(layers), k)), pc1_cosine=rng.uniform(-1, 1, len(layers)),
+        metrics={"avg_entropy": rng.uniform(1, 3, n)},
+        correlations={"avg_entropy": (Correlation(0.1234, -0.5, 0.6, n),) * len(layers)})
+    figs = list(persona_space_figures(space).values())
+    html = "".join(pio.to_html(f, include_plotlyjs=i == 0, full_html=False)
+                   for i, f in enumerate(figs))
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{html}"
+                    "</body></html>")
+    return path
+
+
+@pytest.fixture(scope="module",
+                params=["report.html", "stress sweep", "persona report", "persona stress"])
+def figures_page(request, browser, tmp_path_factory):
     """A page of plotly figures opened in Chromium, and what its figures drew."""
-    path = demo / "report.html" if request.param == "report.html" else _stress_page(
-        demo, tmp_path_factory.mktemp("stress") / "sweep.html")
+    if request.param == "persona report":
+        path = request.getfixturevalue("persona_run") / "report.html"
+    elif request.param == "persona stress":
+        path = _persona_stress_page(tmp_path_factory.mktemp("stress") / "personae.html")
+    elif request.param == "report.html":
+        path = request.getfixturevalue("demo") / "report.html"
+    else:
+        path = _stress_page(request.getfixturevalue("demo"),
+                            tmp_path_factory.mktemp("stress") / "sweep.html")
     page = browser.new_page()
     console = Console(page)
     page.goto(path.as_uri())
@@ -378,6 +448,9 @@ def test_colours_match_the_legend(figures_page):
         _fact(f"{name}: figure {fig['title']!r}: {fig['panels']} panels, {len(legend)} legend "
               f"entries, {len(fig['drawn'])} drawn traces in {len(panels)} panels, colours "
               f"identical to the legend's ({swatches})")
+    if name.startswith("persona"):
+        _persona_figures_drawn(name, page, figures)
+        return
     sweep = next(f for f in figures if "coherent trait score" in f["title"])
     assert sweep["panels"] == 3 and {t["panel"] for t in sweep["drawn"]} == {"x", "x2", "x3"}
     if name == "report.html":
@@ -386,6 +459,25 @@ def test_colours_match_the_legend(figures_page):
         for fig, png in ((sweep, "report-sweep.png"), (entropy, "report-entropy.png")):
             page.locator(".js-plotly-plot").nth(figures.index(fig)).screenshot(path=IMG / png)
             _fact(f"screenshot {(IMG / png).relative_to(ROOT)}")
+
+
+def _persona_figures_drawn(name: str, page, figures: list[dict]) -> None:
+    """The four persona-space figures are there; in each category figure the legend is the
+    categories', the assistant's first, and a category has the same colour in all three."""
+    titles = ("Persona space at layer", "Assistant-axis projection", "Projection vs mean "
+              "entropy", "Persona space per layer")
+    found = [next(f for f in figures if f["title"].startswith(t)) for t in titles]
+    by_category = [{e["name"]: e["colours"]["marker"] for e in f["legend"]} for f in found[:3]]
+    assert list(by_category[0])[0] == "assistant"
+    assert by_category[0] == by_category[1] == by_category[2], by_category
+    assert found[3]["panels"] == 2
+    _fact(f"{name}: persona-space figures: {len(by_category[0])} categories, one colour each "
+          "in all three category figures, the assistant's first")
+    if name == "persona report":
+        IMG.mkdir(parents=True, exist_ok=True)
+        page.locator(".js-plotly-plot").nth(figures.index(found[1])).screenshot(
+            path=IMG / "report-persona-axis.png")
+        _fact("screenshot docs/img/report-persona-axis.png")
 
 
 def _overlap(a: dict, b: dict) -> float:

@@ -56,6 +56,12 @@ def test_one_colour_per_category_in_every_figure_assistant_first():
     assert figs["axis"].data[0].error_x.color == colours["assistant"]
 
 
+def test_many_categories_never_share_a_colour():
+    cats = tuple(f"c{i}" for i in range(33)) + ("assistant",)
+    colours = category_colours(SimpleNamespace(categories=cats, assistant="assistant"))
+    assert list(colours)[0] == "assistant" and len(set(colours.values())) == 34
+
+
 def test_pc_scatter_is_the_scores_at_the_middle_layer():
     space = _space()
     fig = persona_space_figures(space)["pc"]

@@ -52,14 +52,15 @@ def persona_space_figures(space: Any, layer: int | None = None) -> dict[str, Any
 
 
 def category_colours(space: Any) -> dict[str, str]:
-    """One colour per category (plotly's default palette): the assistant category first,
-    then the others in first-seen order."""
+    """One colour per category: the assistant category first, then the others in first-seen
+    order; plotly's default palette (as the run report's boxes), then Dark24's, so up to 34
+    categories never share a colour."""
     from plotly.colors import qualitative  # deferred: plotly
 
     assistant = getattr(space, "assistant", "assistant")
     cats = list(dict.fromkeys(space.categories))
     cats.sort(key=lambda c: c != assistant)  # stable: the others keep their order
-    palette = qualitative.Plotly
+    palette = list(dict.fromkeys(c.lower() for c in qualitative.Plotly + qualitative.Dark24))
     return {c: palette[n % len(palette)] for n, c in enumerate(cats)}
 
 
