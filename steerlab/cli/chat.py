@@ -176,22 +176,22 @@ def chat(
     if vector:
         load_steering(session, vector, alpha, layers, units)
     if axis:
-        from steerlab.steering.vector import SteeringVector
+        _follow(session, axis, axis_layer, bounds, units)
+    _greet(session, model.model, thinking)
+    _converse(session)
 
-        followed = SteeringVector.load(axis)
-        session.watch(followed, axis_layer)
-        if bounds is not None:
-            session.add_intervention(followed, "cap", bounds=bounds, units=units)
+
+def _greet(session: Any, name: str, thinking: bool) -> None:
+    """The first line, and a note when --thinking cannot take effect."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    _out(f"steerlab chat: {model.model} as {session.persona.persona}. /help for commands, "
+    _out(f"steerlab chat: {name} as {session.persona.persona}. /help for commands, "
          "Esc stops a reply, Ctrl-D quits.\n")
     if thinking:
         from steerlab.model.templates import has_thinking_mode
 
-        if not has_thinking_mode(bridge.tokenizer):
+        if not has_thinking_mode(session.model.tokenizer):
             _out("--thinking has no effect: this model's chat template has no thinking mode\n")
-    _converse(session)
 
 
 def _check_axis(model: ModelOptions, axis: str | None, layer: int | None,
@@ -210,6 +210,16 @@ def _check_axis(model: ModelOptions, axis: str | None, layer: int | None,
     from steerlab.steering.operators import bounds_from_text
 
     return bounds_from_text(cap if ":" in cap else f"{cap}:", "cap")
+
+
+def _follow(session: Any, axis: str, layer: int | None, bounds: Any, units: str) -> None:
+    """Watch ``axis`` at ``layer`` and, with ``bounds``, cap the projection on it."""
+    from steerlab.steering.vector import SteeringVector
+
+    followed = SteeringVector.load(axis)
+    session.watch(followed, layer)
+    if bounds is not None:
+        session.add_intervention(followed, "cap", bounds=bounds, units=units)
 
 
 def _status(session: Any, reply: Any) -> str:

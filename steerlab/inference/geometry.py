@@ -180,19 +180,7 @@ def persona_space(
     section = Section.parse(section, field="section")
     n_boot = integer(n_boot, "n_boot", lo=1, hi=1_000_000)
     root = Path(run)
-    acts = read_activations(root)
-    records = load_results(root)
-    by_id = {r["id"]: r for r in records}
-    missing = [int(i) for i in acts.record_id if int(i) not in by_id]
-    if missing or len(acts.record_id) != len(records):
-        raise SteerlabError("activations.h5 and results.json describe different results "
-                            f"({len(acts.record_id)} vs {len(records)} rows)", source=str(root))
-    rows = [by_id[int(i)] for i in acts.record_id]
-    chosen = list(acts.layers) if layers is None else list(layers)
-    for layer in chosen:
-        if layer not in acts.layers:
-            raise SteerlabError(f"layer {layer} was not captured; the run has "
-                                f"{list(acts.layers)}", source=str(root), field="layers")
+    acts, rows, chosen = _read_run(root, layers)
     x = _section_array(acts, section)[:, [acts.layers.index(x) for x in chosen]]
     names, cats = _personae(rows)
     if assistant not in cats:
@@ -230,6 +218,25 @@ def persona_space(
         assistant_projections={layer: per_reply[asst_rows, i]
                                for i, layer in enumerate(chosen)},
         metrics=metrics, correlations=correlations)
+
+
+def _read_run(root: Path, layers: Sequence[int] | None
+              ) -> tuple[RunActivations, list[dict], list[int]]:
+    """The run's activations, its records in the activations' order, and the layers chosen
+    (each one captured)."""
+    acts = read_activations(root)
+    records = load_results(root)
+    by_id = {r["id"]: r for r in records}
+    missing = [int(i) for i in acts.record_id if int(i) not in by_id]
+    if missing or len(acts.record_id) != len(records):
+        raise SteerlabError("activations.h5 and results.json describe different results "
+                            f"({len(acts.record_id)} vs {len(records)} rows)", source=str(root))
+    chosen = list(acts.layers) if layers is None else list(layers)
+    for layer in chosen:
+        if layer not in acts.layers:
+            raise SteerlabError(f"layer {layer} was not captured; the run has "
+                                f"{list(acts.layers)}", source=str(root), field="layers")
+    return acts, [by_id[int(i)] for i in acts.record_id], chosen
 
 
 def _section_array(acts: RunActivations, section: Section) -> np.ndarray:
