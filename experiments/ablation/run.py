@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 
 import steerlab as sl
-from steerlab.evaluation import EvalConfig
-from steerlab.evaluation.rating import AnswerRater, Setting
-from steerlab.steering.vector import random_like
+from steerlab.evaluation import AnswerRater, EvalConfig, Setting
+from steerlab.steering import random_like
 from steerlab.traits import LocalResponder, save_pairs, scorer_judge, select_pairs
 
 CAPTURED = (6, 8, 10, 12, 14, 16, 18)
