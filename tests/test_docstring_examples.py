@@ -16,7 +16,9 @@ examples read, in a temporary folder that is the current directory while an exam
 - ``filtered.json``: two pairs in the original filtered-JSON format;
 - ``collected.jsonl`` and ``judged.jsonl``: two pirate questions answered once (greedy, 12
   tokens) by both responders and scored by the trait's scorer;
-- ``logs/run``: a finished inference run (one prompt, the assistant, 8 tokens, logit lens).
+- ``logs/run``: a finished inference run (one prompt, the assistant, 8 tokens, logit lens);
+- ``logs/personas``: a run of two prompts as the assistant and Hamlet (6 tokens) that captured
+  layer 20 (for the persona space).
 
 Root names are written ``sl.<name>`` as a user of ``import steerlab as sl`` would; an
 example of a name only a subpackage exports also sees that subpackage's public names, as
@@ -154,6 +156,10 @@ def example_dir(tmp_path_factory, embedded_model) -> tuple[Path, dict[str, Any]]
                  progress=False)
         sl.run_inference(model, ["Hi!"], [sl.ASSISTANT], "logs/run",
                          sl.InferConfig(max_tokens=8, lens=True), progress=False)
+        sl.run_inference(model, ["Hi!", "Who are you?"],
+                         [sl.ASSISTANT, sl.Persona("Hamlet", "fictional-character", "")],
+                         "logs/personas", sl.InferConfig(max_tokens=6, capture_layers=(20,)),
+                         progress=False)
         ev = sl.evaluate_steering(model, vec, trait.held_out_questions[:2],
                                   trait.build_scorer(),
                                   trait_instruction=trait.trait_instruction, layers=[10],

@@ -172,7 +172,7 @@ def persona_space(
         seed: seeds the resampling.
 
     Examples:
-        >>> space = sl.persona_space("logs/run")
+        >>> space = sl.persona_space("logs/personas")
         >>> space.personae[:2], space.projections.shape  # [persona, layer]
         (('assistant', 'Hamlet'), (2, 1))
         >>> axis = space.axis_vector()  # a SteeringVector whose reference is the assistant's

@@ -158,8 +158,9 @@ def write_persona_space_page(space: PersonaSpace, path: str | os.PathLike) -> Pa
         path: the HTML file to write.
 
     Examples:
-        >>> write_persona_space_page(sl.persona_space("logs/run"), "logs/run/personas.html")
-        PosixPath('logs/run/personas.html')
+        >>> space = sl.persona_space("logs/personas")
+        >>> write_persona_space_page(space, "logs/personas/space.html")
+        PosixPath('logs/personas/space.html')
     """
     path = output_file(path, "output")
     layer = space.layers[len(space.layers) // 2]

@@ -41,7 +41,7 @@ def persona_space_figures(space: Any, layer: int | None = None) -> dict[str, Any
         Pearson's r, explained variance and PC1-axis cosine per layer.
 
     Examples:
-        >>> figures = persona_space_figures(sl.persona_space("logs/run"))
+        >>> figures = persona_space_figures(sl.persona_space("logs/personas"))
         >>> sorted(figures)
         ['axis', 'entropy', 'pc', 'variance']
     """
