@@ -38,6 +38,7 @@ from steerlab.extraction.extractor import extract
 from steerlab.extraction.fitters import fit_vector, shuffled_control
 from steerlab.extraction.store import activation_files
 from steerlab.generation.engine import Engine
+from steerlab.inference.geometry import persona_space
 from steerlab.inference.infer import InferConfig, load_prompts, run_inference
 from steerlab.inference.results import load_results
 from steerlab.model.loading import load_from_options
@@ -45,6 +46,7 @@ from steerlab.model.options import ModelOptions
 from steerlab.model.personas import load_personae
 from steerlab.reporting.figures import steering_figure, summary_figures
 from steerlab.reporting.pages import html_table, write_page
+from steerlab.reporting.persona_figures import persona_space_figures
 from steerlab.steering.vector import vector_paths
 from steerlab.traits.collection import SAMPLES, collect
 from steerlab.traits.judging import MIN_DISTINCT, THRESHOLD, filter_pairs, judge, scorer_judge
@@ -194,6 +196,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
     vector, accuracy = run.fit(h5)
     ev, validation = run.evaluate(vector, h5, held_out)
     records = run.personae(prompts, personae)
+    space = run.space()
 
     log.info("demo: 6/6 report")
     b, steered = ev.best, validation.row("steered")
@@ -210,7 +213,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
         probe_accuracy=sum(accuracy[x] for x in b.layers) / len(b.layers),
         persona_results=len(records), report=str(out / "report.html"),
         seconds=round(time.perf_counter() - t0, 1))
-    write_demo_page(out / "report.html", summary, ev, validation, accuracy, records)
+    write_demo_page(out / "report.html", summary, ev, validation, accuracy, records, space)
     write_json_atomic(out / "summary.json", asdict(summary))
     return summary
 
@@ -296,13 +299,25 @@ class _Stages:
         c = self.config
         run_inference(self.bridge, prompts, personae, self.out / "personae",
                       InferConfig(model=c.model.model, max_tokens=c.persona_tokens,
-                                  batch_size=64, engine=c.engine), progress=self.progress)
+                                  batch_size=64, engine=c.engine, capture_layers=c.layers),
+                      progress=self.progress)
         return load_results(self.out / "personae")
+
+    def space(self) -> Any:
+        """The persona space of the persona run (None, with the reason logged, when its
+        personae do not span the assistant category and another)."""
+        try:
+            return persona_space(self.out / "personae", n_boot=500)
+        except SteerlabError as err:
+            log.warning("demo: no persona-space figures: %s", err)
+            return None
 
 
 def write_demo_page(path: Path, summary: DemoSummary, ev: Any, validation: Any,
-                 accuracy: dict[int, float], records: Sequence[dict]) -> Path:
-    """Write the demo's standalone HTML page (plotly inlined once, no network needed)."""
+                 accuracy: dict[int, float], records: Sequence[dict],
+                 space: Any = None) -> Path:
+    """Write the demo's standalone HTML page (plotly inlined once, no network needed), with
+    the persona space's PC and assistant-axis figures when ``space`` is given."""
     import plotly.graph_objects as go  # deferred: plotly
     import plotly.io as pio  # deferred: plotly
 
@@ -312,7 +327,10 @@ def write_demo_page(path: Path, summary: DemoSummary, ev: Any, validation: Any,
     examples = [{"question": q, "unsteered": u, "steered": s, "prompted": p}
                 for q, u, s, p in zip(ev.questions, ev.unsteered.answers, ev.best.answers,
                                       ev.prompted.answers, strict=False)][:8]
-    figs = [steering_figure(ev), probe, *summary_figures(records).values()]
+    persona = summary_figures(records)
+    mapped = [] if space is None else [f for name, f in persona_space_figures(space).items()
+                                       if name in ("pc", "axis")]
+    figs = [steering_figure(ev), probe, *persona.values(), *mapped]
     plots = [pio.to_html(f, include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figs)]
     body = (f"<h1>steerlab demo: {html.escape(summary.trait)} on "
             f"{html.escape(summary.model)}</h1><pre>"
@@ -321,7 +339,11 @@ def write_demo_page(path: Path, summary: DemoSummary, ev: Any, validation: Any,
             + "</pre><p>Every setting and example: <a href='steering-eval.html'>"
             "steering-eval.html</a></p>" + plots[0] + plots[1]
             + "<h2>Answers at the best setting</h2>" + html_table(examples)
-            + "<h2>Persona entropy</h2>" + "".join(plots[2:]))
+            + "<h2>Persona entropy</h2>" + "".join(plots[2 : 2 + len(persona)])
+            + ("<h2>Persona space</h2><p>Each persona's mean residual over its replies; the "
+               "assistant axis is the assistant category's mean minus the others' "
+               "(<code>steerlab personas map personae</code> writes all of it).</p>"
+               + "".join(plots[2 + len(persona):]) if mapped else ""))
     return write_page(path, "steerlab demo", body)
 
 
