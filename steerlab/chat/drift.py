@@ -117,10 +117,10 @@ def conversation_drift(
         batch_size: conversations generated together.
 
     Examples:
-        >>> drift = conversation_drift(model, [["Hi!", "Who are you really?"]], axis,
-        ...                            max_tokens=8, progress=False)
-        >>> drift.projections.shape  # [conversation, turn]
-        (1, 2)
+        >>> drift = conversation_drift(model, [["Hi!", "Who are you really?"]], vec,
+        ...                            max_tokens=8, progress=False)  # vec: layers 10, 12
+        >>> drift.layer, drift.projections.shape  # [conversation, turn]
+        (12, (1, 2))
     """
     convs = [check_turns(list(c), f"conversations[{i}]") for i, c in enumerate(conversations)]
     if not convs:

@@ -107,9 +107,15 @@ class AnswerRater:
     ``nll_ref`` is the unsteered answers' mean NLL (see :meth:`calibrate`).
 
     Examples:
-        >>> rater = AnswerRater.for_questions(model, questions, scorer, trait_instruction)
-        >>> rater = rater.calibrate(unsteered_tokens)
-        >>> rater(tokens, texts).coherence
+        >>> questions = list(trait.held_out_questions[:2])
+        >>> rater = AnswerRater.for_questions(model, questions, trait.build_scorer(),
+        ...                                   trait.trait_instruction)
+        >>> prompts = [sl.encode_chat(model.tokenizer, q) for q in questions]
+        >>> plain = sl.generate(model, prompts, max_new_tokens=8)
+        >>> rater = rater.calibrate(plain.tokens)  # the unsteered answers set the NLL bar
+        >>> rated = rater(plain.tokens, plain.texts(model.tokenizer))
+        >>> len(rated.scores), 0.0 <= rated.coherence <= 1.0
+        (2, True)
     """
 
     model: Any
