@@ -209,7 +209,7 @@ def _check_axis(model: ModelOptions, axis: str | None, layer: int | None,
         return None
     from steerlab.steering.operators import bounds_from_text
 
-    return bounds_from_text(cap if ":" in cap else f"{cap}:", "cap")
+    return bounds_from_text(cap, "cap")  # a lone value is a floor
 
 
 def _follow(session: Any, axis: str, layer: int | None, bounds: Any, units: str) -> None:

@@ -92,14 +92,14 @@ def drift_command(
     from steerlab.base.checks import integer, output_file
     from steerlab.base.files import write_json_atomic
     from steerlab.chat.drift import conversation_drift, load_conversations
-    from steerlab.model.personas import Persona, persona_name, system_prompt_text
+    from steerlab.model.personas import ASSISTANT, Persona, persona_name, system_prompt_text
     from steerlab.steering.intervention import Steering
     from steerlab.steering.operators import bounds_from_text
     from steerlab.steering.vector import vector_paths
 
     convs = load_conversations(conversations)
     followed = check_vector_file(model, str(axis), [] if layer is None else [layer])
-    bounds = None if cap is None else bounds_from_text(cap if ":" in cap else f"{cap}:", "cap")
+    bounds = None if cap is None else bounds_from_text(cap, "cap")  # a lone value is a floor
     name = persona_name(persona, "persona")
     if system is not None:
         system_prompt_text(system, "system")
@@ -112,11 +112,10 @@ def drift_command(
     bridge = load_from_options(model)
     capped = () if bounds is None else (
         Steering.create(bridge, followed, op="cap", bounds=bounds),)
-    who = Persona(name, "custom", "") if name != "assistant" else None
-    drift = conversation_drift(bridge, convs, followed, layer=layer, system=system,
-                               interventions=capped, max_tokens=max_tokens,
-                               batch_size=batch_size, engine=engine, progress=progress,
-                               **({"persona": who} if who else {}))
+    who = ASSISTANT if name == "assistant" else Persona(name, "custom", "")
+    drift = conversation_drift(bridge, convs, followed, layer=layer, persona=who,
+                               system=system, interventions=capped, max_tokens=max_tokens,
+                               batch_size=batch_size, engine=engine, progress=progress)
     write_json_atomic(output, {**drift.to_dict(convs), "axis": str(axis), "cap": cap},
                       allow_nan=False)
     for t, value in enumerate(drift.per_turn()):
